@@ -5,10 +5,11 @@
         out = model.generate(input_ids, max_new_tokens=512)
 
 The byte-level core (E8 codes, Hadamard rotation, delta and entropy coding, the .nqkv format) is
-Rust (`nexusquant._core`); the transformers integration, presets and evaluation are Python.
+Rust (`nexusquant._core`); the transformers integration, presets and evaluation are Python. The
+torch-dependent parts load on first use, so `import nexusquant` works without torch.
 """
 
-from ._core import NexusQuantError, e8_nearest, __version__
+from ._core import NexusQuantError, __version__, e8_nearest
 from .codec import E8Codec, E8Encoded
 
 __all__ = [
@@ -17,4 +18,30 @@ __all__ = [
     "E8Encoded",
     "e8_nearest",
     "__version__",
+    "nexusquant_evict",
+    "NexusQuantCache",
+    "CompressionSettings",
+    "PRESETS",
+    "compression_stats",
 ]
+
+_LAZY = {
+    "nexusquant_evict": ("evict", "nexusquant_evict"),
+    "NexusQuantCache": ("cache", "NexusQuantCache"),
+    "compression_stats": ("cache", "compression_stats"),
+    "CompressionSettings": ("presets", "CompressionSettings"),
+    "PRESETS": ("presets", "PRESETS"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        if mod == "cache":
+            importlib.import_module(".attention", __name__)  # registers the "nexusquant" attention
+        value = getattr(importlib.import_module(f".{mod}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nexusquant' has no attribute {name!r}")

@@ -1,0 +1,217 @@
+"""The attention function that runs over a nexusquant cache, registered as ``"nexusquant"``.
+
+transformers calls it in place of SDPA (``config._attn_implementation == "nexusquant"``). When the
+keys come from a :class:`~nexusquant.cache.NexusQuantLayer` (they carry a ``LayerView``), it
+
+1. masks the compressed slots itself (validity of ragged rows, sliding windows by sequence index)
+   and takes the model's own mask for the full-precision window;
+2. after a prompt-like forward (more than one query), scores the window's tokens with the real
+   queries it was given and tells the layer to compress them; during generation it compresses
+   full blocks of the window.
+
+Anything else (no cache, a plain cache) goes to transformers' SDPA, or to the model's own eager
+attention where the model soft-caps logits, so the model computes exactly what it always did.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ._core import NexusQuantError
+from .cache import ATTN_IMPLEMENTATION, LayerView, NexusQuantLayer
+from .scoring import key_key_importance, pool_scores, query_importance
+
+__all__ = ["nexusquant_attention", "register"]
+
+_UNSUPPORTED_KWARGS = ("s_aux", "sinks", "position_bias")
+
+
+def _reference_attention(module, query, key, value, attention_mask, dropout, scaling, softcap, **kwargs):
+    """What the model would compute without nexusquant: SDPA, or its own eager path for softcap."""
+    if softcap is not None:
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is None:
+            raise NexusQuantError(f"{type(module).__name__} soft-caps attention logits but has no eager_attention_forward")
+        # Our mask interface makes SDPA-style boolean masks (or None for plain causal); the eager
+        # path adds its mask to the logits, so it needs the additive form.
+        allowed = _as_bool(attention_mask)
+        if allowed is None:
+            allowed = _causal(query.shape[2], key.shape[2], key.device)
+            sliding = kwargs.get("sliding_window")
+            if sliding is not None:
+                q, kv = query.shape[2], key.shape[2]
+                qi = torch.arange(q, device=key.device)[:, None] + (kv - q)
+                allowed = allowed & (torch.arange(kv, device=key.device)[None, :] > qi - sliding)[None, None]
+        additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+        additive.masked_fill_(~allowed, torch.finfo(query.dtype).min)
+        return eager(module, query, key, value, additive, dropout=dropout, scaling=scaling, softcap=softcap, **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _as_bool(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2  # additive float mask: 0 where allowed
+
+
+def _causal(q: int, kv: int, device: torch.device) -> torch.Tensor:
+    """bool ``(1, 1, q, kv)``: the last ``q`` of ``kv`` tokens are the queries."""
+    qi = torch.arange(q, device=device)[:, None] + (kv - q)
+    return (torch.arange(kv, device=device)[None, :] <= qi)[None, None]
+
+
+def _window_mask(view: LayerView, model_mask: Optional[torch.Tensor], q: int, sliding: Optional[int], device) -> torch.Tensor:
+    """bool ``(B or 1, 1, q, W)`` for the window, ending with this forward's ``q`` tokens."""
+    layer = view.layer
+    w = view.window
+    if model_mask is not None:
+        m = model_mask[..., -w:]
+    else:
+        m = _causal(q, w, device)
+        if sliding is not None:
+            qi = torch.arange(q, device=device)[:, None] + (w - q)
+            m = m & (torch.arange(w, device=device)[None, :] > qi - sliding)[None, None]
+    assert layer.win_valid is not None
+    return m & layer.win_valid[:, None, None, -w:]
+
+
+def _compressed_mask(view: LayerView, q: int, sliding: Optional[int], device) -> Optional[torch.Tensor]:
+    """bool ``(B or 1, H or 1, q, C)`` for the compressed slots, or None if all are visible."""
+    m = None
+    if view.comp_valid is not None:
+        m = view.comp_valid[:, :, None, :]
+    if sliding is not None and view.comp_seq is not None:
+        q_seq = view.seen_before + torch.arange(q, device=device)
+        vis = view.comp_seq[:, :, None, :].to(torch.int64) > (q_seq - sliding)[None, None, :, None]
+        m = vis if m is None else m & vis
+    return m
+
+
+def _masked_attention(query, key, value, allowed, scaling, softcap, dropout):
+    """Attention with a per-KV-head bool mask ``allowed`` ``(B or 1, H_kv or 1, q, T)``.
+
+    Queries are grouped by KV head, so keys and values are never repeated for GQA.
+    Returns ``(B, q, H_q, D)`` as transformers' attention functions do.
+    """
+    b, hq, q, d = query.shape
+    hkv, t = key.shape[1], key.shape[2]
+    g = hq // hkv
+    qp = query.reshape(b, hkv, g * q, d)
+    mask = allowed.expand(b, hkv, q, t)
+    # A query that may see nothing (a padding position) would give NaN, which a later layer's
+    # masked-out weight of 0 does not cancel (0 * NaN): let it see its own slot instead.
+    empty = ~mask.any(dim=-1)
+    if bool(empty.any()):
+        mask = mask.clone()
+        own = torch.arange(q, device=mask.device) + (t - q)
+        mask[..., torch.arange(q, device=mask.device), own] |= empty
+    mask = mask[:, :, None].expand(b, hkv, g, q, t).reshape(b, hkv, g * q, t)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(qp, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    else:
+        logits = torch.matmul(qp, key.transpose(-1, -2)) * scaling
+        logits = torch.tanh(logits / softcap) * softcap
+        logits = logits.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.matmul(probs, value)
+    return out.reshape(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
+
+
+def _new_token_validity(model_mask: Optional[torch.Tensor], q: int) -> Optional[torch.Tensor]:
+    """bool ``(B, q)``: which of the forward's tokens are real (a padding token sees not even itself)."""
+    if model_mask is None:
+        return None
+    m = model_mask[:, 0, :, -q:]  # (B, q, q)
+    return torch.diagonal(m, dim1=-2, dim2=-1)
+
+
+def _scores(layer: NexusQuantLayer, view: LayerView, query, key, allowed_rows, scaling, softcap) -> torch.Tensor:
+    """Importance of the window's tokens ``(B, H_kv, W)``."""
+    s = layer.settings
+    c = view.compressed
+    if s.scorer == "query":
+        wq = min(s.score_window, query.shape[2])
+        scores = query_importance(query[:, :, -wq:], key, allowed_rows[..., -wq:, :], scaling, softcap)
+        scores = scores[..., c:]
+    else:
+        assert layer.win_valid is not None
+        scores = key_key_importance(key[:, :, c:], s.score_window, layer.win_valid)
+    return pool_scores(scores, s.pool_kernel)
+
+
+def nexusquant_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs: Any,
+):
+    """transformers attention interface: ``query`` ``(B, H_q, q, D)``, ``key``/``value``
+    ``(B, H_kv, T, D)``; returns ``((B, q, H_q, D), None)``."""
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise NexusQuantError(f"{type(module).__name__} passes {name!r} to attention, which nexusquant does not support")
+    softcap = kwargs.pop("softcap", None)
+    sliding = kwargs.get("sliding_window")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    view: Optional[LayerView] = getattr(key, "_nq_view", None)
+    if view is None:
+        return _reference_attention(module, query, key, value, attention_mask, dropout, scaling, softcap, **kwargs)
+    view.consumed = True
+    layer = view.layer
+    q = query.shape[2]
+    model_mask = _as_bool(attention_mask)
+    new_valid = _new_token_validity(model_mask, q)
+    if new_valid is not None:
+        layer.mark_new_padding(new_valid)
+
+    if view.compressed == 0:
+        out, _ = _reference_attention(module, query, key, value, attention_mask, dropout, scaling, softcap, **kwargs)
+        allowed = model_mask if model_mask is not None else _causal(q, key.shape[2], key.device)
+        if model_mask is not None:
+            assert layer.win_valid is not None
+            allowed = allowed & layer.win_valid[:, None, None, :]
+    else:
+        win = _window_mask(view, model_mask, q, sliding, key.device)
+        comp = _compressed_mask(view, q, sliding, key.device)
+        b = max(win.shape[0], 1 if comp is None else comp.shape[0])
+        hc = 1 if comp is None else comp.shape[1]
+        comp_full = (
+            torch.ones(b, hc, q, view.compressed, dtype=torch.bool, device=key.device)
+            if comp is None
+            else comp.expand(b, hc, q, view.compressed)
+        )
+        allowed = torch.cat([comp_full, win.expand(b, 1, q, view.window).expand(b, hc, q, view.window)], dim=-1)
+        out = _masked_attention(query, key, value, allowed, scaling, softcap, dropout)
+
+    s = layer.settings
+    if q > 1 and layer.wants_prompt_compression():
+        if layer.is_sliding or (s.evict == 0.0 and s.demote == 0.0):
+            layer.compress(None)
+        else:
+            layer.compress(_scores(layer, view, query, key, allowed, scaling, softcap))
+    elif layer.wants_block_compression():
+        layer.compress(None)
+    return out, None
+
+
+def register() -> None:
+    """Make ``"nexusquant"`` a valid ``attn_implementation`` (global registry entry, no patching)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, nexusquant_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+register()

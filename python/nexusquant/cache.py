@@ -1,0 +1,556 @@
+"""The compressed KV cache: a transformers ``Cache`` whose layers hold E8 codes, not fp16.
+
+Layout of one layer (shapes ``(batch, kv_heads, tokens, head_dim)``)::
+
+    sinks (fp) | fine tier (E8 codes) | coarse tier (E8 codes) | window (fp)
+
+Until the first prompt-like forward ends, every token sits in the full-precision window, exactly
+as in ``DynamicLayer``. When the attention of a forward with more than one query has run (the
+prefill), ``nexusquant.attention`` scores the window's tokens and calls :meth:`compress`: the first
+``sink_tokens`` real tokens become sinks, the last ``recent_window`` stay in the window, the rest go
+to the fine tier, the coarse tier or nowhere. During generation, tokens join the window and are
+compressed into the fine tier ``block`` at a time. Evicted tokens are gone; kept tokens keep their
+sequence index, so masks and (for pre-RoPE keys) the rotary embedding stay exact.
+
+``update`` returns the layer's keys and values dequantized into one scratch tensor (the fp16 of one
+layer alive at a time). The mask for the compressed part comes from the layer (validity of ragged
+rows, sliding windows); the model's own mask only covers the window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ._core import NexusQuantError
+from .presets import CompressionSettings, resolve_settings
+from .rope import RopeAdapter, RopeTable
+from .tiers import Tier
+
+__all__ = ["NexusQuantCache", "NexusQuantLayer", "LayerView", "ATTN_IMPLEMENTATION"]
+
+ATTN_IMPLEMENTATION = "nexusquant"
+
+
+@dataclass
+class LayerView:
+    """What ``update`` handed to attention, attached to the returned key tensor as ``_nq_view``.
+
+    ``compressed`` slots come first in the key tensor, then the window (which ends with the ``new``
+    tokens of this forward).
+    """
+
+    layer: "NexusQuantLayer"
+    compressed: int
+    window: int
+    new: int
+    seen_before: int
+    comp_seq: Optional[torch.Tensor]  # int (B, H, C) sequence index of compressed slots, if tracked
+    comp_valid: Optional[torch.Tensor]  # bool (B, H, C), None if every slot is valid
+    consumed: bool = False
+
+
+def _cat(parts: list[Optional[torch.Tensor]], dim: int) -> Optional[torch.Tensor]:
+    parts = [p for p in parts if p is not None and p.shape[dim] > 0]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+class NexusQuantLayer(CacheLayerMixin):
+    """One attention layer's compressed cache. See the module docstring for the layout."""
+
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(
+        self,
+        settings: CompressionSettings,
+        sliding_window: Optional[int] = None,
+        record_positions: bool = False,
+        rope_tables: Optional[dict[int, RopeTable]] = None,
+    ):
+        super().__init__()
+        self.settings = settings
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.record_positions = record_positions
+        self.rope_tables = rope_tables if rope_tables is not None else {}
+        self.rope_adapter: Optional[RopeAdapter] = None
+        self.rope_key: Optional[int] = None
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.is_initialized = False
+        self.seen = 0
+        self.sink_k: Optional[torch.Tensor] = None
+        self.sink_v: Optional[torch.Tensor] = None
+        self.sink_seq: Optional[torch.Tensor] = None
+        self.sink_valid: Optional[torch.Tensor] = None
+        self.win_k: Optional[torch.Tensor] = None
+        self.win_v: Optional[torch.Tensor] = None
+        self.win_valid: Optional[torch.Tensor] = None  # bool (B, W)
+        self.fine: Optional[Tier] = None
+        self.coarse: Optional[Tier] = None
+        # Each KV head's mean key and value (B, H, 1, D), subtracted before quantization: a key's
+        # mean part adds the same logit to every token, so only the rest needs the bits, and
+        # centred keys measured 2.3x (post-RoPE) to 4.5x (pre-RoPE) less squared error at 2 bits
+        # on SmolLM2's KV (benches/key_centering.py).
+        self.k_center: Optional[torch.Tensor] = None
+        self.v_center: Optional[torch.Tensor] = None
+        self.first_compression_done = False
+        self.prompt_tokens = 0
+        self.dropped = 0
+        self.last_view: Optional[LayerView] = None
+        self.keys = self.values = None
+
+    def __repr__(self) -> str:
+        return f"NexusQuantLayer(seen={self.seen}, compressed={self.compressed_slots}, window={self.window_len})"
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def window_len(self) -> int:
+        return 0 if self.win_k is None else self.win_k.shape[2]
+
+    @property
+    def compressed_slots(self) -> int:
+        n = 0 if self.sink_k is None else self.sink_k.shape[2]
+        for t in (self.fine, self.coarse):
+            n += 0 if t is None else t.length
+        return n
+
+    @property
+    def needs_positions(self) -> bool:
+        return self.is_sliding or self.settings.key_domain == "pre_rope" or self.record_positions
+
+    # ---------------------------------------------------------------- CacheLayerMixin
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype = key_states.dtype
+        self.device = key_states.device
+        self.batch = key_states.shape[0]
+        self.heads = key_states.shape[1]
+        self.head_dim = key_states.shape[3]
+        s = self.settings
+        self.fine = Tier(self.head_dim, s.key_bits, s.value_bits, s.seed, self.dtype)
+        self.coarse = Tier(self.head_dim, s.coarse_key_bits, s.coarse_value_bits, s.seed, self.dtype)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Append the new tokens ``(B, H, q, D)`` to the window and return all keys and values.
+
+        The returned key tensor carries a :class:`LayerView` (``_nq_view``) for the attention
+        function; the compressed part is dequantized here, one layer at a time.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.last_view is not None and not self.last_view.consumed and self.last_view.compressed == 0 and self.seen > 0:
+            if self.window_len > self.settings.recent_window + self.settings.block:
+                raise NexusQuantError(
+                    "the model's attention does not run through nexusquant, so the cache is never compressed: "
+                    f"call model.set_attn_implementation('{ATTN_IMPLEMENTATION}') or use nexusquant_evict(model)"
+                )
+        q = key_states.shape[2]
+        seen_before = self.seen
+        w_before = self.window_len
+        self.win_k = key_states if self.win_k is None else torch.cat([self.win_k, key_states], dim=2)
+        self.win_v = value_states if self.win_v is None else torch.cat([self.win_v, value_states], dim=2)
+        new_valid = torch.ones(self.batch, q, dtype=torch.bool, device=self.device)
+        self.win_valid = new_valid if self.win_valid is None else torch.cat([self.win_valid, new_valid], dim=1)
+        self.seen += q
+
+        comp_k, comp_v, comp_seq, comp_valid = self._compressed_parts()
+        if comp_k is None:
+            keys, values, c = self.win_k, self.win_v, 0
+        else:
+            keys = torch.cat([comp_k, self.win_k], dim=2)
+            values = torch.cat([comp_v, self.win_v], dim=2)
+            c = comp_k.shape[2]
+        view = LayerView(self, c, w_before + q, q, seen_before, comp_seq, comp_valid)
+        if keys is self.win_k:
+            keys = keys.view_as(keys)  # a distinct tensor object to carry the view
+        keys._nq_view = view  # type: ignore[attr-defined]
+        self.last_view = view
+        return keys, values
+
+    def _compressed_parts(self):
+        """Sinks and both tiers, dequantized: keys, values ``(B, H, C, D)``, sequence index and
+        validity ``(B, H, C)`` (None where not tracked / all valid)."""
+        b, h = self.batch, self.heads
+        ks, vs, seqs, valids = [], [], [], []
+        if self.sink_k is not None and self.sink_k.shape[2] > 0:
+            ks.append(self.sink_k)
+            vs.append(self.sink_v)
+            seqs.append(self.sink_seq)
+            valids.append(self.sink_valid)
+        for tier in (self.fine, self.coarse):
+            if tier is None or tier.length == 0:
+                continue
+            k = tier.keys.dequantize()
+            v = tier.values.dequantize()
+            if self.k_center is not None:
+                k = k + self.k_center
+                v = v + self.v_center
+            if self.settings.key_domain == "pre_rope" and tier.keys.bits != 16:
+                k = self._redo_rope(k, tier.seq)
+            ks.append(k)
+            vs.append(v)
+            seqs.append(tier.seq)
+            valids.append(tier.valid)
+        if not ks:
+            return None, None, None, None
+        seq = torch.cat([x.to(torch.int32) for x in seqs], dim=2) if self.needs_positions else None
+        valid = None
+        if any(v is not None for v in valids):
+            valid = torch.cat(
+                [
+                    v if v is not None else torch.ones(b, h, kk.shape[2], dtype=torch.bool, device=kk.device)
+                    for v, kk in zip(valids, ks)
+                ],
+                dim=2,
+            )
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2), seq, valid
+
+    def get_mask_sizes(self, query_length: Union[int, torch.Tensor], *args: Any) -> tuple[int, int]:
+        """(kv_length, kv_offset) such that the last window + query columns of the model's mask sit at
+        the window tokens' real sequence indices (the compressed columns are masked by nexusquant)."""
+        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        c = self.compressed_slots
+        w = self.window_len
+        return c + w + q, self.seen - w - c
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._reset_state()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NexusQuantError(
+            "a compressed cache cannot be cropped (assisted decoding and contrastive search need crop); "
+            "generate without them, or without nexusquant"
+        )
+
+    def offload(self) -> None:
+        raise NexusQuantError("offloading a nexusquant cache is not supported: it is already compressed")
+
+    def prefetch(self) -> None:
+        return None
+
+    def _map_batch(self, fn) -> None:
+        for name in ("sink_k", "sink_v", "sink_seq", "sink_valid", "win_k", "win_v", "win_valid", "k_center", "v_center"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+        for tier in (self.fine, self.coarse):
+            if tier is not None:
+                tier.map_batch(fn)
+        if self.win_k is not None:
+            self.batch = self.win_k.shape[0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    # ---------------------------------------------------------------- rotary embedding
+    def attach_rope(self, adapter: RopeAdapter, table_key: int) -> None:
+        self.rope_adapter = adapter
+        self.rope_key = table_key
+
+    def _rope_angles(self, seq: torch.Tensor):
+        if self.rope_adapter is None or self.rope_key not in self.rope_tables:
+            raise NexusQuantError(
+                "key_domain='pre_rope' needs the rotary angles of every token: use nexusquant_evict(model), "
+                "which records them, or key_domain='post_rope'"
+            )
+        return self.rope_tables[self.rope_key].gather(seq)
+
+    def _undo_rope(self, k: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        cos, sin = self._rope_angles(seq)
+        assert self.rope_adapter is not None
+        return self.rope_adapter.rotate(k, cos, sin, inverse=True)
+
+    def _redo_rope(self, k: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        cos, sin = self._rope_angles(seq)
+        assert self.rope_adapter is not None
+        return self.rope_adapter.rotate(k, cos, sin)
+
+    # ---------------------------------------------------------------- compression
+    def mark_new_padding(self, new_valid: torch.Tensor) -> None:
+        """Record which of the newest tokens are padding (``new_valid``: bool ``(B, q)``)."""
+        q = new_valid.shape[1]
+        assert self.win_valid is not None
+        self.win_valid[:, -q:] = new_valid.to(self.win_valid.device)
+
+    def window_seq(self) -> torch.Tensor:
+        """Sequence index of each window token, ``(W,)``."""
+        return torch.arange(self.seen - self.window_len, self.seen, device=self.device)
+
+    def wants_prompt_compression(self) -> bool:
+        return self.window_len > self.settings.recent_window
+
+    def wants_block_compression(self) -> bool:
+        return self.window_len >= self.settings.recent_window + self.settings.block
+
+    def compress(self, scores: Optional[torch.Tensor]) -> None:
+        """Compress the window's tokens except the last ``recent_window``.
+
+        Parameters
+        ----------
+        scores : torch.Tensor or None
+            float ``(B, H, W)`` importance of every window token (None: a generation block, which
+            is kept whole in the fine tier).
+        """
+        s = self.settings
+        w = self.window_len
+        r = min(s.recent_window, w)
+        n = w - r
+        if n <= 0:
+            return
+        assert self.win_k is not None and self.win_v is not None and self.win_valid is not None
+        b, h, dev = self.batch, self.heads, self.device
+        cand_k, cand_v = self.win_k[:, :, :n], self.win_v[:, :, :n]
+        cand_valid = self.win_valid[:, :n]  # (B, n)
+        cand_seq = self.window_seq()[:n]  # (n,)
+        rest_valid = self.win_valid[:, n:]
+        evicting = scores is not None and not self.is_sliding
+
+        if not self.first_compression_done and s.sink_tokens > 0:
+            # Sinks: the first real tokens of each row, kept in full precision.
+            rank = torch.cumsum(cand_valid.int(), dim=1)  # 1-based rank among real tokens
+            is_sink = cand_valid & (rank <= s.sink_tokens)
+            n_sink = int(is_sink.sum(1).max().item()) if is_sink.any() else 0
+            if n_sink > 0:
+                idx, valid = _select_rows(is_sink, n_sink)  # (B, S)
+                self.sink_k = _gather_tokens(cand_k, idx[:, None, :].expand(b, h, -1))
+                self.sink_v = _gather_tokens(cand_v, idx[:, None, :].expand(b, h, -1))
+                self.sink_seq = cand_seq[idx][:, None, :].expand(b, h, -1).to(torch.int32)
+                self.sink_valid = None if bool(valid.all()) else valid[:, None, :].expand(b, h, -1).contiguous()
+                if not self.needs_positions:
+                    self.sink_seq = None
+            cand_valid = cand_valid & ~is_sink
+        self.first_compression_done = True
+
+        if self.is_sliding:
+            # Tokens older than the window are never attended again.
+            cand_valid = cand_valid & (cand_seq[None, :] > self.seen - self.sliding_window)
+
+        real = cand_valid.sum(1)  # (B,) candidates per row
+        if evicting:
+            assert scores is not None
+            if scores.shape[-1] != w:
+                raise NexusQuantError(f"internal: scores cover {scores.shape[-1]} tokens, the window holds {w}")
+            # Budgets are fractions of this prompt segment's real tokens; sinks and the recent
+            # window are full precision and count towards the fine share.
+            prompt_real = self.win_valid.sum(1)  # sinks are still counted here: win_valid is untouched
+            n_fine_total = torch.round((1.0 - s.evict - s.demote) * prompt_real.float()).long()
+            n_coarse = torch.round(s.demote * prompt_real.float()).long()
+            full_precision = prompt_real - real
+            n_fine = torch.minimum(torch.clamp(n_fine_total - full_precision, min=0), real)
+            n_coarse = torch.minimum(n_coarse, real - n_fine)
+            sc = scores[:, :, :n].float().masked_fill(~cand_valid[:, None, :], float("-inf"))
+            order = torch.argsort(sc, dim=-1, descending=True, stable=True)  # (B, H, n)
+            rank = torch.empty_like(order)
+            rank.scatter_(-1, order, torch.arange(n, device=dev).expand(b, h, n))
+            to_fine = (rank < n_fine[:, None, None]) & cand_valid[:, None, :]
+            to_coarse = (rank >= n_fine[:, None, None]) & (rank < (n_fine + n_coarse)[:, None, None]) & cand_valid[:, None, :]
+        else:
+            to_fine = cand_valid[:, None, :].expand(b, h, n)
+            to_coarse = torch.zeros_like(to_fine)
+        self.prompt_tokens += int(cand_valid.sum().item()) if scores is not None else 0
+        self.dropped += int((cand_valid[:, None, :].expand(b, h, n) & ~to_fine & ~to_coarse).sum().item())
+
+        for tier, chosen in ((self.fine, to_fine), (self.coarse, to_coarse)):
+            assert tier is not None
+            count = int(chosen.sum(-1).max().item()) if chosen.any() else 0
+            if count == 0:
+                continue
+            idx, valid = _select_heads(chosen, count)  # (B, H, count), ascending sequence order
+            k = _gather_tokens(cand_k, idx)
+            v = _gather_tokens(cand_v, idx)
+            seq = cand_seq[idx]
+            if s.key_domain == "pre_rope" and tier.keys.bits != 16:
+                k = self._undo_rope(k, seq)
+            if s.center and self.k_center is None:
+                w8 = valid[..., None].to(k.dtype)
+                cnt = w8.sum(2, keepdim=True).clamp(min=1)
+                self.k_center = (k * w8).sum(2, keepdim=True) / cnt
+                self.v_center = (v * w8).sum(2, keepdim=True) / cnt
+            if self.k_center is not None:
+                k = k - self.k_center
+                v = v - self.v_center
+            tier.append(k, v, seq if self.needs_positions else None, None if bool(valid.all()) else valid)
+        # Keep the recent window.
+        self.win_k = self.win_k[:, :, n:].contiguous()
+        self.win_v = self.win_v[:, :, n:].contiguous()
+        self.win_valid = rest_valid.contiguous()
+        if self.is_sliding:
+            self._prune_outside_window()
+
+    def _prune_outside_window(self) -> None:
+        """Drop compressed tokens of a sliding layer that no future query can see."""
+        limit = self.seen - self.sliding_window  # a token stays visible while its seq > seen - window
+        for tier in (self.fine, self.coarse):
+            if tier is None or tier.length == 0 or tier.seq is None:
+                continue
+            drop = int((tier.seq[0, 0].to(torch.int64) <= limit).sum().item())  # tokens are in sequence order
+            if drop > 0:
+                tier.slice_tokens(drop)
+        if self.sink_seq is not None and self.sink_k is not None and self.sink_k.shape[2] > 0:
+            if int(self.sink_seq.max().item()) <= limit:
+                self.sink_k = self.sink_v = self.sink_seq = self.sink_valid = None
+
+    # ---------------------------------------------------------------- accounting
+    def nbytes(self) -> int:
+        """Every byte this layer holds: codes, scales, full-precision tokens, indices, masks."""
+        total = 0
+        for name in ("sink_k", "sink_v", "sink_seq", "sink_valid", "win_k", "win_v", "win_valid", "k_center", "v_center"):
+            t = getattr(self, name)
+            if t is not None:
+                total += t.numel() * t.element_size()
+        for tier in (self.fine, self.coarse):
+            if tier is not None:
+                total += tier.nbytes()
+        return total
+
+    def uncompressed_nbytes(self, dtype_bytes: int = 2) -> int:
+        """Bytes transformers' own cache would hold for the same tokens in fp16 (K and V)."""
+        if not self.is_initialized:
+            return 0
+        held = min(self.seen, self.sliding_window - 1) if self.is_sliding else self.seen
+        return 2 * self.batch * self.heads * held * self.head_dim * dtype_bytes
+
+    def stats(self) -> dict[str, Any]:
+        fine = 0 if self.fine is None else self.fine.length
+        coarse = 0 if self.coarse is None else self.coarse.length
+        sinks = 0 if self.sink_k is None else self.sink_k.shape[2]
+        nb = self.nbytes()
+        unc = self.uncompressed_nbytes()
+        elements = 2 * self.batch * self.heads * (sinks + fine + coarse + self.window_len) * getattr(self, "head_dim", 0)
+        return {
+            "sliding": self.is_sliding,
+            "tokens_seen": self.seen,
+            "sinks": sinks,
+            "fine": fine,
+            "coarse": coarse,
+            "window": self.window_len,
+            "dropped": self.dropped,
+            "nbytes": nb,
+            "fp16_nbytes": unc,
+            "ratio": (unc / nb) if nb else math.nan,
+            "bits_per_kept_element": (8 * nb / elements) if elements else math.nan,
+        }
+
+
+def _select_rows(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True entries of each row of ``mask`` ``(B, n)``, padded to ``count``.
+
+    Returns ``(idx, valid)`` of shape ``(B, count)``; padding slots point at index 0, valid False.
+    """
+    n = mask.shape[-1]
+    key = torch.where(mask, torch.arange(n, device=mask.device), n + torch.arange(n, device=mask.device))
+    idx = torch.sort(key, dim=-1).values[..., :count]
+    valid = idx < n
+    return torch.where(valid, idx, torch.zeros_like(idx)), valid
+
+
+def _select_heads(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_select_rows` for ``(B, H, n)`` masks."""
+    b, h, n = mask.shape
+    idx, valid = _select_rows(mask.reshape(b * h, n), count)
+    return idx.reshape(b, h, count), valid.reshape(b, h, count)
+
+
+def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, idx[b, h, t], :]`` for ``x`` ``(B, H, T, D)`` and ``idx`` ``(B, H, K)``."""
+    return torch.gather(x, 2, idx[..., None].expand(*idx.shape, x.shape[-1]))
+
+
+def layer_plan(config: Any) -> list[Optional[int]]:
+    """Per decoder layer, its sliding window (None for full attention), from a model config."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    if n is None:
+        raise NexusQuantError(f"{type(config).__name__} has no num_hidden_layers: not a supported decoder model")
+    layer_types = getattr(text, "layer_types", None)
+    window = getattr(text, "sliding_window", None)
+    if layer_types is None:
+        use = getattr(text, "use_sliding_window", True)
+        return [window if (window is not None and use) else None] * n
+    plan: list[Optional[int]] = []
+    for t in layer_types:
+        if t in ("sliding_attention", "chunked_attention"):
+            plan.append(window if t == "sliding_attention" else getattr(text, "attention_chunk_size", window))
+        elif t == "full_attention":
+            plan.append(None)
+        else:
+            raise NexusQuantError(f"layer type {t!r} is not supported by nexusquant (only full and sliding attention)")
+    return plan
+
+
+class NexusQuantCache(Cache):
+    """A transformers cache holding E8 codes, for ``generate(past_key_values=...)`` or ``forward``.
+
+    Parameters
+    ----------
+    config : PretrainedConfig or PreTrainedModel
+        The model's config (or the model).
+    preset : str or CompressionSettings
+        ``"high"``, ``"balanced"`` or ``"max"`` (see ``nexusquant.presets``).
+    record_positions : bool
+        Keep every kept token's original sequence index even where attention does not need it (for
+        inspection); the extra bytes are counted.
+    **knobs
+        Override any :class:`CompressionSettings` field (``evict=0.6``, ``key_bits=3``, ...).
+
+    The model's attention must run through nexusquant: ``nexusquant_evict(model)`` does that, or
+    ``model.set_attn_implementation("nexusquant")`` for a cache you manage yourself.
+    """
+
+    def __init__(self, config: Any, preset: Union[str, CompressionSettings] = "balanced", record_positions: bool = False, **knobs: Any):
+        if hasattr(config, "config") and hasattr(config, "forward"):
+            config = config.config
+        self.settings = resolve_settings(preset, **knobs)
+        self.rope_tables: dict[int, RopeTable] = {}
+        plan = layer_plan(config)
+        layers = [NexusQuantLayer(self.settings, w, record_positions, self.rope_tables) for w in plan]
+        super().__init__(layers=layers)
+
+    def nbytes(self) -> int:
+        """Every byte the cache holds (all layers, plus the shared rotary angles for pre-RoPE keys)."""
+        return sum(l.nbytes() for l in self.layers if isinstance(l, NexusQuantLayer)) + sum(
+            t.nbytes() for t in self.rope_tables.values()
+        )
+
+    def compression_stats(self) -> dict[str, Any]:
+        """Tokens kept per tier, bytes held and the real ratio against fp16, per layer and overall."""
+        return compression_stats(self)
+
+
+def compression_stats(cache: Cache) -> dict[str, Any]:
+    layers = [l for l in cache.layers if isinstance(l, NexusQuantLayer)]
+    per_layer = [l.stats() for l in layers]
+    rope = sum(t.nbytes() for t in getattr(cache, "rope_tables", {}).values())
+    nb = sum(s["nbytes"] for s in per_layer) + rope
+    unc = sum(s["fp16_nbytes"] for s in per_layer)
+    elements = unc / 2
+    return {
+        "layers": per_layer,
+        "nbytes": nb,
+        "rope_nbytes": rope,
+        "fp16_nbytes": unc,
+        "ratio": unc / nb if nb else math.nan,
+        "bits_per_element": 8 * nb / elements if elements else math.nan,
+    }

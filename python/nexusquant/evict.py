@@ -1,0 +1,224 @@
+"""``nexusquant_evict``: the one line users add.
+
+    with nexusquant_evict(model, quality="balanced") as nq:
+        out = model.generate(input_ids, max_new_tokens=512)
+    print(nq.stats())
+
+Inside the block, the model's configs point their attention at ``"nexusquant"`` and each attention
+module has a forward pre-hook (on the instance, nothing patched on a class) that swaps the layer of
+whatever cache the call carries (the ``DynamicCache`` that ``generate`` makes, or one of the user's)
+for a :class:`~nexusquant.cache.NexusQuantLayer`, and records the rotary angles when keys are
+quantized before RoPE. On exit, hooks and attention implementations are put back exactly as they
+were, also when the block raises.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+from . import attention as _attention  # registers the attention function
+from ._core import NexusQuantError
+from .cache import ATTN_IMPLEMENTATION, NexusQuantLayer, compression_stats, layer_plan
+from .presets import CompressionSettings, resolve_settings
+from .rope import RopeAdapter, RopeTable
+
+__all__ = ["nexusquant_evict", "EvictSession", "attention_modules", "SUPPORTED_MODEL_TYPES"]
+
+del _attention
+
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+    "gpt_neox",
+    "gptj",
+)
+
+_lock = threading.Lock()
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's self-attention modules: those with a ``layer_idx`` and key/value projections."""
+    found = []
+    for m in model.modules():
+        if getattr(m, "layer_idx", None) is None:
+            continue
+        has_kv = any(hasattr(m, n) for n in ("k_proj", "qkv_proj", "query_key_value", "kv_proj"))
+        if has_kv and type(m).__name__.endswith("Attention"):
+            found.append(m)
+    return found
+
+
+def _configs(model: torch.nn.Module) -> list[Any]:
+    seen: dict[int, Any] = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
+            seen[id(cfg)] = cfg
+    return list(seen.values())
+
+
+def _find_cache(args: tuple, kwargs: dict) -> Optional[Cache]:
+    for v in list(kwargs.values()) + list(args):
+        if isinstance(v, Cache):
+            return v
+    return None
+
+
+class EvictSession:
+    """State of one ``nexusquant_evict`` block: settings, the model's layer plan, the caches seen."""
+
+    def __init__(self, model: torch.nn.Module, settings: CompressionSettings):
+        self.model = model
+        self.settings = settings
+        self.plan = layer_plan(model.config)
+        self._adapters: dict[int, RopeAdapter] = {}
+        self._last_cache: Optional[weakref.ReferenceType] = None
+
+    # The hook runs before every attention call; it is cheap when the layer is already ours.
+    def pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = _find_cache(args, kwargs)
+        if cache is None:
+            return
+        idx = module.layer_idx
+        layers = cache.layers
+        while len(layers) <= idx:
+            if getattr(cache, "layer_class_to_replicate", None) is None:
+                raise NexusQuantError(f"the cache has {len(layers)} layers but layer {idx} needs one")
+            layers.append(self._new_layer(cache, len(layers)))
+        layer = layers[idx]
+        if not isinstance(layer, NexusQuantLayer):
+            layer = self._adopt(cache, idx, layer)
+            layers[idx] = layer
+        self._last_cache = weakref.ref(cache)
+        if self.settings.key_domain == "pre_rope":
+            pe = kwargs.get("position_embeddings")
+            if pe is None:
+                raise NexusQuantError(f"{type(module).__name__} got no position_embeddings: key_domain='pre_rope' needs them")
+            adapter = self._adapters.get(id(module))
+            if adapter is None:
+                adapter = self._adapters[id(module)] = RopeAdapter(module)
+            key = 1 if self.plan[idx] is not None else 0  # one table per rotary embedding (local/global)
+            tables = _rope_tables(cache)
+            if key not in tables:
+                tables[key] = RopeTable()
+            cos, sin = adapter.split(pe)
+            tables[key].record(cos, sin, layer.seen)
+            layer.rope_tables = tables
+            layer.attach_rope(adapter, key)
+
+    def _new_layer(self, cache: Cache, idx: int) -> NexusQuantLayer:
+        return NexusQuantLayer(self.settings, self.plan[idx], rope_tables=_rope_tables(cache))
+
+    def _adopt(self, cache: Cache, idx: int, old: Any) -> NexusQuantLayer:
+        """Replace a transformers layer, keeping any tokens it already holds (uncompressed, in the window)."""
+        new = self._new_layer(cache, idx)
+        if isinstance(old, (DynamicLayer, DynamicSlidingWindowLayer)) and getattr(old, "is_initialized", False):
+            k, v = old.keys, old.values
+            if k is not None and k.numel() > 0:
+                new.lazy_initialization(k, v)
+                new.win_k, new.win_v = k, v
+                new.win_valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+                new.seen = old.get_seq_length()
+        elif not isinstance(old, (DynamicLayer, DynamicSlidingWindowLayer)):
+            raise NexusQuantError(f"cannot compress a cache layer of type {type(old).__name__}; use a DynamicCache")
+        return new
+
+    @property
+    def cache(self) -> Optional[Cache]:
+        """The most recent cache the model used inside the block."""
+        return None if self._last_cache is None else self._last_cache()
+
+    def stats(self) -> dict[str, Any]:
+        """``compression_stats`` of the most recent cache (tokens per tier, bytes, real ratio)."""
+        cache = self.cache
+        if cache is None:
+            raise NexusQuantError("no cache has gone through the model inside this nexusquant_evict block yet")
+        return compression_stats(cache)
+
+
+def _rope_tables(cache: Cache) -> dict[int, RopeTable]:
+    tables = getattr(cache, "rope_tables", None)
+    if tables is None:
+        tables = {}
+        cache.rope_tables = tables  # type: ignore[attr-defined]
+    return tables
+
+
+def check_supported(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's attention modules, or NexusQuantError naming what is missing."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise NexusQuantError(f"{type(model).__name__} has no .config: pass a transformers model")
+    text = cfg.get_text_config(decoder=True)
+    mtype = getattr(text, "model_type", None)
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        raise NexusQuantError(
+            f"model type {mtype!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    mods = attention_modules(model)
+    if not mods:
+        raise NexusQuantError(f"{type(model).__name__} has no attention modules with a layer_idx: cannot attach")
+    layer_plan(cfg)
+    return mods
+
+
+@contextmanager
+def nexusquant_evict(
+    model: torch.nn.Module,
+    quality: Union[str, CompressionSettings] = "balanced",
+    **knobs: Any,
+) -> Iterator[EvictSession]:
+    """Compress the KV cache of every forward/generate of ``model`` inside the block.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A causal LM of a supported family (Llama, Mistral, Qwen2/3, Phi-3, Gemma-2/3, GPT-NeoX, GPT-J).
+    quality : str or CompressionSettings
+        ``"high"``, ``"balanced"`` or ``"max"``; their measured ratios and quality are in the README.
+    **knobs
+        Any :class:`~nexusquant.presets.CompressionSettings` field overrides the preset.
+
+    Yields
+    ------
+    EvictSession
+        ``.stats()`` gives the compression statistics of the last cache used.
+    """
+    settings = resolve_settings(quality, **knobs)
+    mods = check_supported(model)
+    session = EvictSession(model, settings)
+    configs = _configs(model)
+    with _lock:
+        saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
+        handles = []
+        try:
+            for cfg in configs:
+                cfg._attn_implementation_internal = ATTN_IMPLEMENTATION
+            for m in mods:
+                # prepend: in nested blocks the innermost session decides which layers are made.
+                handles.append(m.register_forward_pre_hook(session.pre_hook, with_kwargs=True, prepend=True))
+        except BaseException:
+            for h in handles:
+                h.remove()
+            for cfg, impl in saved:
+                cfg._attn_implementation_internal = impl
+            raise
+    try:
+        yield session
+    finally:
+        for h in handles:
+            h.remove()
+        for cfg, impl in saved:
+            cfg._attn_implementation_internal = impl

@@ -1,0 +1,139 @@
+"""Compression settings: the named presets and the knobs that override them.
+
+A prompt's tokens end in one of four places when prefill ends:
+
+* **full precision**: the first ``sink_tokens`` (attention sinks) and the last ``recent_window``;
+* the **fine tier**: E8 codes at ``key_bits`` / ``value_bits`` (2–4 bits, or 16 = kept as is);
+* the **coarse tier** ("demoted"): E8 codes at ``coarse_key_bits`` / ``coarse_value_bits``;
+* **dropped** (evicted): gone for good.
+
+``evict`` and ``demote`` are fractions of each prompt's real tokens; the fine tier gets what is left.
+Which tokens go where is decided per layer and per KV head by the importance ``scorer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ._core import NexusQuantError
+
+__all__ = ["CompressionSettings", "PRESETS", "resolve_settings"]
+
+_SCORERS = ("query", "key-key")
+_KEY_DOMAINS = ("post_rope", "pre_rope")
+_TIER_BITS = (1, 2, 3, 4, 16)
+
+
+@dataclass(frozen=True)
+class CompressionSettings:
+    """Everything that decides what the compressed cache holds.
+
+    Parameters
+    ----------
+    evict : float
+        Fraction of each prompt's real tokens dropped, in [0, 1).
+    demote : float
+        Fraction of each prompt's real tokens kept in the coarse tier.
+    key_bits, value_bits : int
+        Bits per dimension of the fine tier's codes (1–4), or 16 to keep it unquantized.
+    coarse_key_bits, coarse_value_bits : int
+        Bits per dimension of the coarse tier (1–4, or 16).
+    sink_tokens : int
+        First real tokens of each prompt kept in full precision (attention sinks, at least BOS).
+    recent_window : int
+        Last tokens kept in full precision; generated tokens join this window and are compressed
+        into the fine tier in blocks of ``block`` once it holds ``recent_window + block``.
+    block : int
+        Generated tokens compressed at a time.
+    scorer : str
+        ``"query"``: attention of the real queries of the last ``score_window`` prompt tokens,
+        averaged over each KV head's query group; ``"key-key"`` (the published method): the last
+        ``score_window`` keys used as pseudo-queries, averaged over heads.
+    score_window : int
+        Prompt tokens whose queries (or keys) score the rest.
+    pool_kernel : int
+        Width of the average pooling applied to the scores (odd; 1 = none), so that a kept token
+        keeps some of its neighbours.
+    key_domain : str
+        ``"post_rope"``: keys are quantized as the model made them (rotary embedding applied);
+        ``"pre_rope"``: the rotary embedding is undone before quantization and redone after.
+    seed : int
+        Seed of the Hadamard rotation's random signs.
+    center : bool
+        Subtract each KV head's mean key and value (over the first compressed tokens) before
+        quantization and add it back after.
+    """
+
+    evict: float = 0.5
+    demote: float = 0.0
+    key_bits: int = 2
+    value_bits: int = 2
+    coarse_key_bits: int = 1
+    coarse_value_bits: int = 1
+    sink_tokens: int = 4
+    recent_window: int = 32
+    block: int = 64
+    scorer: str = "query"
+    score_window: int = 32
+    pool_kernel: int = 7
+    key_domain: str = "post_rope"
+    seed: int = 0
+    center: bool = True
+
+    def __post_init__(self) -> None:
+        def check(cond: bool, msg: str) -> None:
+            if not cond:
+                raise NexusQuantError(msg)
+
+        for name in ("evict", "demote"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and not isinstance(v, bool), f"{name} must be a number, got {v!r}")
+            check(0.0 <= v < 1.0, f"{name} must be in [0, 1), got {v}")
+        check(self.evict + self.demote < 1.0, f"evict + demote must stay below 1, got {self.evict + self.demote}")
+        for name in ("key_bits", "value_bits", "coarse_key_bits", "coarse_value_bits"):
+            v = getattr(self, name)
+            check(v in _TIER_BITS and not isinstance(v, bool), f"{name} must be one of {_TIER_BITS}, got {v!r}")
+        for name, lo in (("sink_tokens", 0), ("recent_window", 1), ("block", 1), ("score_window", 1), ("pool_kernel", 1)):
+            v = getattr(self, name)
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, got {v!r}")
+        check(self.pool_kernel % 2 == 1, f"pool_kernel must be odd, got {self.pool_kernel}")
+        check(self.scorer in _SCORERS, f"scorer must be one of {_SCORERS}, got {self.scorer!r}")
+        check(self.key_domain in _KEY_DOMAINS, f"key_domain must be one of {_KEY_DOMAINS}, got {self.key_domain!r}")
+        check(isinstance(self.seed, int) and 0 <= self.seed < 2**64, f"seed must be a non-negative integer, got {self.seed!r}")
+        check(isinstance(self.center, bool), "center must be True or False")
+
+    def replace(self, **changes: Any) -> "CompressionSettings":
+        """A copy with some knobs changed (unknown knobs raise NexusQuantError)."""
+        return resolve_settings(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Chosen with `nexusquant eval` (README, "Presets"): each preset's measured ratio and quality are
+# stated there, next to the command that measured them.
+PRESETS: dict[str, CompressionSettings] = {
+    "high": CompressionSettings(evict=0.35, demote=0.0, key_bits=3, value_bits=2),
+    "balanced": CompressionSettings(evict=0.5, demote=0.2, key_bits=2, value_bits=2),
+    "max": CompressionSettings(evict=0.7, demote=0.2, key_bits=2, value_bits=2),
+}
+
+
+def resolve_settings(quality: str | CompressionSettings = "balanced", **overrides: Any) -> CompressionSettings:
+    """Settings of a named preset (or given settings) with explicit knobs overriding it.
+
+    Raises NexusQuantError for an unknown preset, an unknown knob or a bad value.
+    """
+    if isinstance(quality, CompressionSettings):
+        base = quality
+    elif isinstance(quality, str) and quality in PRESETS:
+        base = PRESETS[quality]
+    else:
+        raise NexusQuantError(f"unknown quality preset {quality!r}: use one of {sorted(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(CompressionSettings)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise NexusQuantError(f"unknown setting(s) {unknown}; known settings: {sorted(known)}")
+    return dataclasses.replace(base, **overrides)

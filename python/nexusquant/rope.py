@@ -1,0 +1,141 @@
+"""Undo and redo a model's rotary position embedding, with the model's own code and angles.
+
+For ``key_domain="pre_rope"`` keys are quantized before the rotary embedding. Undoing and redoing
+it reuses (a) the exact ``(cos, sin)`` the model's rotary module produced for each token, captured
+when the token went through attention, and (b) the model's own ``apply_rotary_pos_emb`` from its
+modeling file, called with ``-sin`` to rotate back. So every ``rope_type`` the model supports
+(default, linear, dynamic, llama3, yarn, longrope) and every layout (split-half, GPT-J interleaved,
+partial rotary) is right by construction: nothing here recomputes an angle.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Callable, Optional
+
+import torch
+
+from ._core import NexusQuantError
+
+__all__ = ["RopeAdapter", "RopeTable"]
+
+
+class RopeAdapter:
+    """Calls a model's ``apply_rotary_pos_emb`` on keys whose tokens sit at arbitrary positions.
+
+    Two conventions exist in transformers: ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``
+    on ``(B, H, T, D)`` with ``position_embeddings = (cos, sin)``, and GPT-J's
+    ``apply_rotary_pos_emb(tensor, sin, cos)`` on ``(B, T, H, rotary_dim)`` with
+    ``position_embeddings = (sin, cos)`` and the rest of the head passed through.
+    """
+
+    def __init__(self, attention_module: torch.nn.Module):
+        module_name = type(attention_module).__module__
+        fn: Optional[Callable] = getattr(sys.modules.get(module_name), "apply_rotary_pos_emb", None)
+        if fn is None:
+            raise NexusQuantError(
+                f"{type(attention_module).__name__} has no apply_rotary_pos_emb in {module_name}: "
+                "key_domain='pre_rope' needs it; use key_domain='post_rope'"
+            )
+        params = list(inspect.signature(fn).parameters)
+        self.fn = fn
+        if params[:4] == ["q", "k", "cos", "sin"]:
+            self.kind = "qk"
+            self.rotary_dim = None
+        elif params[:3] == ["tensor", "sin", "cos"]:
+            self.kind = "gptj"
+            self.rotary_dim = getattr(attention_module, "rotary_dim", None)
+        else:
+            raise NexusQuantError(
+                f"unrecognised apply_rotary_pos_emb{tuple(params)} in {module_name}: use key_domain='post_rope'"
+            )
+
+    def split(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) from the tuple the model passes to its attention layers."""
+        a, b = position_embeddings
+        return (b, a) if self.kind == "gptj" else (a, b)
+
+    def rotate(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Apply (or undo, ``inverse=True``) the rotary embedding.
+
+        Parameters
+        ----------
+        k : torch.Tensor
+            Keys ``(B, H, T, D)``.
+        cos, sin : torch.Tensor
+            The model's angles for each key, ``(B, H, T, R)`` (R as the model's rotary module made
+            them: the rotary width, or half of it for GPT-J).
+        """
+        b, h, t, d = k.shape
+        if inverse:
+            sin = -sin
+        kf = k.reshape(b * h, 1, t, d)
+        c = cos.reshape(b * h, t, cos.shape[-1]).to(k.dtype)
+        s = sin.reshape(b * h, t, sin.shape[-1]).to(k.dtype)
+        if self.kind == "qk":
+            _, out = self.fn(kf, kf, c, s)
+            return out.reshape(b, h, t, d)
+        x = kf.transpose(1, 2)  # (B*H, T, 1, D): GPT-J rotates before moving heads forward
+        r = self.rotary_dim or d
+        rot = self.fn(x[..., :r], s, c)
+        out = torch.cat([rot, x[..., r:]], dim=-1) if r < d else rot
+        return out.transpose(1, 2).reshape(b, h, t, d)
+
+
+class RopeTable:
+    """The (cos, sin) the model used for every token so far, per batch row: ``(B, N, R)`` each.
+
+    One table per distinct rotary module (Gemma-3's local and global layers differ); all layers
+    that receive the same tensors in a forward share one table, so it is stored once.
+    """
+
+    def __init__(self) -> None:
+        self.cos: Optional[torch.Tensor] = None
+        self.sin: Optional[torch.Tensor] = None
+        self._last_ids: tuple[int, int] = (0, 0)
+        self._last_start = -1
+
+    @property
+    def length(self) -> int:
+        return 0 if self.cos is None else self.cos.shape[1]
+
+    def record(self, cos: torch.Tensor, sin: torch.Tensor, start: int) -> None:
+        """Store the angles of tokens ``start .. start + T`` (``cos``/``sin``: ``(B or 1, T, R)``)."""
+        ids = (id(cos), start)
+        if ids == self._last_ids and start == self._last_start:
+            return  # another layer of the same forward: already stored
+        self._last_ids = ids
+        self._last_start = start
+        if self.cos is None or start == 0:
+            self.cos, self.sin = cos.detach(), sin.detach()
+            return
+        if start != self.length:
+            if start < self.length:  # a re-run over positions already stored (e.g. a retried forward)
+                self.cos, self.sin = self.cos[:, :start], self.sin[:, :start]
+            else:
+                raise NexusQuantError("rotary angles were not recorded for every token (a forward skipped a layer?)")
+        b = max(self.cos.shape[0], cos.shape[0])
+        self.cos = torch.cat([self.cos.expand(b, -1, -1), cos.detach().expand(b, -1, -1)], dim=1)
+        self.sin = torch.cat([self.sin.expand(b, -1, -1), sin.detach().expand(b, -1, -1)], dim=1)
+
+    def gather(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Angles at sequence indices ``seq`` ``(B, H, T)`` → ``(B, H, T, R)`` each."""
+        assert self.cos is not None and self.sin is not None
+        b, h, t = seq.shape
+        idx = seq.long().reshape(b, h * t)
+        cos = self.cos.expand(b, -1, -1)
+        sin = self.sin.expand(b, -1, -1)
+        r = cos.shape[-1]
+        gi = idx[..., None].expand(b, h * t, r)
+        return (
+            torch.gather(cos, 1, gi).reshape(b, h, t, r),
+            torch.gather(sin, 1, gi).reshape(b, h, t, r),
+        )
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self.cos, self.sin) if x is not None)
+
+    def map_batch(self, fn) -> None:
+        if self.cos is not None:
+            self.cos, self.sin = fn(self.cos), fn(self.sin)

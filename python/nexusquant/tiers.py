@@ -1,0 +1,242 @@
+"""Where compressed tokens live: a tier holds K and V vectors of a set of tokens per (batch, KV head).
+
+Shapes are ``(batch, kv_heads, tokens, ...)``. A quantized tier holds E8 codes (uint8
+``(B, H, T, code_bytes)``) and fp16 scales (int16 bit patterns ``(B, H, T)``); a 16-bit tier holds the
+vectors as they came. Every tier also holds each token's sequence index (int32 ``(B, H, T)``: where the
+token sat in the uncompressed sequence, for masks and the rotary embedding) and a validity mask
+(bool ``(B, H, T)``: rows of a padded batch can hold fewer tokens than others).
+
+Encoding and decoding run in Rust on CPU tensors; tensors on other devices use the CUDA kernels
+when available (nexusquant.gpu) and otherwise a torch decoder over the codebook, so nothing depends
+on the device being a CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ._core import NexusQuantError
+from .codec import E8Codec, as_codec_input
+
+__all__ = ["QuantizedTensor", "Tier", "encode_tensor", "decode_tensor", "get_codec"]
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@functools.lru_cache(maxsize=64)
+def get_codec(head_dim: int, bits: int, seed: int) -> E8Codec:
+    """The codec for a head dimension, bit width and seed (built once, shared by all layers)."""
+    return E8Codec(head_dim, bits, seed)
+
+
+def encode_tensor(codec: E8Codec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E8-encode ``x`` of shape ``(..., head_dim)``.
+
+    Returns
+    -------
+    codes : torch.Tensor
+        uint8 ``(..., code_bytes_per_vector)`` on ``x.device``.
+    scales : torch.Tensor
+        int16 ``(...)``: the fp16 scales' bit patterns, on ``x.device``.
+    """
+    lead = x.shape[:-1]
+    if x.numel() == 0:
+        cb = codec.code_bytes_per_vector
+        return (
+            torch.empty(*lead, cb, dtype=torch.uint8, device=x.device),
+            torch.empty(*lead, dtype=torch.int16, device=x.device),
+        )
+    if x.device.type != "cpu":
+        from . import gpu
+
+        if gpu.available(x.device):
+            return gpu.encode(codec, x)
+    arr, dtype = as_codec_input(x.detach().to("cpu").reshape(-1, x.shape[-1]))
+    codes, scales = codec.encode_arrays(arr, dtype)
+    codes_t = torch.from_numpy(codes).reshape(*lead, -1)
+    scales_t = torch.from_numpy(scales.view(np.int16)).reshape(lead)
+    return codes_t.to(x.device), scales_t.to(x.device)
+
+
+def decode_tensor(codec: E8Codec, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Decode codes and scales made by :func:`encode_tensor` into ``(..., head_dim)`` of ``dtype``."""
+    lead = scales.shape
+    d = codec.head_dim
+    if scales.numel() == 0:
+        return torch.empty(*lead, d, dtype=dtype, device=codes.device)
+    if codes.device.type != "cpu":
+        from . import gpu
+
+        if gpu.available(codes.device):
+            return gpu.decode(codec, codes, scales, dtype)
+        return _torch_decode(codec, codes, scales, dtype)
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        raise NexusQuantError(f"cannot decode into {dtype}: use float32, float16 or bfloat16")
+    c = codes.reshape(-1, codes.shape[-1]).contiguous().numpy()
+    s = scales.reshape(-1).contiguous().numpy().view(np.uint16)
+    out = codec.decode_arrays(c, s, name)
+    t = torch.from_numpy(out)
+    if name != "float32":
+        t = t.view(torch.int16).view(dtype)
+    return t.reshape(*lead, d)
+
+
+@functools.lru_cache(maxsize=16)
+def _torch_tables(head_dim: int, bits: int, seed: int, device: str) -> tuple[torch.Tensor, ...]:
+    """Codebooks (every codeword, rotated domain, scale 1) and the inverse rotation as dense tensors."""
+    codec = get_codec(head_dim, bits, seed)
+    def book(n_codes: int, code_bytes: int, stage_bits: int) -> torch.Tensor:
+        # Decode every code of one 8-dimensional group at scale 1 (fp16 0x3C00), in the rotated domain.
+        probe = get_codec(8, stage_bits, 0)
+        codes = np.arange(n_codes, dtype="<u4").view(np.uint8).reshape(n_codes, 4)[:, :code_bytes]
+        ones = np.full(n_codes, 0x3C00, dtype=np.uint16)
+        return torch.from_numpy(probe.decode_rotated(np.ascontiguousarray(codes), ones))
+
+    book16 = book(65536, 2, 2)
+    book8 = book(256, 1, 1)
+    eye = np.eye(codec.padded_dim, dtype=np.float32)
+    inv_rot = torch.from_numpy(codec.unrotate(eye))  # (padded, head_dim): row i = unrotate(e_i)
+    return book16.to(device), book8.to(device), inv_rot.to(device)
+
+
+def _torch_decode(codec: E8Codec, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Decode on any torch device through codebook lookups and a dense inverse rotation."""
+    book16, book8, inv_rot = _torch_tables(codec.head_dim, codec.bits, codec.seed, str(codes.device))
+    lead = scales.shape
+    g = codec.padded_dim // 8
+    c = codes.reshape(-1, codes.shape[-1]).to(torch.int64)
+    s = scales.reshape(-1).view(torch.float16).to(torch.float32)
+
+    def u16(part: torch.Tensor) -> torch.Tensor:
+        return part[:, 0::2] | (part[:, 1::2] << 8)
+
+    bits = codec.bits
+    if bits == 1:
+        z = book8[c[:, :g]]
+    else:
+        z = book16[u16(c[:, : 2 * g])]
+        if bits == 3:
+            z = z + codec.residual_ratio * book8[c[:, 2 * g : 3 * g]]
+        elif bits == 4:
+            z = z + codec.residual_ratio * book16[u16(c[:, 2 * g : 4 * g])]
+    y = z.reshape(-1, codec.padded_dim) * s[:, None]
+    return (y @ inv_rot).to(dtype).reshape(*lead, codec.head_dim)
+
+
+class QuantizedTensor:
+    """Vectors ``(B, H, T, head_dim)`` held as E8 codes and scales, or as is for 16 bits."""
+
+    def __init__(self, head_dim: int, bits: int, seed: int, dtype: torch.dtype):
+        self.head_dim = head_dim
+        self.bits = bits
+        self.seed = seed
+        self.dtype = dtype
+        self.codec: Optional[E8Codec] = None if bits == 16 else get_codec(head_dim, bits, seed)
+        self.codes: Optional[torch.Tensor] = None
+        self.scales: Optional[torch.Tensor] = None
+        self.raw: Optional[torch.Tensor] = None
+
+    @property
+    def length(self) -> int:
+        t = self.raw if self.codec is None else self.scales
+        return 0 if t is None else t.shape[2]
+
+    def append(self, x: torch.Tensor) -> None:
+        """Quantize ``x`` ``(B, H, T, head_dim)`` and append it along the token axis."""
+        if self.codec is None:
+            self.raw = x if self.raw is None else torch.cat([self.raw, x], dim=2)
+            return
+        codes, scales = encode_tensor(self.codec, x)
+        if self.codes is None:
+            self.codes, self.scales = codes, scales
+        else:
+            self.codes = torch.cat([self.codes, codes], dim=2)
+            self.scales = torch.cat([self.scales, scales], dim=2)
+
+    def dequantize(self) -> torch.Tensor:
+        """All vectors, ``(B, H, T, head_dim)`` in the model's dtype."""
+        if self.codec is None:
+            assert self.raw is not None
+            return self.raw
+        assert self.codes is not None and self.scales is not None
+        return decode_tensor(self.codec, self.codes, self.scales, self.dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.raw) if t is not None)
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` (e.g. an index_select on dim 0) to every held tensor."""
+        for name in ("codes", "scales", "raw"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+
+class Tier:
+    """Keys and values of one tier, with each token's sequence index and validity."""
+
+    def __init__(self, head_dim: int, key_bits: int, value_bits: int, seed: int, dtype: torch.dtype):
+        self.keys = QuantizedTensor(head_dim, key_bits, seed, dtype)
+        self.values = QuantizedTensor(head_dim, value_bits, seed, dtype)
+        self.seq: Optional[torch.Tensor] = None  # int32 (B, H, T)
+        self.valid: Optional[torch.Tensor] = None  # bool (B, H, T)
+
+    def append(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        seq: Optional[torch.Tensor],
+        valid: Optional[torch.Tensor],
+    ) -> None:
+        """Add tokens: ``k``, ``v`` ``(B, H, T, D)``; ``seq`` int ``(B, H, T)`` or None when positions
+        are not tracked; ``valid`` bool ``(B, H, T)`` or None when every new slot is valid."""
+        t = k.shape[2]
+        if t == 0:
+            return
+        old = self.length
+        self.keys.append(k)
+        self.values.append(v)
+        if seq is not None:
+            seq = seq.to(torch.int16 if int(seq.max().item()) < 2**15 and (self.seq is None or self.seq.dtype == torch.int16) else torch.int32)
+            if self.seq is not None and self.seq.dtype != seq.dtype:
+                self.seq = self.seq.to(torch.int32)
+            self.seq = seq if self.seq is None else torch.cat([self.seq, seq], dim=2)
+        if valid is not None or self.valid is not None:
+            b, h = k.shape[0], k.shape[1]
+            if valid is None:
+                valid = torch.ones(b, h, t, dtype=torch.bool, device=k.device)
+            prev = self.valid if self.valid is not None else torch.ones(b, h, old, dtype=torch.bool, device=k.device)
+            self.valid = torch.cat([prev, valid], dim=2)
+        self._length = old + t
+
+    @property
+    def length(self) -> int:
+        return getattr(self, "_length", 0)
+
+    def nbytes(self) -> int:
+        extra = sum(t.numel() * t.element_size() for t in (self.seq, self.valid) if t is not None)
+        return self.keys.nbytes() + self.values.nbytes() + extra
+
+    def map_batch(self, fn) -> None:
+        self.keys.map_batch(fn)
+        self.values.map_batch(fn)
+        if self.seq is not None:
+            self.seq = fn(self.seq)
+        if self.valid is not None:
+            self.valid = fn(self.valid)
+
+    def slice_tokens(self, start: int) -> None:
+        """Drop the first ``start`` tokens (they are in sequence order)."""
+        cut = lambda t: t[:, :, start:].contiguous()  # noqa: E731
+        self.keys.map_batch(cut)
+        self.values.map_batch(cut)
+        if self.seq is not None:
+            self.seq = cut(self.seq)
+        if self.valid is not None:
+            self.valid = cut(self.valid)
+        self._length = self.length - start
