@@ -14,7 +14,7 @@
 //! decode is s · (c₁ + r·c₂). Per-vector code layout: all first-stage codes (u16 little-endian, or
 //! u8 for bits = 1), then all second-stage codes.
 
-use crate::e8p::{decode16, decode8, encode16_lanes, encode8_lanes};
+use crate::e8p::{decode16_with, decode8_with, encode16_lanes, encode8_lanes, tables, E8P16Tables};
 use crate::element::Element;
 use crate::error::{NqError, Result};
 use crate::hadamard::Hadamard;
@@ -256,12 +256,24 @@ impl E8Codec {
         Ok(len / self.head_dim)
     }
 
-    /// Encode one vector: returns its fp16 scale bits. `y` is scratch of `padded_dim` floats.
+    /// The fp16 scale of a rotated vector from its [`sum_sq`], and the reciprocal the vector is
+    /// multiplied by. Every build computes both exactly so.
+    ///
+    /// Args:
+    ///     sum: `sum_sq` of the `padded_dim` rotated values.
+    /// Returns:
+    ///     (scale bits, 1 / scale or 0 for a zero scale), or `InvalidData` when the scale overflows.
     #[inline(always)]
-    pub(crate) fn encode_vector(&self, x: &[f32], y: &mut [f32], codes: &mut [u8]) -> Result<u16> {
-        self.rot.forward(x, y);
-        let rms = (sum_sq(y) / y.len() as f32).sqrt();
-        let scale = f16::from_f32(rms * self.scale_factor);
+    pub(crate) fn scale_and_inverse(&self, sum: f32) -> Result<(u16, f32)> {
+        self.scale_with(sum, f16::from_f32)
+    }
+
+    /// [`E8Codec::scale_and_inverse`] with the f32 → fp16 rounding passed in, so the SIMD loop can
+    /// use F16C's (the same round-to-nearest-even, without `half`'s feature check per call).
+    #[inline(always)]
+    pub(crate) fn scale_with(&self, sum: f32, to_f16: impl Fn(f32) -> f16) -> Result<(u16, f32)> {
+        let rms = (sum / self.rot.padded_dim() as f32).sqrt();
+        let scale = to_f16(rms * self.scale_factor);
         let s = scale.to_f32();
         if !s.is_finite() {
             return Err(NqError::InvalidData(format!(
@@ -269,6 +281,20 @@ impl E8Codec {
             )));
         }
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        Ok((scale.to_bits(), inv))
+    }
+
+    /// 1 / the residual ratio: the second stage's input is (z − c₁) times this.
+    #[inline(always)]
+    pub(crate) fn inv_residual_ratio(&self) -> f32 {
+        1.0 / self.residual_ratio
+    }
+
+    /// Encode one vector: returns its fp16 scale bits. `y` is scratch of `padded_dim` floats.
+    #[inline(always)]
+    pub(crate) fn encode_vector(&self, x: &[f32], y: &mut [f32], codes: &mut [u8]) -> Result<u16> {
+        self.rot.forward(x, y);
+        let (scale, inv) = self.scale_and_inverse(sum_sq(y))?;
         for v in y.iter_mut() {
             *v *= inv;
         }
@@ -278,9 +304,10 @@ impl E8Codec {
             2 => encode_groups16(y, &mut codes[..2 * g]),
             3 | 4 => {
                 encode_groups16(y, &mut codes[..2 * g]);
-                let inv_r = 1.0 / self.residual_ratio;
+                let inv_r = self.inv_residual_ratio();
+                let t = tables();
                 for (gi, chunk) in y.chunks_exact_mut(8).enumerate() {
-                    let c = decode16(u16::from_le_bytes([codes[2 * gi], codes[2 * gi + 1]]));
+                    let c = decode16_with(t, u16::from_le_bytes([codes[2 * gi], codes[2 * gi + 1]]));
                     for k in 0..8 {
                         chunk[k] = (chunk[k] - c[k]) * inv_r;
                     }
@@ -293,18 +320,18 @@ impl E8Codec {
             }
             _ => unreachable!(),
         }
-        Ok(scale.to_bits())
+        Ok(scale)
     }
 
     /// Decode one vector into the rotated domain (before the inverse rotation), scaled.
     #[inline(always)]
-    pub(crate) fn decode_vector_rotated(&self, codes: &[u8], scale: u16, y: &mut [f32]) {
+    pub(crate) fn decode_vector_rotated(&self, t: &E8P16Tables, codes: &[u8], scale: u16, y: &mut [f32]) {
         let s = f16::from_bits(scale).to_f32();
         let g = self.groups;
         match self.bits {
             1 => {
                 for gi in 0..g {
-                    let c = decode8(codes[gi]);
+                    let c = decode8_with(t, codes[gi]);
                     for k in 0..8 {
                         y[gi * 8 + k] = s * c[k];
                     }
@@ -312,7 +339,7 @@ impl E8Codec {
             }
             2 => {
                 for gi in 0..g {
-                    let c = decode16(u16::from_le_bytes([codes[2 * gi], codes[2 * gi + 1]]));
+                    let c = decode16_with(t, u16::from_le_bytes([codes[2 * gi], codes[2 * gi + 1]]));
                     for k in 0..8 {
                         y[gi * 8 + k] = s * c[k];
                     }
@@ -321,11 +348,11 @@ impl E8Codec {
             _ => {
                 let r = self.residual_ratio;
                 for gi in 0..g {
-                    let c1 = decode16(u16::from_le_bytes([codes[2 * gi], codes[2 * gi + 1]]));
+                    let c1 = decode16_with(t, u16::from_le_bytes([codes[2 * gi], codes[2 * gi + 1]]));
                     let c2 = if self.bits == 3 {
-                        decode8(codes[2 * g + gi])
+                        decode8_with(t, codes[2 * g + gi])
                     } else {
-                        decode16(u16::from_le_bytes([
+                        decode16_with(t, u16::from_le_bytes([
                             codes[2 * g + 2 * gi],
                             codes[2 * g + 2 * gi + 1],
                         ]))
@@ -383,8 +410,9 @@ impl E8Codec {
             return Err(NqError::InvalidArgument("buffers do not fit the vectors".into()));
         }
         let cb = self.code_bytes_per_vector();
+        let t = tables();
         for i in 0..n {
-            self.decode_vector_rotated(&codes[i * cb..(i + 1) * cb], scales[i], &mut out[i * p..(i + 1) * p]);
+            self.decode_vector_rotated(t, &codes[i * cb..(i + 1) * cb], scales[i], &mut out[i * p..(i + 1) * p]);
         }
         Ok(())
     }
@@ -505,7 +533,7 @@ fn encode_groups8(y: &[f32], out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::e8p::{encode16, encode8};
+    use crate::e8p::{decode16, decode8, encode16, encode8};
     use proptest::prelude::*;
 
     fn gaussian(n: usize, seed: u64) -> Vec<f32> {
@@ -593,6 +621,217 @@ mod tests {
             crate::simd::decode_rows(&c, &c1, &s1, &mut o1);
             crate::simd::decode_rows_portable(&c, &c1, &s1, &mut o2);
             assert_eq!(o1, o2);
+        }
+    }
+
+    /// The codec from the scalar reference pieces alone, written as `encode_vector` was before the
+    /// SIMD kernels: `fwht_inplace` pass by pass, `sum_sq`, `half`'s fp16 rounding, `encode16` /
+    /// `encode8` / `decode16` one group at a time.
+    fn reference_encode(c: &E8Codec, x: &[f32]) -> (Vec<u8>, Vec<u16>) {
+        let (d, p) = (c.head_dim(), c.rotation().padded_dim());
+        let g = p / 8;
+        let mut codes = Vec::new();
+        let mut scales = Vec::new();
+        for xr in x.chunks_exact(d) {
+            let mut y = vec![0f32; p];
+            for i in 0..d {
+                y[i] = xr[i] * c.rotation().signs()[i];
+            }
+            for pass in c.rotation().passes() {
+                for &(off, n) in pass {
+                    crate::hadamard::fwht_inplace(&mut y[off..off + n]);
+                }
+            }
+            let rms = (sum_sq(&y) / p as f32).sqrt();
+            let scale = half::f16::from_f32(rms * c.scale_factor());
+            let s = scale.to_f32();
+            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+            let z: Vec<f32> = y.iter().map(|v| v * inv).collect();
+            let grp = |v: &[f32], gi: usize| -> [f32; 8] { v[gi * 8..gi * 8 + 8].try_into().unwrap() };
+            let mut first = Vec::new();
+            let mut second = Vec::new();
+            let mut resid = vec![0f32; p];
+            for gi in 0..g {
+                if c.bits() == 1 {
+                    first.push(encode8(&grp(&z, gi)));
+                    continue;
+                }
+                let code = encode16(&grp(&z, gi));
+                first.extend_from_slice(&code.to_le_bytes());
+                let cw = decode16(code);
+                for k in 0..8 {
+                    resid[gi * 8 + k] = (z[gi * 8 + k] - cw[k]) * (1.0 / c.residual_ratio());
+                }
+            }
+            for gi in 0..g {
+                match c.bits() {
+                    3 => second.push(encode8(&grp(&resid, gi))),
+                    4 => second.extend_from_slice(&encode16(&grp(&resid, gi)).to_le_bytes()),
+                    _ => {}
+                }
+            }
+            codes.extend(first);
+            codes.extend(second);
+            scales.push(scale.to_bits());
+        }
+        (codes, scales)
+    }
+
+    /// Decoding from the scalar reference pieces alone.
+    fn reference_decode(c: &E8Codec, codes: &[u8], scales: &[u16]) -> Vec<f32> {
+        let (d, p) = (c.head_dim(), c.rotation().padded_dim());
+        let g = p / 8;
+        let cb = c.code_bytes_per_vector();
+        let mut out = Vec::new();
+        for (cr, &sb) in codes.chunks_exact(cb).zip(scales) {
+            let s = half::f16::from_bits(sb).to_f32();
+            let r = c.residual_ratio();
+            let c16 = |o: usize| decode16(u16::from_le_bytes([cr[o], cr[o + 1]]));
+            let mut y = vec![0f32; p];
+            for gi in 0..g {
+                for k in 0..8 {
+                    y[gi * 8 + k] = match c.bits() {
+                        1 => s * decode8(cr[gi])[k],
+                        2 => s * c16(2 * gi)[k],
+                        3 => s * (c16(2 * gi)[k] + r * decode8(cr[2 * g + gi])[k]),
+                        _ => s * (c16(2 * gi)[k] + r * c16(2 * g + 2 * gi)[k]),
+                    };
+                }
+            }
+            for pass in c.rotation().passes().iter().rev() {
+                for &(off, n) in pass {
+                    crate::hadamard::fwht_inplace(&mut y[off..off + n]);
+                }
+            }
+            out.extend((0..d).map(|i| y[i] * c.rotation().signs()[i]));
+        }
+        out
+    }
+
+    fn bits_of(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn kernels_equal_reference_codec_bitwise() {
+        // Every dispatch path: registers (64, 128), memory (8, 256, 512), two passes (80, 96,
+        // 192), padding (1, 3, 100, 72), the last partial block of groups (72, 80, 100).
+        let dims = [1usize, 3, 8, 64, 72, 80, 96, 100, 128, 192, 256, 512];
+        for (k, &dim) in dims.iter().enumerate() {
+            for bits in 1..=4u8 {
+                let c = E8Codec::new(dim, bits, 11 + k as u64).unwrap();
+                let n = 37;
+                let mut x = gaussian(n * dim, 7 * dim as u64 + bits as u64);
+                // A zero row and a one-hot row: all magnitudes tie.
+                x[..dim].iter_mut().for_each(|v| *v = 0.0);
+                x[dim..2 * dim].iter_mut().enumerate().for_each(|(i, v)| *v = (i == 0) as u8 as f32);
+                let (want_codes, want_scales) = reference_encode(&c, &x);
+                let enc = c.encode(&x).unwrap();
+                assert_eq!(enc.scales, want_scales, "dim {dim} bits {bits}");
+                assert_eq!(enc.codes, want_codes, "dim {dim} bits {bits}");
+                let want = reference_decode(&c, &enc.codes, &enc.scales);
+                let got = c.decode(&enc).unwrap();
+                assert_eq!(bits_of(&got), bits_of(&want), "dim {dim} bits {bits}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_element_type_equals_portable() {
+        use half::{bf16, f16};
+        for &(dim, bits) in &[(128usize, 2u8), (64, 3), (100, 4), (80, 1), (8, 2), (256, 2)] {
+            let c = E8Codec::new(dim, bits, 4).unwrap();
+            let n = 53;
+            let x = gaussian(n * dim, dim as u64);
+            let cb = c.code_bytes_per_vector();
+            let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let run = |simd: bool| {
+                let mut out = Vec::new();
+                let (mut codes, mut scales) = (vec![0u8; n * cb], vec![0u16; n]);
+                let (mut oh, mut ob) = (vec![f16::ZERO; n * dim], vec![bf16::ZERO; n * dim]);
+                if simd {
+                    crate::simd::encode_rows(&c, &xh, &mut codes, &mut scales).unwrap();
+                    crate::simd::decode_rows(&c, &codes, &scales, &mut oh);
+                } else {
+                    crate::simd::encode_rows_portable(&c, &xh, &mut codes, &mut scales).unwrap();
+                    crate::simd::decode_rows_portable(&c, &codes, &scales, &mut oh);
+                }
+                out.push((codes.clone(), scales.clone()));
+                if simd {
+                    crate::simd::encode_rows(&c, &xb, &mut codes, &mut scales).unwrap();
+                    crate::simd::decode_rows(&c, &codes, &scales, &mut ob);
+                } else {
+                    crate::simd::encode_rows_portable(&c, &xb, &mut codes, &mut scales).unwrap();
+                    crate::simd::decode_rows_portable(&c, &codes, &scales, &mut ob);
+                }
+                out.push((codes, scales));
+                let oh: Vec<u16> = oh.iter().map(|v| v.to_bits()).collect();
+                let ob: Vec<u16> = ob.iter().map(|v| v.to_bits()).collect();
+                (out, oh, ob)
+            };
+            assert!(run(true) == run(false), "dim {dim} bits {bits}");
+        }
+    }
+
+    #[test]
+    fn decode_of_corrupt_scales_equals_portable() {
+        // Infinite and NaN scales (corrupt input is decoded, not validated). Finite outputs are
+        // bit-identical; a NaN stays a NaN, but not always the same NaN: x86 returns the first
+        // operand's payload, and the SIMD butterflies add in the other order (a + b as b + a).
+        use half::{bf16, f16};
+        for dim in [128usize, 100] {
+            let c = E8Codec::new(dim, 2, 1).unwrap();
+            let n = 6;
+            let enc = c.encode(&gaussian(n * dim, 5)).unwrap();
+            let mut scales = enc.scales.clone();
+            scales[1] = 0x7C00; // +inf
+            scales[2] = 0xFC00; // -inf
+            scales[3] = 0x7E01; // NaN
+            scales[4] = 0x7BFF; // fp16 max: large but finite outputs
+            let (mut a, mut b) = (vec![bf16::ZERO; n * dim], vec![bf16::ZERO; n * dim]);
+            crate::simd::decode_rows(&c, &enc.codes, &scales, &mut a);
+            crate::simd::decode_rows_portable(&c, &enc.codes, &scales, &mut b);
+            for (x, y) in a.iter().zip(&b) {
+                assert!(x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()), "{x} {y}");
+            }
+            let (mut a, mut b) = (vec![f16::ZERO; n * dim], vec![f16::ZERO; n * dim]);
+            crate::simd::decode_rows(&c, &enc.codes, &scales, &mut a);
+            crate::simd::decode_rows_portable(&c, &enc.codes, &scales, &mut b);
+            for (x, y) in a.iter().zip(&b) {
+                assert!(x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()), "{x} {y}");
+            }
+            assert!(a[dim..4 * dim].iter().all(|v| !v.is_finite()));
+            assert!(a[4 * dim..5 * dim].iter().any(|v| v.is_finite()));
+        }
+    }
+
+    #[test]
+    fn errors_name_the_row_and_earlier_rows_are_encoded() {
+        use half::f16;
+        for dim in [128usize, 100, 64] {
+            let c = E8Codec::new(dim, 2, 3).unwrap();
+            let n = 10;
+            let x = gaussian(n * dim, 9);
+            let cb = c.code_bytes_per_vector();
+            let (want_codes, want_scales) = reference_encode(&c, &x[..5 * dim]);
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut xb = x.clone();
+                xb[5 * dim + dim / 2] = bad;
+                let (mut codes, mut scales) = (vec![0u8; n * cb], vec![0u16; n]);
+                let e = c.encode_into(&xb, &mut codes, &mut scales).unwrap_err();
+                assert!(matches!(e, NqError::InvalidData(ref m) if m.contains("vector 5")), "{e}");
+                assert_eq!(&codes[..5 * cb], &want_codes[..]);
+                assert_eq!(&scales[..5], &want_scales[..]);
+                let xh: Vec<f16> = xb.iter().map(|&v| f16::from_f32(v)).collect();
+                let e = c.encode_into(&xh, &mut codes, &mut scales).unwrap_err();
+                assert!(matches!(e, NqError::InvalidData(ref m) if m.contains("vector 5")), "{e}");
+            }
+            // Finite but too large for an fp16 scale: the scale error, not the NaN one.
+            let mut xb = x.clone();
+            xb[3 * dim..4 * dim].iter_mut().for_each(|v| *v *= 1e30);
+            let e = c.encode(&xb).unwrap_err();
+            assert!(matches!(e, NqError::InvalidData(ref m) if m.contains("RMS")), "{e}");
         }
     }
 

@@ -62,6 +62,11 @@ const TYPES: [TypeConsts; 9] = [
     type_consts(8),
 ];
 
+/// Eight lanes of 32 bits, aligned so that one table row is one aligned 32-byte load.
+#[repr(C, align(32))]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Row8<T>(pub(crate) [T; 8]);
+
 /// Lookup tables of the E8P16 codebook.
 pub struct E8P16Tables {
     /// `abs[i]`: the magnitudes of pattern `i`.
@@ -71,6 +76,15 @@ pub struct E8P16Tables {
     /// Pattern index of each arrangement, keyed by Σ digit_c·3^c with digit 0,1,2 for ½, 3⁄2, 5⁄2;
     /// `u16::MAX` where the arrangement is not in the codebook.
     key_to_index: Vec<u16>,
+    // Decode without branches or popcounts: `abs` as f32 bits with the sign bit of coordinate 7 set
+    // where the pattern's parity is odd, and for each 7 sign bits the sign masks of coordinates 0–6
+    // plus, on coordinate 7, the parity of those bits. Their xor is the codeword's sign pattern
+    // (the eighth sign is the parity of the seven and the pattern's), so a codeword is two loads, a
+    // xor and the shift. 8 KiB + 4 KiB: L1-resident.
+    pub(crate) abs_par: [Row8<u32>; 256],
+    pub(crate) sign_masks: [Row8<u32>; 128],
+    // The 256 E8P8 codewords (8 KiB): decoding one is a single load.
+    pub(crate) cw8: [Row8<f32>; 256],
 }
 
 static TABLES: OnceLock<E8P16Tables> = OnceLock::new();
@@ -103,8 +117,42 @@ pub fn tables() -> &'static E8P16Tables {
             }
         }
         assert_eq!(next, 256, "the E8P16 pattern set must have 256 entries");
-        E8P16Tables { abs, parity, key_to_index }
+        let abs_par = std::array::from_fn(|i| {
+            Row8(std::array::from_fn(|c| {
+                abs[i][c].to_bits() | if c == 7 { (parity[i] as u32) << 31 } else { 0 }
+            }))
+        });
+        let sign_masks = std::array::from_fn(|s: usize| {
+            Row8(std::array::from_fn(|c| {
+                let neg = if c < 7 { (s >> c) & 1 } else { (s.count_ones() & 1) as usize };
+                (neg as u32) << 31
+            }))
+        });
+        let cw8 = std::array::from_fn(|code| Row8(decode8(code as u8)));
+        E8P16Tables { abs, parity, key_to_index, abs_par, sign_masks, cw8 }
     })
+}
+
+/// [`decode16`] with the tables passed in (no `OnceLock` lookup per group).
+///
+/// Args:
+///     t: the tables from [`tables`].
+///     code: a 16-bit code.
+/// Returns:
+///     the 8 coordinates of the codeword, bit-identical to [`decode16`]: every codeword coordinate
+///     is a small multiple of ¼, exact in f32 however it is formed.
+#[inline(always)]
+pub(crate) fn decode16_with(t: &E8P16Tables, code: u16) -> [f32; 8] {
+    let a = &t.abs_par[(code & 0xFF) as usize].0;
+    let m = &t.sign_masks[((code >> 8) & 0x7F) as usize].0;
+    let shift = if code & 0x8000 != 0 { -0.25f32 } else { 0.25 };
+    std::array::from_fn(|c| f32::from_bits(a[c] ^ m[c]) + shift)
+}
+
+/// [`decode8`] from the tables: one lookup.
+#[inline(always)]
+pub(crate) fn decode8_with(t: &E8P16Tables, code: u8) -> [f32; 8] {
+    t.cw8[code as usize].0
 }
 
 /// Decode one E8P16 code to its codeword (before scaling).
@@ -302,6 +350,274 @@ pub fn encode8(y: &[f32; 8]) -> u8 {
     code[0]
 }
 
+/// AVX2 versions of the search and the decode: eight groups per register, lane l holding group l
+/// (coordinate-major, as in [`encode16_lanes`]). Every float operation is the one the scalar
+/// reference does, on the same operands and in the same order, so the codes are bit-identical to
+/// [`encode16`] / [`encode8`] (the tests check it, ties included).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use super::{E8P16Tables, TYPES};
+    use std::arch::x86_64::*;
+
+    /// The E8P16 codeword of `code` in one register.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn decode16(t: &E8P16Tables, code: u16) -> __m256 {
+        let a = _mm256_load_si256(t.abs_par[(code & 0xFF) as usize].0.as_ptr().cast());
+        let m = _mm256_load_si256(t.sign_masks[((code >> 8) & 0x7F) as usize].0.as_ptr().cast());
+        const SHIFT: [f32; 2] = [0.25, -0.25];
+        let shift = _mm256_broadcast_ss(&SHIFT[(code >> 15) as usize]);
+        _mm256_add_ps(_mm256_castsi256_ps(_mm256_xor_si256(a, m)), shift)
+    }
+
+    /// The E8P8 codeword of `code` in one register.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn decode8(t: &E8P16Tables, code: u8) -> __m256 {
+        _mm256_load_ps(t.cw8[code as usize].0.as_ptr())
+    }
+
+    /// Transpose 8×8 floats: group-major registers (one group each) to coordinate-major (one
+    /// coordinate of eight groups each), or back.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn transpose8(r: &[__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+
+    #[inline(always)]
+    fn bit(c: usize) -> i32 {
+        1 << c
+    }
+
+    /// A per-type constant for types 0–7 as a lane table for `permutevar8x32`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn tab(f: fn(usize) -> i32) -> __m256i {
+        _mm256_setr_epi32(f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7))
+    }
+
+    /// Nearest E8P16 codes of eight groups: [`super::encode16_lanes`] with `L = 8`.
+    ///
+    /// The lanes' integer state (ranks, sign bits) lives in 32-bit vectors beside the floats, so
+    /// the whole search, the final key and the sign fix run without leaving the registers; only
+    /// the key → pattern index lookup is eight scalar loads (a gather is no faster here).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn encode16(t: &E8P16Tables, y0: &[__m256; 8]) -> [u16; 8] {
+        let zero = _mm256_setzero_ps();
+        let sign = _mm256_set1_ps(-0.0);
+        let mut best = _mm256_set1_ps(f32::INFINITY);
+        // Index of the best (shift, type) pair: type + 9 · shift.
+        let mut best_i = _mm256_setzero_si256();
+        let mut ranks = [[_mm256_setzero_si256(); 8]; 2];
+        let mut negbits = [_mm256_setzero_si256(); 2];
+        // All-ones in lanes whose count of negative coordinates is odd.
+        let mut odd = [_mm256_setzero_si256(); 2];
+        for (si, shift) in [0.25f32, -0.25].into_iter().enumerate() {
+            let sh = _mm256_set1_ps(shift);
+            let mut u = [zero; 8];
+            let mut nb = _mm256_setzero_si256();
+            let mut od = _mm256_setzero_si256();
+            for c in 0..8 {
+                let y = _mm256_sub_ps(y0[c], sh);
+                u[c] = _mm256_andnot_ps(sign, y);
+                let neg = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(y, zero));
+                nb = _mm256_or_si256(nb, _mm256_and_si256(neg, _mm256_set1_epi32(bit(c))));
+                od = _mm256_xor_si256(od, neg);
+            }
+            // rank[c] starts at c (every earlier coordinate counted as before c); each pair then
+            // moves one count when the later coordinate is strictly larger: the same counts as the
+            // reference's (ties: the lower index first).
+            let r = &mut ranks[si];
+            for (c, rc) in r.iter_mut().enumerate() {
+                *rc = _mm256_set1_epi32(c as i32);
+            }
+            for i in 0..8 {
+                for j in (i + 1)..8 {
+                    let m = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(u[j], u[i]));
+                    r[i] = _mm256_sub_epi32(r[i], m);
+                    r[j] = _mm256_add_epi32(r[j], m);
+                }
+            }
+            // top[k]: the reference's sum, in coordinate order, of the magnitudes of rank ≤ k.
+            // top[0] has one nonzero term, so it is the maximum exactly; the reference's leading
+            // 0.0 + v is exact, so each sum starts from its first term.
+            let mut top0 = u[0];
+            let mut top = [zero; 3];
+            let mut top4 = u[0];
+            let mut sq = _mm256_mul_ps(u[0], u[0]);
+            let mut umin = u[0];
+            for c in 0..8 {
+                let v = u[c];
+                for k in 0..3 {
+                    let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(k as i32 + 2), r[c]);
+                    let term = _mm256_and_ps(_mm256_castsi256_ps(m), v);
+                    top[k] = if c == 0 { term } else { _mm256_add_ps(top[k], term) };
+                }
+                if c > 0 {
+                    top0 = _mm256_max_ps(top0, v);
+                    top4 = _mm256_add_ps(top4, v);
+                    sq = _mm256_add_ps(sq, _mm256_mul_ps(v, v));
+                    umin = _mm256_min_ps(v, umin);
+                }
+            }
+            let s_of = |k: u32| -> Option<__m256> {
+                match k {
+                    0 => None,
+                    1 => Some(top0),
+                    8 => Some(top4),
+                    k => Some(top[k as usize - 2]),
+                }
+            };
+            let half = _mm256_mul_ps(_mm256_set1_ps(0.5), top4);
+            // mismatch · 4 · umin · amin, with mismatch 1 where the parity is wrong: 4 · umin is
+            // exact, then one rounding by amin; where the parity is right the term is +0.0.
+            let fu = _mm256_mul_ps(_mm256_set1_ps(4.0), umin);
+            let oddf = _mm256_castsi256_ps(od);
+            for (ti, tc) in TYPES.iter().enumerate() {
+                let mut dot = half;
+                if let Some(s) = s_of(tc.n_big) {
+                    dot = _mm256_add_ps(dot, s);
+                }
+                if let Some(s) = s_of(tc.n5) {
+                    dot = _mm256_add_ps(dot, s);
+                }
+                let pen = _mm256_mul_ps(fu, _mm256_set1_ps(tc.amin));
+                let pen = if tc.parity == 0 { _mm256_and_ps(oddf, pen) } else { _mm256_andnot_ps(oddf, pen) };
+                let d = _mm256_add_ps(
+                    _mm256_sub_ps(
+                        _mm256_add_ps(sq, _mm256_set1_ps(tc.norm2)),
+                        _mm256_mul_ps(_mm256_set1_ps(2.0), dot),
+                    ),
+                    pen,
+                );
+                let lt = _mm256_cmp_ps::<_CMP_LT_OQ>(d, best);
+                best = _mm256_min_ps(d, best);
+                best_i = _mm256_blendv_epi8(
+                    best_i,
+                    _mm256_set1_epi32((ti + 9 * si) as i32),
+                    _mm256_castps_si256(lt),
+                );
+            }
+            negbits[si] = nb;
+            odd[si] = od;
+        }
+        // Finalise all eight lanes at once: the chosen shift's ranks give the arrangement key and
+        // the smallest coordinate, as in the reference's per-lane loop.
+        let s1 = _mm256_cmpgt_epi32(best_i, _mm256_set1_epi32(8));
+        let ty = _mm256_sub_epi32(best_i, _mm256_and_si256(s1, _mm256_set1_epi32(9)));
+        // Type 8 (3⁄2 everywhere) is the one index past the 8-lane permute; its n5 and parity are
+        // 0 like type 0's, so only n_big needs the fix-up.
+        let is8 = _mm256_cmpeq_epi32(ty, _mm256_set1_epi32(8));
+        let n_big = _mm256_or_si256(
+            _mm256_permutevar8x32_epi32(tab(|t| TYPES[t].n_big as i32), ty),
+            _mm256_and_si256(is8, _mm256_set1_epi32(TYPES[8].n_big as i32)),
+        );
+        let n5 = _mm256_permutevar8x32_epi32(tab(|t| TYPES[t].n5 as i32), ty);
+        let tpar = _mm256_permutevar8x32_epi32(tab(|t| -(TYPES[t].parity as i32)), ty);
+        let mut key = _mm256_setzero_si256();
+        let mut smallest = _mm256_setzero_si256();
+        let mut pow = 1;
+        for c in 0..8 {
+            let r = _mm256_blendv_epi8(ranks[0][c], ranks[1][c], s1);
+            let p = _mm256_set1_epi32(pow);
+            key = _mm256_add_epi32(key, _mm256_and_si256(_mm256_cmpgt_epi32(n_big, r), p));
+            key = _mm256_add_epi32(key, _mm256_and_si256(_mm256_cmpgt_epi32(n5, r), p));
+            let last = _mm256_cmpeq_epi32(r, _mm256_set1_epi32(7));
+            smallest = _mm256_or_si256(smallest, _mm256_and_si256(last, _mm256_set1_epi32(bit(c))));
+            pow *= 3;
+        }
+        let negs = _mm256_blendv_epi8(negbits[0], negbits[1], s1);
+        let flip = _mm256_xor_si256(_mm256_blendv_epi8(odd[0], odd[1], s1), tpar);
+        let negs = _mm256_xor_si256(negs, _mm256_and_si256(flip, smallest));
+        let hi = _mm256_or_si256(
+            _mm256_slli_epi32::<8>(_mm256_and_si256(negs, _mm256_set1_epi32(0x7F))),
+            _mm256_and_si256(s1, _mm256_set1_epi32(0x8000)),
+        );
+        let mut keys = [0u32; 8];
+        let mut his = [0u32; 8];
+        _mm256_storeu_si256(keys.as_mut_ptr().cast(), key);
+        _mm256_storeu_si256(his.as_mut_ptr().cast(), hi);
+        std::array::from_fn(|l| {
+            let idx = t.key_to_index[keys[l] as usize];
+            debug_assert!(idx != u16::MAX);
+            idx | his[l] as u16
+        })
+    }
+
+    /// Nearest E8P8 codes of eight groups: [`super::encode8_lanes`] with `L = 8`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn encode8(y0: &[__m256; 8]) -> [u8; 8] {
+        let zero = _mm256_setzero_ps();
+        let sign = _mm256_set1_ps(-0.0);
+        let half = _mm256_set1_ps(0.5);
+        let mut best = _mm256_set1_ps(f32::INFINITY);
+        let mut best_code = _mm256_setzero_si256();
+        for (si, shift) in [0.25f32, -0.25].into_iter().enumerate() {
+            let sh = _mm256_set1_ps(shift);
+            let mut negs = _mm256_setzero_si256();
+            let mut od = _mm256_setzero_si256();
+            let mut d = zero;
+            let mut umin = _mm256_set1_ps(f32::INFINITY);
+            let mut argmin = _mm256_setzero_si256();
+            for c in 0..8 {
+                let y = _mm256_sub_ps(y0[c], sh);
+                let u = _mm256_andnot_ps(sign, y);
+                let neg = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(y, zero));
+                negs = _mm256_or_si256(negs, _mm256_and_si256(neg, _mm256_set1_epi32(bit(c))));
+                od = _mm256_xor_si256(od, neg);
+                let e = _mm256_sub_ps(u, half);
+                let e2 = _mm256_mul_ps(e, e);
+                d = if c == 0 { e2 } else { _mm256_add_ps(d, e2) };
+                let smaller = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(u, umin));
+                umin = _mm256_min_ps(u, umin);
+                argmin = _mm256_blendv_epi8(argmin, _mm256_set1_epi32(c as i32), smaller);
+            }
+            // mismatch · 2 · umin: exact, and +0.0 where the parity is right.
+            let pen = _mm256_and_ps(_mm256_castsi256_ps(od), _mm256_add_ps(umin, umin));
+            let dist = _mm256_add_ps(d, pen);
+            let lt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(dist, best));
+            best = _mm256_min_ps(dist, best);
+            let fix = _mm256_and_si256(od, _mm256_sllv_epi32(_mm256_set1_epi32(1), argmin));
+            let code = _mm256_or_si256(
+                _mm256_and_si256(_mm256_xor_si256(negs, fix), _mm256_set1_epi32(0x7F)),
+                _mm256_set1_epi32((si as i32) << 7),
+            );
+            best_code = _mm256_blendv_epi8(best_code, code, lt);
+        }
+        let mut out = [0u32; 8];
+        _mm256_storeu_si256(out.as_mut_ptr().cast(), best_code);
+        out.map(|v| v as u8)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,5 +696,73 @@ mod tests {
                 prop_assert_eq!(c8[l], encode8(&g));
             }
         }
+
+        #[test]
+        fn avx2_equals_scalar(
+            v in proptest::collection::vec(-4.0f32..4.0, 64),
+            snap in proptest::collection::vec(any::<bool>(), 64),
+            codes in proptest::collection::vec(any::<u16>(), 8),
+        ) {
+            // Half the coordinates snapped to quarter multiples, so magnitudes tie often and the
+            // tie rules of the ranks are exercised, not only distinct values.
+            let g: Vec<f32> = v.iter().zip(&snap).map(|(&x, &s)| if s { (x * 4.0).round() / 4.0 } else { x }).collect();
+            check_avx2(&g)?;
+            // Exact codewords, the most tied inputs there are.
+            let cw: Vec<f32> = codes.iter().flat_map(|&c| decode16(c)).collect();
+            check_avx2(&cw)?;
+        }
+    }
+
+    /// The AVX2 kernels on eight groups (`g`: 64 floats, group-major) against the scalar reference.
+    fn check_avx2(g: &[f32]) -> Result<(), TestCaseError> {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            use std::arch::x86_64::*;
+            let t = tables();
+            // SAFETY: AVX2 is present (checked above).
+            let (c16, c8) = unsafe {
+                let rows: [__m256; 8] = std::array::from_fn(|l| _mm256_loadu_ps(g[l * 8..].as_ptr()));
+                let soa = avx2::transpose8(&rows);
+                (avx2::encode16(t, &soa), avx2::encode8(&soa))
+            };
+            for l in 0..8 {
+                let grp: [f32; 8] = g[l * 8..l * 8 + 8].try_into().unwrap();
+                prop_assert_eq!(c16[l], encode16(&grp), "lane {} of {:?}", l, grp);
+                prop_assert_eq!(c8[l], encode8(&grp), "lane {} of {:?}", l, grp);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn table_decode_equals_decode() {
+        let t = tables();
+        for code in 0..=u16::MAX {
+            assert_eq!(decode16_with(t, code), decode16(code));
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                let mut got = [0f32; 8];
+                // SAFETY: AVX2 is present (checked above).
+                unsafe { std::arch::x86_64::_mm256_storeu_ps(got.as_mut_ptr(), avx2::decode16(t, code)) };
+                assert_eq!(got, decode16(code));
+            }
+        }
+        for code in 0..=255u8 {
+            assert_eq!(decode8_with(t, code), decode8(code));
+        }
+    }
+
+    #[test]
+    fn avx2_equals_scalar_on_every_codeword() {
+        // Every codeword, eight at a time, and every E8P8 codeword: all ties, all exact.
+        for base in (0..=u16::MAX as u32).step_by(8) {
+            let g: Vec<f32> = (base..base + 8).flat_map(|c| decode16(c as u16)).collect();
+            check_avx2(&g).unwrap();
+        }
+        let g: Vec<f32> = (0..=255u8).flat_map(decode8).collect();
+        for chunk in g.chunks_exact(64) {
+            check_avx2(chunk).unwrap();
+        }
+        check_avx2(&[0.0; 64]).unwrap();
     }
 }

@@ -17,6 +17,9 @@ pub struct Hadamard {
     padded: usize,
     passes: Vec<Vec<(usize, usize)>>,
     signs: Vec<f32>,
+    // The signs as IEEE sign bits (0 or 0x8000_0000): xoring them is the exact multiply by ±1
+    // without a multiply, and it is what the SIMD row loops load.
+    sign_bits: Vec<u32>,
     seed: u64,
 }
 
@@ -86,6 +89,62 @@ pub fn fwht_inplace(x: &mut [f32]) {
     }
 }
 
+/// The three butterfly stages (h = 1, 2, 4) of an 8-point block, unrolled.
+#[inline(always)]
+fn fwht8_stages(x: &mut [f32]) {
+    let x: &mut [f32; 8] = x.try_into().unwrap();
+    let mut h = 1;
+    while h < 8 {
+        for i in 0..8 {
+            if i & h == 0 {
+                let (u, v) = (x[i], x[i + h]);
+                x[i] = u + v;
+                x[i + h] = u - v;
+            }
+        }
+        h *= 2;
+    }
+}
+
+/// [`fwht_inplace`] with the same butterflies in the same order per element, so bit-identical, but
+/// stage-blocked: the three stages inside each 8-float chunk run unrolled first (they never mix
+/// chunks, so running them chunk by chunk changes no operand), and the stages h ≥ 8 run over whole
+/// chunks, which LLVM vectorises.
+#[inline(always)]
+pub(crate) fn fwht_blocked(x: &mut [f32]) {
+    let n = x.len();
+    debug_assert!(n.is_power_of_two());
+    if n < 8 {
+        fwht_inplace(x);
+        return;
+    }
+    for c in x.chunks_exact_mut(8) {
+        fwht8_stages(c);
+    }
+    let mut h = 8;
+    while h < n {
+        for blk in x.chunks_exact_mut(2 * h) {
+            let (lo, hi) = blk.split_at_mut(h);
+            for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
+                let (u, v) = (*a, *b);
+                *a = u + v;
+                *b = u - v;
+            }
+        }
+        h *= 2;
+    }
+    let scale = 1.0 / (n as f32).sqrt();
+    for v in x.iter_mut() {
+        *v *= scale;
+    }
+}
+
+/// Flip the sign of `v` where `bit` holds 0x8000_0000: exact, like multiplying by ±1.
+#[inline(always)]
+fn flip(v: f32, bit: u32) -> f32 {
+    f32::from_bits(v.to_bits() ^ bit)
+}
+
 impl Hadamard {
     /// Build the rotation.
     ///
@@ -107,7 +166,9 @@ impl Hadamard {
             }
             passes.push(second);
         }
-        Hadamard { dim, padded, passes, signs: random_signs(padded, seed), seed }
+        let signs = random_signs(padded, seed);
+        let sign_bits = signs.iter().map(|s| s.to_bits() & 0x8000_0000).collect();
+        Hadamard { dim, padded, passes, signs, sign_bits, seed }
     }
 
     /// The input dimension.
@@ -144,15 +205,15 @@ impl Hadamard {
     pub fn forward(&self, x: &[f32], out: &mut [f32]) {
         debug_assert_eq!(x.len(), self.dim);
         debug_assert_eq!(out.len(), self.padded);
-        for i in 0..self.dim {
-            out[i] = x[i] * self.signs[i];
+        for ((o, &v), &b) in out.iter_mut().zip(x).zip(&self.sign_bits) {
+            *o = flip(v, b);
         }
         for v in out[self.dim..].iter_mut() {
             *v = 0.0;
         }
         for pass in &self.passes {
             for &(off, n) in pass {
-                fwht_inplace(&mut out[off..off + n]);
+                fwht_blocked(&mut out[off..off + n]);
             }
         }
     }
@@ -167,12 +228,125 @@ impl Hadamard {
         debug_assert_eq!(y.len(), self.padded);
         for pass in self.passes.iter().rev() {
             for &(off, n) in pass {
-                fwht_inplace(&mut y[off..off + n]);
+                fwht_blocked(&mut y[off..off + n]);
             }
         }
-        for i in 0..self.dim {
-            out[i] = y[i] * self.signs[i];
+        for ((o, &v), &b) in out[..self.dim].iter_mut().zip(y.iter()).zip(&self.sign_bits) {
+            *o = flip(v, b);
         }
+    }
+
+    /// The signs as IEEE sign bits (0 or 0x8000_0000), length `padded_dim()`.
+    #[inline(always)]
+    pub(crate) fn sign_bits(&self) -> &[u32] {
+        &self.sign_bits
+    }
+
+    /// Whether the rotation is one power-of-two block (every power-of-two padded dimension).
+    #[inline(always)]
+    pub(crate) fn is_single_block(&self) -> bool {
+        self.passes.len() == 1 && self.passes[0].len() == 1
+    }
+}
+
+/// AVX2 kernels of the transform for the row loops in `crate::simd`: the same butterflies as
+/// [`fwht_inplace`] on the same operands, so the results are bit-identical to it.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Stages h = 1, 2, 4 of an 8-float chunk inside one register. Each stage is a lane swap and
+    /// one add: lane i gets swapped + v = v[i^h] + v[i] (the sum, addition commutes) and lane i^h
+    /// gets swapped + (−v) = v[i] − v[i^h] (IEEE defines a − b as a + (−b)), so no blend is needed.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn fwht8(v: __m256) -> __m256 {
+        let m = i32::MIN;
+        let neg1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, m, 0, m, 0, m, 0, m));
+        let neg2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, m, m, 0, 0, m, m));
+        let neg4 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, m, m, m, m));
+        let v = _mm256_add_ps(_mm256_permute_ps::<0b10_11_00_01>(v), _mm256_xor_ps(v, neg1));
+        let v = _mm256_add_ps(_mm256_permute_ps::<0b01_00_11_10>(v), _mm256_xor_ps(v, neg2));
+        _mm256_add_ps(_mm256_permute2f128_ps::<0x01>(v, v), _mm256_xor_ps(v, neg4))
+    }
+
+    /// The orthonormal scale of an `n`-point transform, computed as [`super::fwht_inplace`] does.
+    #[inline(always)]
+    pub(crate) fn scale_of(n: usize) -> f32 {
+        1.0 / (n as f32).sqrt()
+    }
+
+    /// Stages h ≥ 8 and the scaling of a power-of-two block held in `R` registers (8 floats each)
+    /// that already went through [`fwht8`]. The scaling is fused into the last stage; it is still
+    /// one rounding after the last butterfly, as in the reference.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn fwht_cross_regs<const R: usize>(v: &mut [__m256; R]) {
+        let scale = _mm256_set1_ps(scale_of(8 * R));
+        if R == 1 {
+            v[0] = _mm256_mul_ps(v[0], scale);
+            return;
+        }
+        let mut h = 1;
+        while h < R / 2 {
+            for i in 0..R {
+                if i & h == 0 {
+                    let (a, b) = (v[i], v[i + h]);
+                    v[i] = _mm256_add_ps(a, b);
+                    v[i + h] = _mm256_sub_ps(a, b);
+                }
+            }
+            h *= 2;
+        }
+        for i in 0..R / 2 {
+            let (a, b) = (v[i], v[i + h]);
+            v[i] = _mm256_mul_ps(_mm256_add_ps(a, b), scale);
+            v[i + h] = _mm256_mul_ps(_mm256_sub_ps(a, b), scale);
+        }
+    }
+
+    /// Stages h ≥ 8 and the scaling of a power-of-two block (≥ 8 floats) in memory whose 8-float
+    /// chunks already went through [`fwht8`].
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn fwht_cross(x: &mut [f32]) {
+        let n = x.len();
+        debug_assert!(n.is_power_of_two() && n >= 8);
+        let p = x.as_mut_ptr();
+        let scale = _mm256_set1_ps(scale_of(n));
+        if n == 8 {
+            _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), scale));
+            return;
+        }
+        let mut h = 8;
+        while h < n / 2 {
+            for blk in (0..n).step_by(2 * h) {
+                for i in (blk..blk + h).step_by(8) {
+                    let a = _mm256_loadu_ps(p.add(i));
+                    let b = _mm256_loadu_ps(p.add(i + h));
+                    _mm256_storeu_ps(p.add(i), _mm256_add_ps(a, b));
+                    _mm256_storeu_ps(p.add(i + h), _mm256_sub_ps(a, b));
+                }
+            }
+            h *= 2;
+        }
+        for i in (0..h).step_by(8) {
+            let a = _mm256_loadu_ps(p.add(i));
+            let b = _mm256_loadu_ps(p.add(i + h));
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_add_ps(a, b), scale));
+            _mm256_storeu_ps(p.add(i + h), _mm256_mul_ps(_mm256_sub_ps(a, b), scale));
+        }
+    }
+
+    /// The whole transform of a power-of-two block (≥ 8 floats) in memory.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn fwht(x: &mut [f32]) {
+        for c in x.chunks_exact_mut(8) {
+            let p = c.as_mut_ptr();
+            _mm256_storeu_ps(p, fwht8(_mm256_loadu_ps(p)));
+        }
+        fwht_cross(x);
     }
 }
 
@@ -180,6 +354,18 @@ impl Hadamard {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The register kernel on the first `R` of 16 registers.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn cross<const R: usize>(r: &mut [std::arch::x86_64::__m256; 16]) {
+        let mut a: [std::arch::x86_64::__m256; R] = r[..R].try_into().unwrap();
+        avx2::fwht_cross_regs(&mut a);
+        r[..R].copy_from_slice(&a);
+    }
 
     #[test]
     fn blocks_cover_non_powers_of_two() {
@@ -205,6 +391,18 @@ mod tests {
                 s += sign * orig[j];
             }
             assert!((x[i] - s / 4.0).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn blocked_equals_reference_bitwise() {
+        for log in 0..=10 {
+            let n = 1usize << log;
+            let x: Vec<f32> = (0..n).map(|i| ((i * 7919) as f32 * 0.013).sin() * 3.0).collect();
+            let (mut a, mut b) = (x.clone(), x.clone());
+            fwht_inplace(&mut a);
+            fwht_blocked(&mut b);
+            assert_eq!(bits(&a), bits(&b), "n = {n}");
         }
     }
 
@@ -235,6 +433,47 @@ mod tests {
             h.inverse(&mut y, &mut back);
             for i in 0..dim {
                 prop_assert!((back[i] - x[i]).abs() <= 1e-4 * (1.0 + x[i].abs()));
+            }
+        }
+
+        #[test]
+        fn avx2_kernels_equal_reference_bitwise(
+            log in 3usize..=10,
+            vals in proptest::collection::vec(-100.0f32..100.0, 1024),
+        ) {
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                use std::arch::x86_64::*;
+                let n = 1usize << log;
+                let mut want = vals[..n].to_vec();
+                fwht_inplace(&mut want);
+                let mut got = vals[..n].to_vec();
+                // SAFETY: AVX2 is present (checked above).
+                unsafe { avx2::fwht(&mut got) };
+                prop_assert_eq!(bits(&got), bits(&want));
+                if n <= 128 {
+                    // SAFETY: as above; the array holds exactly n floats.
+                    let regs = unsafe {
+                        let mut r = [_mm256_setzero_ps(); 16];
+                        for (i, c) in vals[..n].chunks_exact(8).enumerate() {
+                            r[i] = avx2::fwht8(_mm256_loadu_ps(c.as_ptr()));
+                        }
+                        match n / 8 {
+                            1 => cross::<1>(&mut r),
+                            2 => cross::<2>(&mut r),
+                            4 => cross::<4>(&mut r),
+                            8 => cross::<8>(&mut r),
+                            _ => cross::<16>(&mut r),
+                        }
+                        let mut out = vec![0f32; 128];
+                        for (i, c) in out.chunks_exact_mut(8).enumerate() {
+                            _mm256_storeu_ps(c.as_mut_ptr(), r[i]);
+                        }
+                        out.truncate(n);
+                        out
+                    };
+                    prop_assert_eq!(bits(&regs), bits(&want));
+                }
             }
         }
     }
