@@ -422,14 +422,217 @@ pub(crate) mod avx2 {
         _mm256_setr_epi32(f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7))
     }
 
+    /// Sort eight registers lane-wise, largest first (a 19-comparator network of depth 6).
+    /// Inputs are magnitudes: no NaN and no −0, so max and min are exact and order-free.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn sort8_desc(a: [__m256; 8]) -> [__m256; 8] {
+        // Written out: a loop over a table of pairs is not unrolled, and indexes the registers
+        // through the stack.
+        let [a0, a1, a2, a3, a4, a5, a6, a7] = a;
+        macro_rules! cx {
+            ($x:ident, $y:ident) => {
+                let (hi, lo) = (_mm256_max_ps($x, $y), _mm256_min_ps($x, $y));
+                let ($x, $y) = (hi, lo);
+            };
+        }
+        cx!(a0, a2); cx!(a1, a3); cx!(a4, a6); cx!(a5, a7);
+        cx!(a0, a4); cx!(a1, a5); cx!(a2, a6); cx!(a3, a7);
+        cx!(a0, a1); cx!(a2, a3); cx!(a4, a5); cx!(a6, a7);
+        cx!(a2, a4); cx!(a3, a5);
+        cx!(a1, a4); cx!(a3, a6);
+        cx!(a1, a2); cx!(a3, a4); cx!(a5, a6);
+        [a0, a1, a2, a3, a4, a5, a6, a7]
+    }
+
     /// Nearest E8P16 codes of eight groups: [`super::encode16_lanes`] with `L = 8`.
+    ///
+    /// The reference ranks the magnitudes with 28 pairwise comparisons and sums the top k in
+    /// coordinate order through rank masks. Here a sorting network gives the order statistics
+    /// s0 ≥ … ≥ s7, and "rank ≤ k" is "u ≥ s_k" whenever s_k > s_(k+1): the same coordinates,
+    /// summed in the same order, with about a quarter fewer operations (the search is bound by
+    /// the vector ports). Where a boundary the search reads is tied (s_k = s_(k+1) for k < 4, or
+    /// s6 = s7) "u ≥ s_k" would pick the wrong set, so a block with any such tie, in any lane,
+    /// goes to [`encode16_ranked`], the transcription of the reference. Ties need equal
+    /// magnitudes: exact codewords, zero or one-hot rows; never seen on real activations.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn encode16(t: &E8P16Tables, y0: &[__m256; 8]) -> [u16; 8] {
+        let zero = _mm256_setzero_ps();
+        let sign = _mm256_set1_ps(-0.0);
+        let mut best = _mm256_set1_ps(f32::INFINITY);
+        // Index of the best (shift, type) pair, type + 9 · shift. The pairs are tried in
+        // increasing index, so "take the new index where d < best" is a max with the masked index.
+        let mut best_i = _mm256_setzero_si256();
+        let mut ties = zero;
+        // Per shift: s0, s1, s2, s3 (the thresholds of the top 1–4) and s7 (the minimum).
+        let mut order = [[zero; 5]; 2];
+        // Per shift: sign bit set in lanes whose count of negative coordinates is odd.
+        let mut odd = [zero; 2];
+        for (si, shift) in [0.25f32, -0.25].into_iter().enumerate() {
+            let sh = _mm256_set1_ps(shift);
+            let mut u = [zero; 8];
+            let mut par = zero;
+            let mut sq = zero;
+            for c in 0..8 {
+                let y = _mm256_sub_ps(y0[c], sh);
+                u[c] = _mm256_andnot_ps(sign, y);
+                // y = y0 ∓ ¼ with y0 finite is never NaN and never −0 (x − y is −0 only for
+                // x = −0, y = +0), so its sign bit is exactly the reference's `y < 0.0`: the xor of
+                // the sign bits is the parity of the negative count.
+                par = _mm256_xor_ps(par, y);
+                // u · u = y · y exactly; the reference's 0.0 + first term is the first term.
+                let y2 = _mm256_mul_ps(y, y);
+                sq = if c == 0 { y2 } else { _mm256_add_ps(sq, y2) };
+            }
+            let s = sort8_desc(u);
+            for (a, b) in [(0, 1), (1, 2), (2, 3), (3, 4), (6, 7)] {
+                ties = _mm256_or_ps(ties, _mm256_cmp_ps::<_CMP_EQ_OQ>(s[a], s[b]));
+            }
+            // The top-1 and top-2 sums have one and two nonzero terms: s0, and s0 + s1 in either
+            // order (addition commutes), whatever the ties.
+            let top0 = s[0];
+            let top1 = _mm256_add_ps(s[0], s[1]);
+            let mut top2 = zero;
+            let mut top3 = zero;
+            let mut top4 = u[0];
+            for c in 0..8 {
+                let t2 = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(u[c], s[2]), u[c]);
+                let t3 = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(u[c], s[3]), u[c]);
+                top2 = if c == 0 { t2 } else { _mm256_add_ps(top2, t2) };
+                top3 = if c == 0 { t3 } else { _mm256_add_ps(top3, t3) };
+                if c > 0 {
+                    top4 = _mm256_add_ps(top4, u[c]);
+                }
+            }
+            let s_of = |k: u32| -> Option<__m256> {
+                match k {
+                    0 => None,
+                    1 => Some(top0),
+                    2 => Some(top1),
+                    3 => Some(top2),
+                    4 => Some(top3),
+                    _ => Some(top4),
+                }
+            };
+            let umin = s[7];
+            let half = _mm256_mul_ps(_mm256_set1_ps(0.5), top4);
+            // mismatch · 4 · umin · amin: 4 · umin is exact, then one rounding by amin; +0.0
+            // where the parity is right (the reference adds 0 · … = +0.0 there).
+            let fu = _mm256_mul_ps(_mm256_set1_ps(4.0), umin);
+            for (ti, tc) in TYPES.iter().enumerate() {
+                let mut dot = half;
+                if let Some(s) = s_of(tc.n_big) {
+                    dot = _mm256_add_ps(dot, s);
+                }
+                if let Some(s) = s_of(tc.n5) {
+                    dot = _mm256_add_ps(dot, s);
+                }
+                let pen = _mm256_mul_ps(fu, _mm256_set1_ps(tc.amin));
+                // blendv reads only the sign bit: the parity.
+                let pen = if tc.parity == 0 {
+                    _mm256_blendv_ps(zero, pen, par)
+                } else {
+                    _mm256_blendv_ps(pen, zero, par)
+                };
+                let d = _mm256_add_ps(
+                    _mm256_sub_ps(
+                        _mm256_add_ps(sq, _mm256_set1_ps(tc.norm2)),
+                        _mm256_mul_ps(_mm256_set1_ps(2.0), dot),
+                    ),
+                    pen,
+                );
+                let lt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(d, best));
+                best = _mm256_min_ps(d, best);
+                best_i = _mm256_max_epi32(best_i, _mm256_and_si256(lt, _mm256_set1_epi32((ti + 9 * si) as i32)));
+            }
+            order[si] = [s[0], s[1], s[2], s[3], s[7]];
+            odd[si] = par;
+        }
+        if _mm256_movemask_ps(ties) != 0 {
+            return encode16_ranked(t, y0);
+        }
+        let s1 = _mm256_cmpgt_epi32(best_i, _mm256_set1_epi32(8));
+        let s1f = _mm256_castsi256_ps(s1);
+        let ty = _mm256_sub_epi32(best_i, _mm256_and_si256(s1, _mm256_set1_epi32(9)));
+        // Type 8 (3⁄2 everywhere) is the one index past the 8-lane permute; its n5 and parity are
+        // 0 like type 0's, so only n_big needs the fix-up.
+        let is8 = _mm256_cmpeq_epi32(ty, _mm256_set1_epi32(8));
+        let n_big = _mm256_or_si256(
+            _mm256_permutevar8x32_epi32(tab(|t| TYPES[t].n_big as i32), ty),
+            _mm256_and_si256(is8, _mm256_set1_epi32(TYPES[8].n_big as i32)),
+        );
+        let n5 = _mm256_permutevar8x32_epi32(tab(|t| TYPES[t].n5 as i32), ty);
+        let tpar = _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(tab(|t| TYPES[t].parity as i32) , ty));
+        let mut sk = [zero; 5];
+        for (k, v) in sk.iter_mut().enumerate() {
+            *v = _mm256_blendv_ps(order[0][k], order[1][k], s1f);
+        }
+        let umin = sk[4];
+        // The threshold of the coordinates whose digit counts: s_(n−1) for n = 1..4, +∞ for
+        // n = 0 (none), 0 for n = 8 (all; magnitudes are ≥ +0).
+        let mut thr_big = _mm256_set1_ps(f32::INFINITY);
+        let mut thr5 = thr_big;
+        for (k, &v) in sk[..4].iter().enumerate() {
+            let n = _mm256_set1_epi32(k as i32 + 1);
+            thr_big = _mm256_blendv_ps(thr_big, v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(n_big, n)));
+            if k < 2 {
+                thr5 = _mm256_blendv_ps(thr5, v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(n5, n)));
+            }
+        }
+        let thr_big = _mm256_andnot_ps(_mm256_castsi256_ps(is8), thr_big);
+        let sh = _mm256_blendv_ps(_mm256_set1_ps(0.25), _mm256_set1_ps(-0.25), s1f);
+        // The parity fix flips the smallest coordinate where the sign parity disagrees with the
+        // type's (the low bit of tpar; odd's sign bit).
+        let flip = _mm256_xor_ps(
+            _mm256_blendv_ps(odd[0], odd[1], s1f),
+            _mm256_castsi256_ps(_mm256_slli_epi32::<31>(_mm256_castps_si256(tpar))),
+        );
+        let mut key = _mm256_setzero_si256();
+        let mut negs = _mm256_setzero_si256();
+        let mut pow = 1;
+        for c in 0..8 {
+            let y = _mm256_sub_ps(y0[c], sh);
+            let u = _mm256_andnot_ps(sign, y);
+            let p = _mm256_set1_epi32(pow);
+            let big = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(u, thr_big));
+            let five = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(u, thr5));
+            key = _mm256_add_epi32(key, _mm256_and_si256(big, p));
+            key = _mm256_add_epi32(key, _mm256_and_si256(five, p));
+            // Sign bit of the coordinate after the fix: y's, flipped where it is the minimum
+            // and the parity is wrong; then moved to bit c.
+            // Only the seven stored signs (bits 8–14 of the code) are needed.
+            if c < 7 {
+                let last = _mm256_and_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(u, umin), flip);
+                let neg = _mm256_srai_epi32::<31>(_mm256_castps_si256(_mm256_xor_ps(y, last)));
+                negs = _mm256_or_si256(negs, _mm256_and_si256(neg, _mm256_set1_epi32(0x100 << c)));
+            }
+            pow *= 3;
+        }
+        let hi = _mm256_or_si256(negs, _mm256_and_si256(s1, _mm256_set1_epi32(0x8000)));
+        let mut keys = [0u32; 8];
+        let mut his = [0u32; 8];
+        _mm256_storeu_si256(keys.as_mut_ptr().cast(), key);
+        _mm256_storeu_si256(his.as_mut_ptr().cast(), hi);
+        let mut out = [0u16; 8];
+        for l in 0..8 {
+            // Digits are 0–2, so a key is below 3^8 = key_to_index.len(): no bounds check needed.
+            debug_assert!((keys[l] as usize) < t.key_to_index.len());
+            let idx = *t.key_to_index.get_unchecked(keys[l] as usize);
+            debug_assert!(idx != u16::MAX);
+            out[l] = idx | his[l] as u16;
+        }
+        out
+    }
+
+    /// [`encode16`] by ranks, the transcription of [`super::encode16_lanes`]: exact with ties.
     ///
     /// The lanes' integer state (ranks, sign bits) lives in 32-bit vectors beside the floats, so
     /// the whole search, the final key and the sign fix run without leaving the registers; only
     /// the key → pattern index lookup is eight scalar loads (a gather is no faster here).
-    #[inline]
+    #[inline(never)]
     #[target_feature(enable = "avx2")]
-    pub(crate) unsafe fn encode16(t: &E8P16Tables, y0: &[__m256; 8]) -> [u16; 8] {
+    pub(crate) unsafe fn encode16_ranked(t: &E8P16Tables, y0: &[__m256; 8]) -> [u16; 8] {
         let zero = _mm256_setzero_ps();
         let sign = _mm256_set1_ps(-0.0);
         let mut best = _mm256_set1_ps(f32::INFINITY);
