@@ -25,7 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ._core import NexusQuantError
 from .cache import ATTN_IMPLEMENTATION, LayerView, NexusQuantLayer
-from .scoring import key_key_importance, pool_scores, query_importance
+from .scoring import SCORERS, ScoreInputs
 
 __all__ = ["nexusquant_attention", "register"]
 
@@ -133,18 +133,17 @@ def _new_token_validity(model_mask: Optional[torch.Tensor], q: int) -> Optional[
     return torch.diagonal(m, dim1=-2, dim2=-1)
 
 
-def _scores(layer: NexusQuantLayer, view: LayerView, query, key, allowed_rows, scaling, softcap) -> torch.Tensor:
-    """Importance of the window's tokens ``(B, H_kv, W)``."""
-    s = layer.settings
-    c = view.compressed
-    if s.scorer == "query":
-        wq = min(s.score_window, query.shape[2])
-        scores = query_importance(query[:, :, -wq:], key, allowed_rows[..., -wq:, :], scaling, softcap)
-        scores = scores[..., c:]
-    else:
-        assert layer.win_valid is not None
-        scores = key_key_importance(key[:, :, c:], s.score_window, layer.win_valid)
-    return pool_scores(scores, s.pool_kernel)
+def _scores(layer: NexusQuantLayer, view: LayerView, module, query, key, value, allowed, scaling, softcap) -> torch.Tensor:
+    """Importance of the window's tokens ``(B, H_kv, W)`` from the configured scorer."""
+    fn = SCORERS.get(layer.settings.scorer)
+    if fn is None:
+        raise NexusQuantError(f"unknown scorer {layer.settings.scorer!r}; registered: {sorted(SCORERS)}")
+    assert layer.win_valid is not None
+    inputs = ScoreInputs(query, key, value, allowed, view.window, layer.win_valid, scaling, softcap, layer, module)
+    scores = fn(inputs)
+    if scores.shape != (key.shape[0], key.shape[1], view.window):
+        raise NexusQuantError(f"scorer {layer.settings.scorer!r} returned shape {tuple(scores.shape)}")
+    return scores
 
 
 def nexusquant_attention(
@@ -202,7 +201,7 @@ def nexusquant_attention(
         if layer.is_sliding or (s.evict == 0.0 and s.demote == 0.0):
             layer.compress(None)
         else:
-            layer.compress(_scores(layer, view, query, key, allowed, scaling, softcap))
+            layer.compress(_scores(layer, view, module, query, key, value, allowed, scaling, softcap))
     elif layer.wants_block_compression():
         layer.compress(None)
     return out, None

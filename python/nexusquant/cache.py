@@ -156,6 +156,18 @@ class NexusQuantLayer(CacheLayerMixin):
                 )
         q = key_states.shape[2]
         seen_before = self.seen
+        if self.is_sliding and self.window_len > 0:
+            # Window tokens no query of this forward can see (seq <= seen - window) are dropped, as
+            # transformers' sliding layer does; the model's mask is sliced from its end, so the
+            # window may shrink here.
+            # Window tokens have seq in [seen - W, seen - 1]; the first query (seq = seen) sees
+            # seq > seen - sliding_window, so all but the last sliding_window - 1 are dead.
+            dead = max(0, self.window_len - (self.sliding_window - 1))
+            if dead > 0:
+                assert self.win_k is not None and self.win_v is not None and self.win_valid is not None
+                self.win_k = self.win_k[:, :, dead:]
+                self.win_v = self.win_v[:, :, dead:]
+                self.win_valid = self.win_valid[:, dead:]
         w_before = self.window_len
         self.win_k = key_states if self.win_k is None else torch.cat([self.win_k, key_states], dim=2)
         self.win_v = value_states if self.win_v is None else torch.cat([self.win_v, value_states], dim=2)
@@ -302,7 +314,11 @@ class NexusQuantLayer(CacheLayerMixin):
         return self.window_len > self.settings.recent_window
 
     def wants_block_compression(self) -> bool:
-        return self.window_len >= self.settings.recent_window + self.settings.block
+        threshold = self.settings.recent_window + self.settings.block
+        if self.is_sliding:
+            # A sliding layer never holds more than sliding_window - 1 tokens: compress before that.
+            threshold = min(threshold, max(self.settings.recent_window + 1, self.sliding_window - 1))
+        return self.window_len >= threshold
 
     def compress(self, scores: Optional[torch.Tensor]) -> None:
         """Compress the window's tokens except the last ``recent_window``.

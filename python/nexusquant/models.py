@@ -52,8 +52,6 @@ def _gguf_source(name: str) -> tuple[str, str]:
         )
     if filename is not None:
         return os.path.dirname(spec.origin), filename
-    import importlib
-
     mod = importlib.import_module(module)
     out = cache_dir() / "gguf" / f"{name}.gguf"
     if not out.exists():

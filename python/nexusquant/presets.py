@@ -21,7 +21,6 @@ from ._core import NexusQuantError
 
 __all__ = ["CompressionSettings", "PRESETS", "resolve_settings"]
 
-_SCORERS = ("query", "key-key")
 _KEY_DOMAINS = ("post_rope", "pre_rope")
 _TIER_BITS = (1, 2, 3, 4, 16)
 
@@ -99,7 +98,9 @@ class CompressionSettings:
             v = getattr(self, name)
             check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, got {v!r}")
         check(self.pool_kernel % 2 == 1, f"pool_kernel must be odd, got {self.pool_kernel}")
-        check(self.scorer in _SCORERS, f"scorer must be one of {_SCORERS}, got {self.scorer!r}")
+        from .scoring import SCORERS
+
+        check(self.scorer in SCORERS, f"scorer must be one of {sorted(SCORERS)}, got {self.scorer!r}")
         check(self.key_domain in _KEY_DOMAINS, f"key_domain must be one of {_KEY_DOMAINS}, got {self.key_domain!r}")
         check(isinstance(self.seed, int) and 0 <= self.seed < 2**64, f"seed must be a non-negative integer, got {self.seed!r}")
         check(isinstance(self.center, bool), "center must be True or False")

@@ -13,12 +13,46 @@ Scores are then average-pooled along tokens so that a kept token keeps some of i
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["query_importance", "key_key_importance", "pool_scores"]
+__all__ = ["query_importance", "key_key_importance", "pool_scores", "register_scorer", "SCORERS", "ScoreInputs"]
+
+
+@dataclass
+class ScoreInputs:
+    """What a scorer may look at when a layer's prompt tokens are compressed.
+
+    ``key``/``value`` are every key and value the prompt's queries attended to ``(B, H_kv, T, D)``
+    (post-RoPE), of which the last ``window`` are the candidates being scored (the ones before are
+    already compressed); ``query`` is the forward's queries ``(B, H_q, q, D)``; ``allowed`` the bool
+    mask ``(B or 1, H_kv or 1, q, T)`` those queries attended with; ``window_valid`` bool
+    ``(B, window)`` marks real (non-padding) candidates; ``layer`` is the cache layer (its
+    ``settings`` hold ``score_window`` and ``pool_kernel``) and ``module`` the attention module.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    allowed: torch.Tensor
+    window: int
+    window_valid: torch.Tensor
+    scaling: float
+    softcap: Optional[float]
+    layer: Any
+    module: Any
+
+
+# name -> fn(ScoreInputs) -> float scores (B, H_kv, window); higher = keep.
+SCORERS: dict[str, Callable[[ScoreInputs], torch.Tensor]] = {}
+
+
+def register_scorer(name: str, fn: Callable[[ScoreInputs], torch.Tensor]) -> None:
+    """Make ``scorer=name`` available to the cache (used by the evaluation's peer methods)."""
+    SCORERS[name] = fn
 
 
 def _masked_softmax(logits: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
@@ -97,3 +131,20 @@ def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
     b, h, t = scores.shape
     pooled = F.avg_pool1d(scores.reshape(b * h, 1, t), kernel, stride=1, padding=kernel // 2, count_include_pad=False)
     return pooled.reshape(b, h, t)
+
+
+def _query_scorer(x: ScoreInputs) -> torch.Tensor:
+    s = x.layer.settings
+    wq = min(s.score_window, x.query.shape[2])
+    scores = query_importance(x.query[:, :, -wq:], x.key, x.allowed[..., -wq:, :], x.scaling, x.softcap)
+    return pool_scores(scores[..., -x.window :], s.pool_kernel)
+
+
+def _key_key_scorer(x: ScoreInputs) -> torch.Tensor:
+    s = x.layer.settings
+    scores = key_key_importance(x.key[:, :, -x.window :], s.score_window, x.window_valid)
+    return pool_scores(scores, s.pool_kernel)
+
+
+register_scorer("query", _query_scorer)
+register_scorer("key-key", _key_key_scorer)

@@ -1,0 +1,114 @@
+"""The ``nexusquant`` command: ``nexusquant eval`` (more subcommands register beside it).
+
+Each subcommand is a function ``add_<name>(subparsers)`` that adds its parser and sets
+``func`` to the handler; :func:`main` dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _str_list(text: str) -> list[str]:
+    return [x for x in text.replace(" ", "").split(",") if x]
+
+
+def add_eval(sub: "argparse._SubParsersAction") -> None:
+    from .eval.harness import DEFAULT_TEXTS, FULL_EVAL_COMMAND
+    from .eval.methods import ALL_METHODS, DEFAULT_METHODS
+
+    p = sub.add_parser(
+        "eval",
+        help="quality vs real compression ratio, beside kvpress-style eviction, QuantizedCache and int2/int4",
+        description=(
+            "Prefill each prefix, compress, score a teacher-forced continuation one token per forward, count the "
+            "bytes the cache holds, and run pass-key retrieval trials, for nexusquant and its peers on the same "
+            "inputs. Prints a table, writes eval.json and eval.png. With no arguments: a quick run (SmolLM2-135M, "
+            f"alice29, prefix 512, a few methods). Full evaluation: {FULL_EVAL_COMMAND}"
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2", help="packaged model (smollm2, gemma3-270m) or a local transformers directory")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="model dtype; full-precision parts of every cache are held in it, so bfloat16/float16 give fair ratios")
+    p.add_argument("--text", nargs="+", default=list(DEFAULT_TEXTS), metavar="FILE",
+                   help="text files, or packaged texts: alice29, lcet10, GPL-3, decode.c")
+    p.add_argument("--prefix", type=_int_list, default=[512], metavar="P[,P...]", help="prefix lengths in tokens")
+    p.add_argument("--continuation", type=int, default=64, metavar="C", help="continuation tokens scored")
+    p.add_argument("--methods", type=_str_list, default=list(DEFAULT_METHODS), metavar="M[,M...]",
+                   help=f"'all' or some of: {', '.join(ALL_METHODS)} (or int2, int4, quanto-int2, quanto-int4, hqq-int2, hqq-int4)")
+    p.add_argument("--presets", type=_str_list, default=["balanced"], metavar="Q[,Q...]",
+                   help="nexusquant presets (high, balanced, max); eviction peers are matched to each one's real ratio")
+    p.add_argument("--retrieval-trials", type=int, default=5, metavar="N", help="pass-key trials per text, prefix and method (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pass-key trials")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", default="nexusquant-eval", metavar="DIR", help="where eval.json and eval.png go")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .eval.harness import FULL_EVAL_COMMAND, run
+
+    quick = (args.prefix == [512] and args.continuation == 64 and args.retrieval_trials < 20)
+    run(
+        model=args.model,
+        dtype=args.dtype,
+        texts=args.text,
+        prefixes=args.prefix,
+        continuation=args.continuation,
+        methods=args.methods,
+        presets=args.presets,
+        retrieval_trials=args.retrieval_trials,
+        seed=args.seed,
+        threads=args.threads,
+        out=args.out,
+        plot=not args.no_plot,
+        progress=not args.quiet,
+    )
+    if quick:
+        print(f"this was a quick run; the full evaluation (hours on 2 CPU cores) is:\n  {FULL_EVAL_COMMAND}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nexusquant", description="KV-cache compression for transformers models")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+# Subcommands, in the order `nexusquant --help` lists them.
+_SUBCOMMANDS = [add_eval]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ._core import NexusQuantError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except NexusQuantError as e:
+        print(f"nexusquant {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The methods an evaluation compares: what each one is, how to make its cache, how to count its bytes.
+
+A :class:`Method` opens a :class:`MethodRun` on a model (a context manager: nexusquant and the
+eviction peers attach to the model for the duration); the run makes a fresh cache per sequence,
+and :func:`~nexusquant.eval.peers.held_nbytes` counts what that cache holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+from transformers import DynamicCache
+
+from .._core import NexusQuantError
+from ..presets import PRESETS, resolve_settings
+from . import peers
+
+__all__ = [
+    "Method",
+    "MethodRun",
+    "FAMILIES",
+    "DEFAULT_METHODS",
+    "ALL_METHODS",
+    "expand_methods",
+    "backend_available",
+    "evict_for_ratio",
+]
+
+# family key -> (label in the table and plot, kind)
+FAMILIES: dict[str, tuple[str, str]] = {
+    "baseline": ("uncompressed", "baseline"),
+    "nexusquant": ("nexusquant (post-RoPE keys)", "nexusquant"),
+    "nexusquant-prerope": ("nexusquant (pre-RoPE keys)", "nexusquant"),
+    "snapkv": ("SnapKV (evict)", "evict"),
+    "expected-attention": ("ExpectedAttention (evict)", "evict"),
+    "knorm": ("Knorm (evict)", "evict"),
+    "streamingllm": ("StreamingLLM sinks+window (evict)", "evict"),
+    "quanto": ("QuantizedCache quanto", "quantized-cache"),
+    "hqq": ("QuantizedCache HQQ", "quantized-cache"),
+    "int": ("plain per-token int", "int"),
+}
+ALL_METHODS = tuple(k for k in FAMILIES if k != "baseline")
+DEFAULT_METHODS = ("nexusquant", "snapkv", "streamingllm", "int")
+_BACKEND_MODULES = {"quanto": ("optimum.quanto", "optimum-quanto"), "hqq": ("hqq", "hqq")}
+
+
+def backend_available(backend: str) -> Optional[str]:
+    """None when a QuantizedCache backend can be used here, else why not."""
+    module, package = _BACKEND_MODULES[backend]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        return f"{backend}: the package {package!r} is not installed (pip install {package})"
+    return None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the results.
+
+    ``family`` is the line it belongs to in the plot (a key of :data:`FAMILIES`); ``preset`` is the
+    nexusquant preset it runs (nexusquant families) or whose real ratio it is matched to (eviction
+    peers); ``bits`` the bit width of quantized caches.
+    """
+
+    name: str
+    family: str
+    preset: Optional[str] = None
+    bits: Optional[int] = None
+    knobs: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def kind(self) -> str:
+        return FAMILIES[self.family][1]
+
+    @property
+    def label(self) -> str:
+        return FAMILIES[self.family][0]
+
+    def settings(self, evict: Optional[float] = None) -> dict[str, Any]:
+        """The nexusquant cache settings this method runs with (nexusquant and eviction kinds)."""
+        if self.kind == "nexusquant":
+            assert self.preset is not None
+            return resolve_settings(self.preset, **self.knobs).as_dict()
+        if self.kind == "evict":
+            if evict is None:
+                raise NexusQuantError(f"internal: {self.name} needs an eviction fraction")
+            return resolve_settings(
+                "balanced",
+                evict=evict,
+                demote=0.0,
+                key_bits=16,
+                value_bits=16,
+                sink_tokens=peers.PEER_SINKS[self.family],
+                recent_window=1,
+                pool_kernel=1,
+                center=False,
+                key_domain="post_rope",
+                scorer=self.family,
+            ).as_dict()
+        return {}
+
+    @contextlib.contextmanager
+    def open(self, model: torch.nn.Module, evict: Optional[float] = None) -> Iterator["MethodRun"]:
+        """Attach to ``model`` for the block; yields a :class:`MethodRun`."""
+        kind = self.kind
+        if kind in ("nexusquant", "evict"):
+            from ..evict import nexusquant_evict
+
+            if self.family == "expected-attention":
+                peers.attach_rotary(model)
+            settings = self.settings(evict)
+            with nexusquant_evict(model, **settings):
+                yield MethodRun(self, model, lambda: DynamicCache(config=model.config), settings)
+        elif kind == "baseline":
+            yield MethodRun(self, model, lambda: DynamicCache(config=model.config), {})
+        elif kind == "quantized-cache":
+            from transformers import QuantizedCache
+
+            why = backend_available(self.family)
+            if why is not None:
+                raise NexusQuantError(why)
+            # transformers' defaults: groups of 64 along head_dim, a 128-token full-precision residual.
+            desc = {"backend": self.family, "nbits": self.bits, "q_group_size": 64, "residual_length": 128, "axis_key": 0, "axis_value": 0}
+            yield MethodRun(self, model, lambda: QuantizedCache(self.family, model.config, nbits=self.bits), desc)
+        elif kind == "int":
+            assert self.bits is not None
+            bits = self.bits
+            yield MethodRun(self, model, lambda: peers.PerTokenIntCache(model.config, bits), {"bits": bits, "per": "token", "scale": "fp16 scale and minimum per vector"})
+        else:
+            raise NexusQuantError(f"internal: unknown method kind {kind!r}")
+
+
+@dataclass
+class MethodRun:
+    """A method attached to a model: ``new_cache()`` for each sequence, ``settings`` as run."""
+
+    method: Method
+    model: torch.nn.Module
+    _factory: Any
+    settings: dict
+
+    def new_cache(self):
+        return self._factory()
+
+
+def evict_for_ratio(prompt_tokens: int, ratio: float) -> float:
+    """Eviction fraction at which a 16-bit cache of ``prompt_tokens`` holds ``1/ratio`` of the
+    bytes: keep ``round(prompt_tokens / ratio)`` tokens (at least one)."""
+    kept = max(1, min(prompt_tokens, round(prompt_tokens / ratio)))
+    return 1.0 - kept / prompt_tokens
+
+
+def expand_methods(names: list[str] | tuple[str, ...], presets: list[str] | tuple[str, ...]) -> tuple[list[Method], list[str]]:
+    """Methods for the families or method names given (``"all"`` = every family), baseline first.
+
+    Returns ``(methods, notes)``; a quantized-cache backend that cannot run here is left out with a
+    note saying why. Raises NexusQuantError for an unknown name or preset.
+    """
+    for p in presets:
+        if p not in PRESETS:
+            raise NexusQuantError(f"unknown preset {p!r}: use some of {sorted(PRESETS)}")
+    wanted: list[str] = []
+    for n in names:
+        n = n.strip()
+        if not n:
+            continue
+        wanted.extend(ALL_METHODS if n == "all" else [n])
+    out: list[Method] = [Method("uncompressed", "baseline")]
+    notes: list[str] = []
+    seen: set[str] = {"uncompressed"}
+
+    def add(m: Method) -> None:
+        if m.name not in seen:
+            seen.add(m.name)
+            out.append(m)
+
+    for n in wanted:
+        family, bits = n, None
+        for fam in ("quanto", "hqq"):
+            if n in (f"{fam}-int2", f"{fam}-int4"):
+                family, bits = fam, int(n[-1])
+        if n in ("int2", "int4"):
+            family, bits = "int", int(n[-1])
+        if family == "baseline" or n == "uncompressed":
+            continue
+        if family not in FAMILIES:
+            raise NexusQuantError(
+                f"unknown method {n!r}: use 'all' or some of {', '.join(ALL_METHODS)} "
+                "(or int2, int4, quanto-int2, quanto-int4, hqq-int2, hqq-int4)"
+            )
+        kind = FAMILIES[family][1]
+        if family == "nexusquant":
+            for p in presets:
+                add(Method(f"nexusquant-{p}", family, preset=p))
+        elif family == "nexusquant-prerope":
+            for p in presets:
+                add(Method(f"nexusquant-{p}-prerope", family, preset=p, knobs={"key_domain": "pre_rope"}))
+        elif kind == "evict":
+            for p in presets:
+                add(Method(f"{family}@{p}", family, preset=p))
+        elif kind == "quantized-cache":
+            why = backend_available(family)
+            if why is not None:
+                if why not in notes:
+                    notes.append(why)
+                continue
+            for b in (bits,) if bits else (2, 4):
+                add(Method(f"{family}-int{b}", family, bits=b))
+        elif kind == "int":
+            for b in (bits,) if bits else (2, 4):
+                add(Method(f"int{b}", family, bits=b))
+    return out, notes
