@@ -541,12 +541,406 @@ fn e8_nearest<'py>(py: Python<'py>, x: PyReadonlyArrayDyn<'py, f32>) -> PyResult
     Ok(out)
 }
 
+// =============================================================================================
+// Entropy coding, the at-rest packer and the .nqkv container (delta.rs, entropy.rs, format.rs).
+// Registered by `register_format` from `_core`.
+// =============================================================================================
+
+use crate::entropy::{self as nq_entropy, Choice, Coder, Layout, PackOptions, PlaneCoding};
+use crate::format::{self as nq_format, ArrayRef, DType, NqkvReader, NqkvWriter};
+
+/// An optional transform from Python: True, False or "auto" (None: the default).
+fn choice_arg(v: Option<&Bound<'_, PyAny>>, default: Choice) -> PyResult<Choice> {
+    let Some(v) = v else { return Ok(default) };
+    if let Ok(b) = v.extract::<bool>() {
+        return Ok(if b { Choice::On } else { Choice::Off });
+    }
+    match v.extract::<String>().as_deref() {
+        Ok("auto") => Ok(Choice::Auto),
+        _ => Err(bad("token_delta, scale_delta and dedup_rows take True, False or \"auto\"")),
+    }
+}
+
+/// Pack one stream (the codes and scales of one (layer, KV head), one row per token) losslessly
+/// for storage. Omitted options take the measured default (byte planes, per-plane choice of
+/// raw / rANS / rANS per column, with or without a delta along tokens).
+///
+/// codes: uint8 (n, row_bytes); scales: uint16 (n,) fp16 bits; bits: 1–4;
+/// layout: "raw" | "planes" | "lattice"; coder: "auto" | "best" | "raw" | "zstd" | "rans",
+/// the last three optionally with the suffix "-columns" (one block per column);
+/// token_delta, scale_delta, dedup_rows: True, False or "auto". Returns bytes.
+#[pyfunction]
+#[pyo3(signature = (codes, scales, bits, layout=None, coder=None, token_delta=None, scale_delta=None, dedup_rows=None, zstd_level=None))]
+#[allow(clippy::too_many_arguments)]
+fn pack_codes<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArray2<'py, u8>,
+    scales: PyReadonlyArray1<'py, u16>,
+    bits: i64,
+    layout: Option<&str>,
+    coder: Option<&str>,
+    token_delta: Option<&Bound<'py, PyAny>>,
+    scale_delta: Option<&Bound<'py, PyAny>>,
+    dedup_rows: Option<&Bound<'py, PyAny>>,
+    zstd_level: Option<i32>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let d = PackOptions::default();
+    let opts = PackOptions {
+        layout: layout.map(Layout::from_name).transpose().map_err(to_py)?.unwrap_or(d.layout),
+        coding: coder.map(PlaneCoding::from_name).transpose().map_err(to_py)?.unwrap_or(d.coding),
+        token_delta: choice_arg(token_delta, d.token_delta)?,
+        scale_delta: choice_arg(scale_delta, d.scale_delta)?,
+        dedup_rows: choice_arg(dedup_rows, d.dedup_rows)?,
+        zstd_level: zstd_level.unwrap_or(d.zstd_level),
+    };
+    if !(1..=4).contains(&bits) {
+        return Err(bad(format!("bits must be 1, 2, 3 or 4, got {bits}")));
+    }
+    let [n, row_bytes] = [codes.shape()[0], codes.shape()[1]];
+    if scales.len() != n {
+        return Err(bad(format!("{n} code rows but {} scales", scales.len())));
+    }
+    let cs = codes.as_slice().map_err(|_| bad("codes must be C-contiguous"))?;
+    let ss = scales.as_slice().map_err(|_| bad("scales must be C-contiguous"))?;
+    let out = py
+        .detach(|| nq_entropy::pack_codes(cs, row_bytes, ss, bits as u8, &opts))
+        .map_err(to_py)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+/// Unpack bytes written by `pack_codes` → (codes uint8 (n, row_bytes), scales uint16 (n,)).
+/// max_bytes bounds the decoded codes + scales (default 4 GiB).
+#[pyfunction]
+#[pyo3(signature = (data, max_bytes=None))]
+fn unpack_codes<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    max_bytes: Option<usize>,
+) -> PyResult<(Bound<'py, PyArray2<u8>>, Bound<'py, PyArray1<u16>>)> {
+    let cap = max_bytes.unwrap_or(nq_entropy::DEFAULT_MAX_UNPACKED);
+    let u = py.detach(|| nq_entropy::unpack_codes(data, cap)).map_err(to_py)?;
+    let n = u.scales.len();
+    let codes = PyArray1::from_vec(py, u.codes).reshape([n, u.row_bytes])?;
+    Ok((codes, PyArray1::from_vec(py, u.scales)))
+}
+
+/// Header fields of a packed stream (checksum verified, nothing decoded):
+/// {"bits", "rows", "row_bytes", "layout"}.
+#[pyfunction]
+fn packed_info<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+    let i = nq_entropy::packed_info(data).map_err(to_py)?;
+    let d = pyo3::types::PyDict::new(py);
+    d.set_item("bits", i.bits)?;
+    d.set_item("rows", i.rows)?;
+    d.set_item("row_bytes", i.row_bytes)?;
+    d.set_item("layout", i.layout.name())?;
+    Ok(d)
+}
+
+/// Code a block of bytes with one coder: "raw", "zstd" or "rans". Returns bytes.
+#[pyfunction]
+#[pyo3(signature = (data, coder="rans", zstd_level=3))]
+fn entropy_encode<'py>(py: Python<'py>, data: &[u8], coder: &str, zstd_level: i32) -> PyResult<Bound<'py, PyBytes>> {
+    let c = Coder::from_name(coder).map_err(to_py)?;
+    let out = py.detach(|| nq_entropy::encode(c, data, zstd_level)).map_err(to_py)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+/// Decode a block made by `entropy_encode`; `length` is the decoded length (stored by the
+/// caller), `max_bytes` the most it will allocate (default: `length`).
+#[pyfunction]
+#[pyo3(signature = (data, coder, length, max_bytes=None))]
+fn entropy_decode<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    coder: &str,
+    length: usize,
+    max_bytes: Option<usize>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let c = Coder::from_name(coder).map_err(to_py)?;
+    let cap = max_bytes.unwrap_or(length);
+    let out = py.detach(|| nq_entropy::decode(c, data, length, cap)).map_err(to_py)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+fn kind_bytes(kind: &str) -> PyResult<[u8; 4]> {
+    let k: [u8; 4] = kind
+        .as_bytes()
+        .try_into()
+        .map_err(|_| bad(format!("section kind {kind:?} must be 4 ASCII capitals or digits")))?;
+    if !nq_format::is_valid_kind(&k) {
+        return Err(bad(format!("section kind {kind:?} must be 4 ASCII capitals or digits")));
+    }
+    Ok(k)
+}
+
+/// A section's payload as borrowed from Python: bytes, or named arrays (a directory).
+enum PayloadIn<'py> {
+    Bytes(Bound<'py, PyBytes>),
+    Arrays(Vec<(String, DType, Vec<u64>, ArrayBytes<'py>)>),
+}
+
+enum ArrayBytes<'py> {
+    Numpy(PyReadonlyArray1<'py, u8>),
+    Bytes(Bound<'py, PyBytes>),
+}
+
+impl ArrayBytes<'_> {
+    fn slice(&self) -> PyResult<&[u8]> {
+        match self {
+            ArrayBytes::Numpy(a) => a.as_slice().map_err(|_| bad("array is not contiguous")),
+            ArrayBytes::Bytes(b) => Ok(b.as_bytes()),
+        }
+    }
+}
+
+/// A numpy array (or bytes) as (dtype, shape, its bytes viewed as a flat uint8 array, no copy
+/// when it is already C-contiguous and little-endian).
+fn array_in<'py>(name: &str, v: &Bound<'py, PyAny>) -> PyResult<(DType, Vec<u64>, ArrayBytes<'py>)> {
+    let py = v.py();
+    if let Ok(b) = v.cast::<PyBytes>() {
+        return Ok((DType::Bytes, vec![b.as_bytes().len() as u64], ArrayBytes::Bytes(b.clone())));
+    }
+    let np = py.import("numpy")?;
+    if !v.is_instance(&np.getattr("ndarray")?)? {
+        return Err(bad(format!("array {name:?} must be a numpy array or bytes")));
+    }
+    let dt = v.getattr("dtype")?;
+    let dname: String = dt.getattr("name")?.extract()?;
+    let order: String = dt.getattr("byteorder")?.extract()?;
+    if order == ">" || (order == "=" && cfg!(target_endian = "big")) {
+        return Err(bad(format!("array {name:?} is big-endian; convert it with .astype('<...')")));
+    }
+    let dtype = DType::from_name(&dname).map_err(to_py)?;
+    if dtype == DType::Bytes || dtype == DType::BF16 {
+        return Err(bad(format!("array {name:?} has unsupported dtype {dname}")));
+    }
+    let shape: Vec<u64> = v.getattr("shape")?.extract::<Vec<u64>>()?;
+    let flat = np
+        .call_method1("ascontiguousarray", (v,))?
+        .call_method1("reshape", (-1,))?
+        .call_method1("view", ("uint8",))?;
+    let arr: PyReadonlyArray1<u8> = flat.extract().map_err(|_| bad(format!("array {name:?} cannot be viewed as bytes")))?;
+    Ok((dtype, shape, ArrayBytes::Numpy(arr)))
+}
+
+/// Write an .nqkv file atomically (temporary file in the same directory, fsync, rename, fsync of
+/// the directory). `sections`: a sequence of (kind, payload) or (kind, payload, coder) where kind
+/// is 4 ASCII capitals/digits ("META" first: UTF-8 JSON bytes; "TOKN": uint32 LE ids; "LAYR":
+/// per-layer arrays), payload is bytes or a dict {name: numpy array or bytes}, coder is "raw",
+/// "zstd" (the default) or "rans". Returns the file's size in bytes.
+#[pyfunction]
+#[pyo3(signature = (path, sections, coder="zstd", zstd_level=3))]
+fn write_nqkv<'py>(
+    py: Python<'py>,
+    path: std::path::PathBuf,
+    sections: Vec<Bound<'py, PyAny>>,
+    coder: &str,
+    zstd_level: i32,
+) -> PyResult<u64> {
+    let default_coder = Coder::from_name(coder).map_err(to_py)?;
+    let mut inputs: Vec<([u8; 4], Coder, PayloadIn<'py>)> = Vec::with_capacity(sections.len());
+    for s in &sections {
+        let t = s.cast::<pyo3::types::PyTuple>().map_err(|_| bad("each section must be a tuple (kind, payload[, coder])"))?;
+        if !(2..=3).contains(&t.len()) {
+            return Err(bad("each section must be a tuple (kind, payload[, coder])"));
+        }
+        let kind = kind_bytes(&t.get_item(0)?.extract::<String>()?)?;
+        let c = if t.len() == 3 { Coder::from_name(&t.get_item(2)?.extract::<String>()?).map_err(to_py)? } else { default_coder };
+        let p = t.get_item(1)?;
+        let payload = if let Ok(b) = p.cast::<PyBytes>() {
+            PayloadIn::Bytes(b.clone())
+        } else if let Ok(d) = p.cast::<pyo3::types::PyDict>() {
+            let mut arrays = Vec::with_capacity(d.len());
+            for (k, v) in d.iter() {
+                let name: String = k.extract().map_err(|_| bad("array names must be str"))?;
+                let (dtype, shape, bytes) = array_in(&name, &v)?;
+                arrays.push((name, dtype, shape, bytes));
+            }
+            PayloadIn::Arrays(arrays)
+        } else {
+            return Err(bad(format!("section {} payload must be bytes or a dict of arrays", String::from_utf8_lossy(&kind))));
+        };
+        inputs.push((kind, c, payload));
+    }
+    // Borrow every payload as plain slices, then do the coding and I/O without the GIL.
+    let mut plan: Vec<([u8; 4], Coder, Result<&[u8], Vec<ArrayRef<'_>>>)> = Vec::with_capacity(inputs.len());
+    for (kind, c, p) in &inputs {
+        let item = match p {
+            PayloadIn::Bytes(b) => Ok(b.as_bytes()),
+            PayloadIn::Arrays(a) => Err(a
+                .iter()
+                .map(|(name, dtype, shape, bytes)| {
+                    Ok(ArrayRef { name: name.clone(), dtype: *dtype, shape: shape.clone(), data: bytes.slice()? })
+                })
+                .collect::<PyResult<Vec<_>>>()?),
+        };
+        plan.push((*kind, *c, item));
+    }
+    py.detach(|| {
+        let mut w = NqkvWriter::create(&path, zstd_level)?;
+        for (kind, c, item) in &plan {
+            match item {
+                Ok(b) => w.add_section(*kind, *c, b)?,
+                Err(arrays) => w.add_section(*kind, *c, &nq_format::encode_arrays(arrays)?)?,
+            }
+        }
+        w.finish()
+    })
+    .map_err(to_py)
+}
+
+type FileReader = NqkvReader<std::io::BufReader<std::fs::File>>;
+
+/// Reads an .nqkv file section by section, verifying each checksum before the payload is used;
+/// only one section is held at a time. Iterating yields (kind, payload): payload is bytes, or for
+/// "LAYR" sections a dict {name: numpy array (bfloat16 as uint16) or bytes}. Usable as a context
+/// manager.
+#[pyclass(name = "NqkvReader", module = "nexusquant._core", frozen)]
+pub struct PyNqkvReader {
+    inner: std::sync::Mutex<Option<FileReader>>,
+    version: u16,
+    section_count: u32,
+}
+
+fn section_to_py<'py>(py: Python<'py>, s: nq_format::Section) -> PyResult<(String, Bound<'py, PyAny>)> {
+    let kind = s.kind();
+    if s.header.kind != nq_format::KIND_LAYER {
+        return Ok((kind, PyBytes::new(py, &s.payload).into_any()));
+    }
+    let arrays = nq_format::decode_arrays(&s.payload).map_err(to_py)?;
+    let d = pyo3::types::PyDict::new(py);
+    for a in arrays {
+        let v = if a.dtype == DType::Bytes {
+            PyBytes::new(py, a.data).into_any()
+        } else {
+            let np_dtype = if a.dtype == DType::BF16 { "uint16" } else { a.dtype.name() };
+            let shape = pyo3::types::PyTuple::new(py, a.shape.iter().map(|&x| x as usize))?;
+            PyArray1::from_slice(py, a.data)
+                .call_method1("view", (np_dtype,))?
+                .call_method1("reshape", (shape,))?
+        };
+        d.set_item(a.name, v)?;
+    }
+    Ok((kind, d.into_any()))
+}
+
+impl PyNqkvReader {
+    fn with_reader<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut FileReader) -> crate::Result<T> + Send,
+    ) -> PyResult<Option<T>> {
+        // try_lock: blocking here while holding the GIL could deadlock with a thread that holds
+        // the lock and waits for the GIL.
+        let mut guard = self.inner.try_lock().map_err(|_| bad("this NqkvReader is in use by another thread"))?;
+        let Some(r) = guard.as_mut() else { return Err(bad("this NqkvReader is closed")) };
+        py.detach(|| f(r)).map(Some).map_err(to_py)
+    }
+}
+
+#[pymethods]
+impl PyNqkvReader {
+    #[new]
+    #[pyo3(signature = (path, max_section_bytes=None))]
+    fn new(py: Python<'_>, path: std::path::PathBuf, max_section_bytes: Option<u64>) -> PyResult<Self> {
+        let cap = max_section_bytes.unwrap_or(nq_format::DEFAULT_MAX_SECTION_BYTES);
+        let r = py.detach(|| NqkvReader::open(&path, cap)).map_err(to_py)?;
+        let (version, section_count) = (r.header().version, r.header().section_count);
+        Ok(PyNqkvReader { inner: std::sync::Mutex::new(Some(r)), version, section_count })
+    }
+
+    /// Format version of the file.
+    #[getter]
+    fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// Number of sections in the file.
+    #[getter]
+    fn section_count(&self) -> u32 {
+        self.section_count
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<(String, Bound<'py, PyAny>)>> {
+        match self.with_reader(py, |r| r.next_section())?.flatten() {
+            Some(s) => Ok(Some(section_to_py(py, s)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Skip the next section (its checksum is still verified); returns its kind, or None at the end.
+    fn skip(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        Ok(self
+            .with_reader(py, |r| r.skip_section())?
+            .flatten()
+            .map(|h| String::from_utf8_lossy(&h.kind).into_owned()))
+    }
+
+    /// Close the file.
+    fn close(&self) -> PyResult<()> {
+        let mut g = self.inner.try_lock().map_err(|_| bad("this NqkvReader is in use by another thread"))?;
+        *g = None;
+        Ok(())
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
+        self.close()?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("NqkvReader(version={}, sections={})", self.version, self.section_count)
+    }
+}
+
+/// Read a whole .nqkv file: a list of (kind, payload) as `NqkvReader` yields them.
+#[pyfunction]
+#[pyo3(signature = (path, max_section_bytes=None))]
+fn read_nqkv<'py>(
+    py: Python<'py>,
+    path: std::path::PathBuf,
+    max_section_bytes: Option<u64>,
+) -> PyResult<Vec<(String, Bound<'py, PyAny>)>> {
+    let r = PyNqkvReader::new(py, path, max_section_bytes)?;
+    let mut out = Vec::new();
+    while let Some(s) = r.__next__(py)? {
+        out.push(s);
+    }
+    Ok(out)
+}
+
+fn register_format(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(pack_codes, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack_codes, m)?)?;
+    m.add_function(wrap_pyfunction!(packed_info, m)?)?;
+    m.add_function(wrap_pyfunction!(entropy_encode, m)?)?;
+    m.add_function(wrap_pyfunction!(entropy_decode, m)?)?;
+    m.add_function(wrap_pyfunction!(write_nqkv, m)?)?;
+    m.add_function(wrap_pyfunction!(read_nqkv, m)?)?;
+    m.add_class::<PyNqkvReader>()?;
+    m.add("NQKV_FORMAT_VERSION", nq_format::VERSION)?;
+    Ok(())
+}
+// ============================ end of the entropy / packer / .nqkv section ====================
+
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NexusQuantError", m.py().get_type::<NexusQuantError>())?;
     m.add_class::<PyE8Codec>()?;
     m.add_class::<PyE8Encoded>()?;
     m.add_function(wrap_pyfunction!(e8_nearest, m)?)?;
+    register_format(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
