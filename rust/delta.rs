@@ -13,8 +13,13 @@
 //! Why the row-wise form: deltas and their inverse run across a whole row at once, so the inner
 //! loop is a plain element-wise op over `row` bytes that LLVM vectorises (SSE2 on the baseline
 //! target). The prefix-sum inverse has a loop-carried dependency only along tokens, never inside a
-//! row, so it vectorises too. `benches/entropy.rs` measures both against memcpy and against the
-//! scalar references (`*_ref`) that the tests compare with.
+//! row, so it vectorises too: the release build turns all four delta loops into SSE2
+//! (psubb / paddb / xorps on 16-byte rows). `cargo bench --bench entropy` on the 2-bit codes of
+//! 90 real streams (rows of 16 bytes; one core, load average 6–11 on 2 shared cores): memcpy
+//! 5.6 GiB/s, `delta_sub` 2.9 GiB/s against 0.59 GiB/s for `delta_sub_ref`, `undelta_sub`
+//! 2.8 GiB/s against 0.32 GiB/s for `undelta_sub_ref`, `zigzag8` 11.9 GiB/s. No hand-written
+//! intrinsics: at 5–9× the scalar references and half of memcpy these are far from the
+//! packer's bottleneck (the entropy coder runs at 150–250 MB/s).
 
 use crate::e8p;
 use crate::error::{NqError, Result};
