@@ -265,23 +265,26 @@ impl E8Codec {
     ///     (scale bits, 1 / scale or 0 for a zero scale), or `InvalidData` when the scale overflows.
     #[inline(always)]
     pub(crate) fn scale_and_inverse(&self, sum: f32) -> Result<(u16, f32)> {
-        self.scale_with(sum, f16::from_f32)
+        self.scale_with(sum, |v| {
+            let h = f16::from_f32(v);
+            (h.to_bits(), h.to_f32())
+        })
     }
 
-    /// [`E8Codec::scale_and_inverse`] with the f32 → fp16 rounding passed in, so the SIMD loop can
-    /// use F16C's (the same round-to-nearest-even, without `half`'s feature check per call).
+    /// [`E8Codec::scale_and_inverse`] with the f32 → fp16 rounding (bits and value) passed in, so
+    /// the SIMD loop can use F16C's: the same round-to-nearest-even, without `half`'s feature
+    /// check and call per vector.
     #[inline(always)]
-    pub(crate) fn scale_with(&self, sum: f32, to_f16: impl Fn(f32) -> f16) -> Result<(u16, f32)> {
+    pub(crate) fn scale_with(&self, sum: f32, to_f16: impl Fn(f32) -> (u16, f32)) -> Result<(u16, f32)> {
         let rms = (sum / self.rot.padded_dim() as f32).sqrt();
-        let scale = to_f16(rms * self.scale_factor);
-        let s = scale.to_f32();
+        let (scale, s) = to_f16(rms * self.scale_factor);
         if !s.is_finite() {
             return Err(NqError::InvalidData(format!(
                 "a vector's RMS ({rms:e}) is beyond what an fp16 scale can hold"
             )));
         }
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-        Ok((scale.to_bits(), inv))
+        Ok((scale, inv))
     }
 
     /// 1 / the residual ratio: the second stage's input is (z − c₁) times this.

@@ -445,6 +445,121 @@ pub(crate) mod avx2 {
         [a0, a1, a2, a3, a4, a5, a6, a7]
     }
 
+    /// The best of two candidates (distance, index), `a` tried before `b`: `b` wins only if
+    /// strictly nearer, as in the reference's sequential `if d < best`. Its index is larger, so
+    /// the choice is a max with the masked index. Reducing the 18 candidates as a tree instead
+    /// of a chain gives the same winner (the first of the minimal distances) with a dependency
+    /// chain of 5 comparisons instead of 18.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn first_min(a: (__m256, __m256i), b: (__m256, __m256i)) -> (__m256, __m256i) {
+        let lt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(b.0, a.0));
+        (_mm256_min_ps(b.0, a.0), _mm256_max_epi32(a.1, _mm256_and_si256(lt, b.1)))
+    }
+
+    /// What one shift of [`encode16`] leaves for the rest.
+    struct ShiftPass {
+        /// Best distance and its index (type + 9 · shift) over the nine types.
+        best: (__m256, __m256i),
+        /// s0, s1, s2, s3 (the thresholds of the top 1–4) and s7 (the minimum).
+        order: [__m256; 5],
+        /// Sign bit set in lanes whose count of negative coordinates is odd.
+        odd: __m256,
+        /// All-ones in lanes with a tie at a boundary the search reads.
+        ties: __m256,
+    }
+
+    /// One shift of [`encode16`]: the order statistics, the top-k sums and the nine distances.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn shift_pass<const SI: usize>(y0: &[__m256; 8]) -> ShiftPass {
+        let zero = _mm256_setzero_ps();
+        let sh = _mm256_set1_ps(if SI == 0 { 0.25 } else { -0.25 });
+        let sign = _mm256_set1_ps(-0.0);
+        let mut u = [zero; 8];
+        let mut par = zero;
+        let mut sq = zero;
+        for c in 0..8 {
+            let y = _mm256_sub_ps(y0[c], sh);
+            u[c] = _mm256_andnot_ps(sign, y);
+            // y = y0 ∓ ¼ with y0 finite is never NaN and never −0 (x − y is −0 only for
+            // x = −0, y = +0), so its sign bit is exactly the reference's `y < 0.0`: the xor of
+            // the sign bits is the parity of the negative count.
+            par = _mm256_xor_ps(par, y);
+            // u · u = y · y exactly; the reference's 0.0 + first term is the first term.
+            let y2 = _mm256_mul_ps(y, y);
+            sq = if c == 0 { y2 } else { _mm256_add_ps(sq, y2) };
+        }
+        let s = sort8_desc(u);
+        let mut ties = zero;
+        for (a, b) in [(0, 1), (1, 2), (2, 3), (3, 4), (6, 7)] {
+            ties = _mm256_or_ps(ties, _mm256_cmp_ps::<_CMP_EQ_OQ>(s[a], s[b]));
+        }
+        // The top-1 and top-2 sums have one and two nonzero terms: s0, and s0 + s1 in either
+        // order (addition commutes), whatever the ties.
+        let top0 = s[0];
+        let top1 = _mm256_add_ps(s[0], s[1]);
+        let mut top2 = zero;
+        let mut top3 = zero;
+        let mut top4 = u[0];
+        for c in 0..8 {
+            let t2 = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(u[c], s[2]), u[c]);
+            let t3 = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(u[c], s[3]), u[c]);
+            top2 = if c == 0 { t2 } else { _mm256_add_ps(top2, t2) };
+            top3 = if c == 0 { t3 } else { _mm256_add_ps(top3, t3) };
+            if c > 0 {
+                top4 = _mm256_add_ps(top4, u[c]);
+            }
+        }
+        let s_of = |k: u32| -> Option<__m256> {
+            match k {
+                0 => None,
+                1 => Some(top0),
+                2 => Some(top1),
+                3 => Some(top2),
+                4 => Some(top3),
+                _ => Some(top4),
+            }
+        };
+        let half = _mm256_mul_ps(_mm256_set1_ps(0.5), top4);
+        // mismatch · 4 · umin · amin: 4 · umin is exact, then one rounding by amin; +0.0 where
+        // the parity is right (the reference adds 0 · … = +0.0 there).
+        let fu = _mm256_mul_ps(_mm256_set1_ps(4.0), s[7]);
+        let mut cand = [(zero, _mm256_setzero_si256()); 9];
+        for (ti, tc) in TYPES.iter().enumerate() {
+            let mut dot = half;
+            if let Some(s) = s_of(tc.n_big) {
+                dot = _mm256_add_ps(dot, s);
+            }
+            if let Some(s) = s_of(tc.n5) {
+                dot = _mm256_add_ps(dot, s);
+            }
+            let pen = _mm256_mul_ps(fu, _mm256_set1_ps(tc.amin));
+            // blendv reads only the sign bit: the parity.
+            let pen = if tc.parity == 0 {
+                _mm256_blendv_ps(zero, pen, par)
+            } else {
+                _mm256_blendv_ps(pen, zero, par)
+            };
+            let d = _mm256_add_ps(
+                _mm256_sub_ps(
+                    _mm256_add_ps(sq, _mm256_set1_ps(tc.norm2)),
+                    _mm256_mul_ps(_mm256_set1_ps(2.0), dot),
+                ),
+                pen,
+            );
+            cand[ti] = (d, _mm256_set1_epi32((ti + 9 * SI) as i32));
+        }
+        let m01 = first_min(cand[0], cand[1]);
+        let m23 = first_min(cand[2], cand[3]);
+        let m45 = first_min(cand[4], cand[5]);
+        let m67 = first_min(cand[6], cand[7]);
+        let m03 = first_min(m01, m23);
+        let m47 = first_min(m45, m67);
+        let best = first_min(first_min(m03, m47), cand[8]);
+        ShiftPass { best, order: [s[0], s[1], s[2], s[3], s[7]], odd: par, ties }
+    }
+
     /// Nearest E8P16 codes of eight groups: [`super::encode16_lanes`] with `L = 8`.
     ///
     /// The reference ranks the magnitudes with 28 pairwise comparisons and sums the top k in
@@ -458,99 +573,26 @@ pub(crate) mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2")]
     pub(crate) unsafe fn encode16(t: &E8P16Tables, y0: &[__m256; 8]) -> [u16; 8] {
+        match encode16_sorted(t, y0) {
+            Some(codes) => codes,
+            None => encode16_ranked(t, y0),
+        }
+    }
+
+    /// [`encode16`] by order statistics, or `None` where a lane has a tie it cannot resolve.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn encode16_sorted(t: &E8P16Tables, y0: &[__m256; 8]) -> Option<[u16; 8]> {
         let zero = _mm256_setzero_ps();
         let sign = _mm256_set1_ps(-0.0);
-        let mut best = _mm256_set1_ps(f32::INFINITY);
-        // Index of the best (shift, type) pair, type + 9 · shift. The pairs are tried in
-        // increasing index, so "take the new index where d < best" is a max with the masked index.
-        let mut best_i = _mm256_setzero_si256();
-        let mut ties = zero;
-        // Per shift: s0, s1, s2, s3 (the thresholds of the top 1–4) and s7 (the minimum).
-        let mut order = [[zero; 5]; 2];
-        // Per shift: sign bit set in lanes whose count of negative coordinates is odd.
-        let mut odd = [zero; 2];
-        for (si, shift) in [0.25f32, -0.25].into_iter().enumerate() {
-            let sh = _mm256_set1_ps(shift);
-            let mut u = [zero; 8];
-            let mut par = zero;
-            let mut sq = zero;
-            for c in 0..8 {
-                let y = _mm256_sub_ps(y0[c], sh);
-                u[c] = _mm256_andnot_ps(sign, y);
-                // y = y0 ∓ ¼ with y0 finite is never NaN and never −0 (x − y is −0 only for
-                // x = −0, y = +0), so its sign bit is exactly the reference's `y < 0.0`: the xor of
-                // the sign bits is the parity of the negative count.
-                par = _mm256_xor_ps(par, y);
-                // u · u = y · y exactly; the reference's 0.0 + first term is the first term.
-                let y2 = _mm256_mul_ps(y, y);
-                sq = if c == 0 { y2 } else { _mm256_add_ps(sq, y2) };
-            }
-            let s = sort8_desc(u);
-            for (a, b) in [(0, 1), (1, 2), (2, 3), (3, 4), (6, 7)] {
-                ties = _mm256_or_ps(ties, _mm256_cmp_ps::<_CMP_EQ_OQ>(s[a], s[b]));
-            }
-            // The top-1 and top-2 sums have one and two nonzero terms: s0, and s0 + s1 in either
-            // order (addition commutes), whatever the ties.
-            let top0 = s[0];
-            let top1 = _mm256_add_ps(s[0], s[1]);
-            let mut top2 = zero;
-            let mut top3 = zero;
-            let mut top4 = u[0];
-            for c in 0..8 {
-                let t2 = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(u[c], s[2]), u[c]);
-                let t3 = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(u[c], s[3]), u[c]);
-                top2 = if c == 0 { t2 } else { _mm256_add_ps(top2, t2) };
-                top3 = if c == 0 { t3 } else { _mm256_add_ps(top3, t3) };
-                if c > 0 {
-                    top4 = _mm256_add_ps(top4, u[c]);
-                }
-            }
-            let s_of = |k: u32| -> Option<__m256> {
-                match k {
-                    0 => None,
-                    1 => Some(top0),
-                    2 => Some(top1),
-                    3 => Some(top2),
-                    4 => Some(top3),
-                    _ => Some(top4),
-                }
-            };
-            let umin = s[7];
-            let half = _mm256_mul_ps(_mm256_set1_ps(0.5), top4);
-            // mismatch · 4 · umin · amin: 4 · umin is exact, then one rounding by amin; +0.0
-            // where the parity is right (the reference adds 0 · … = +0.0 there).
-            let fu = _mm256_mul_ps(_mm256_set1_ps(4.0), umin);
-            for (ti, tc) in TYPES.iter().enumerate() {
-                let mut dot = half;
-                if let Some(s) = s_of(tc.n_big) {
-                    dot = _mm256_add_ps(dot, s);
-                }
-                if let Some(s) = s_of(tc.n5) {
-                    dot = _mm256_add_ps(dot, s);
-                }
-                let pen = _mm256_mul_ps(fu, _mm256_set1_ps(tc.amin));
-                // blendv reads only the sign bit: the parity.
-                let pen = if tc.parity == 0 {
-                    _mm256_blendv_ps(zero, pen, par)
-                } else {
-                    _mm256_blendv_ps(pen, zero, par)
-                };
-                let d = _mm256_add_ps(
-                    _mm256_sub_ps(
-                        _mm256_add_ps(sq, _mm256_set1_ps(tc.norm2)),
-                        _mm256_mul_ps(_mm256_set1_ps(2.0), dot),
-                    ),
-                    pen,
-                );
-                let lt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(d, best));
-                best = _mm256_min_ps(d, best);
-                best_i = _mm256_max_epi32(best_i, _mm256_and_si256(lt, _mm256_set1_epi32((ti + 9 * si) as i32)));
-            }
-            order[si] = [s[0], s[1], s[2], s[3], s[7]];
-            odd[si] = par;
-        }
+        let p0 = shift_pass::<0>(y0);
+        let p1 = shift_pass::<1>(y0);
+        let ties = _mm256_or_ps(p0.ties, p1.ties);
+        let best_i = first_min(p0.best, p1.best).1;
+        let order = [p0.order, p1.order];
+        let odd = [p0.odd, p1.odd];
         if _mm256_movemask_ps(ties) != 0 {
-            return encode16_ranked(t, y0);
+            return None;
         }
         let s1 = _mm256_cmpgt_epi32(best_i, _mm256_set1_epi32(8));
         let s1f = _mm256_castsi256_ps(s1);
@@ -622,7 +664,7 @@ pub(crate) mod avx2 {
             debug_assert!(idx != u16::MAX);
             out[l] = idx | his[l] as u16;
         }
-        out
+        Some(out)
     }
 
     /// [`encode16`] by ranks, the transcription of [`super::encode16_lanes`]: exact with ties.
@@ -775,49 +817,74 @@ pub(crate) mod avx2 {
     }
 
     /// Nearest E8P8 codes of eight groups: [`super::encode8_lanes`] with `L = 8`.
+    ///
+    /// Per shift only what decides between the shifts is computed: the distance (same terms,
+    /// same order) and the minimum magnitude. The signs and the coordinate the parity fix flips
+    /// (the reference's first strict minimum: the lowest coordinate equal to the minimum) are
+    /// found once, for the chosen shift.
     #[inline]
     #[target_feature(enable = "avx2")]
     pub(crate) unsafe fn encode8(y0: &[__m256; 8]) -> [u8; 8] {
         let zero = _mm256_setzero_ps();
         let sign = _mm256_set1_ps(-0.0);
         let half = _mm256_set1_ps(0.5);
-        let mut best = _mm256_set1_ps(f32::INFINITY);
-        let mut best_code = _mm256_setzero_si256();
+        let mut best = zero;
+        let mut umins = [zero; 2];
+        let mut pars = [zero; 2];
+        let mut s1 = zero;
         for (si, shift) in [0.25f32, -0.25].into_iter().enumerate() {
             let sh = _mm256_set1_ps(shift);
-            let mut negs = _mm256_setzero_si256();
-            let mut od = _mm256_setzero_si256();
+            let mut par = zero;
             let mut d = zero;
-            let mut umin = _mm256_set1_ps(f32::INFINITY);
-            let mut argmin = _mm256_setzero_si256();
+            let mut umin = zero;
             for c in 0..8 {
                 let y = _mm256_sub_ps(y0[c], sh);
                 let u = _mm256_andnot_ps(sign, y);
-                let neg = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(y, zero));
-                negs = _mm256_or_si256(negs, _mm256_and_si256(neg, _mm256_set1_epi32(bit(c))));
-                od = _mm256_xor_si256(od, neg);
+                // Sign bit = `y < 0.0` (y is never NaN or −0, see `encode16`).
+                par = _mm256_xor_ps(par, y);
                 let e = _mm256_sub_ps(u, half);
                 let e2 = _mm256_mul_ps(e, e);
                 d = if c == 0 { e2 } else { _mm256_add_ps(d, e2) };
-                let smaller = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(u, umin));
-                umin = _mm256_min_ps(u, umin);
-                argmin = _mm256_blendv_epi8(argmin, _mm256_set1_epi32(c as i32), smaller);
+                umin = if c == 0 { u } else { _mm256_min_ps(u, umin) };
             }
             // mismatch · 2 · umin: exact, and +0.0 where the parity is right.
-            let pen = _mm256_and_ps(_mm256_castsi256_ps(od), _mm256_add_ps(umin, umin));
-            let dist = _mm256_add_ps(d, pen);
-            let lt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(dist, best));
-            best = _mm256_min_ps(dist, best);
-            let fix = _mm256_and_si256(od, _mm256_sllv_epi32(_mm256_set1_epi32(1), argmin));
-            let code = _mm256_or_si256(
-                _mm256_and_si256(_mm256_xor_si256(negs, fix), _mm256_set1_epi32(0x7F)),
-                _mm256_set1_epi32((si as i32) << 7),
-            );
-            best_code = _mm256_blendv_epi8(best_code, code, lt);
+            let dist = _mm256_add_ps(d, _mm256_blendv_ps(zero, _mm256_add_ps(umin, umin), par));
+            if si == 0 {
+                best = dist;
+            } else {
+                s1 = _mm256_cmp_ps::<_CMP_LT_OQ>(dist, best);
+            }
+            umins[si] = umin;
+            pars[si] = par;
         }
-        let mut out = [0u32; 8];
-        _mm256_storeu_si256(out.as_mut_ptr().cast(), best_code);
-        out.map(|v| v as u8)
+        let sh = _mm256_blendv_ps(_mm256_set1_ps(0.25), _mm256_set1_ps(-0.25), s1);
+        let umin = _mm256_blendv_ps(umins[0], umins[1], s1);
+        let mut negs = _mm256_setzero_si256();
+        let mut at_min = _mm256_setzero_si256();
+        for c in 0..8 {
+            let y = _mm256_sub_ps(y0[c], sh);
+            let u = _mm256_andnot_ps(sign, y);
+            let b = _mm256_set1_epi32(bit(c));
+            let m = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_EQ_OQ>(u, umin));
+            at_min = _mm256_or_si256(at_min, _mm256_and_si256(m, b));
+            if c < 7 {
+                let neg = _mm256_srai_epi32::<31>(_mm256_castps_si256(y));
+                negs = _mm256_or_si256(negs, _mm256_and_si256(neg, b));
+            }
+        }
+        // Lowest set bit: the first coordinate at the minimum; flipped where the parity is odd.
+        let first = _mm256_and_si256(at_min, _mm256_sub_epi32(_mm256_setzero_si256(), at_min));
+        let odd = _mm256_srai_epi32::<31>(_mm256_castps_si256(_mm256_blendv_ps(pars[0], pars[1], s1)));
+        let code = _mm256_or_si256(
+            _mm256_and_si256(_mm256_xor_si256(negs, _mm256_and_si256(odd, first)), _mm256_set1_epi32(0x7F)),
+            _mm256_and_si256(_mm256_castps_si256(s1), _mm256_set1_epi32(0x80)),
+        );
+        // Lanes to bytes: 32 → 16 bits within each half, 16 → 8, then one dword per half.
+        let w = _mm256_packus_epi32(code, code);
+        let b = _mm256_packus_epi16(w, w);
+        let lo = _mm256_extract_epi32::<0>(b) as u32 as u64;
+        let hi = _mm256_extract_epi32::<4>(b) as u32 as u64;
+        (lo | hi << 32).to_le_bytes()
     }
 }
 
@@ -913,28 +980,94 @@ mod tests {
             // Exact codewords, the most tied inputs there are.
             let cw: Vec<f32> = codes.iter().flat_map(|&c| decode16(c)).collect();
             check_avx2(&cw)?;
+            // Distinct magnitudes: the order-statistics path must take them (it is the fast one).
+            let took = check_avx2(&v)?;
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                let mut u: Vec<f32> = v.iter().flat_map(|&x| [(x - 0.25).abs(), (x + 0.25).abs()]).collect();
+                u.sort_by(f32::total_cmp);
+                if u.windows(2).all(|w| w[0] != w[1]) {
+                    prop_assert!(took, "distinct magnitudes fell back to the ranked search");
+                }
+            }
         }
     }
 
-    /// The AVX2 kernels on eight groups (`g`: 64 floats, group-major) against the scalar reference.
-    fn check_avx2(g: &[f32]) -> Result<(), TestCaseError> {
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        #[test]
+        fn avx2_equals_scalar_with_ties_at_each_boundary(
+            mags in proptest::collection::vec(0.3f32..2.2, 64),
+            at in prop::sample::select(vec![0usize, 1, 2, 3, 6]),
+            perm in proptest::collection::vec(any::<u64>(), 8),
+            negs in proptest::collection::vec(any::<u8>(), 8),
+            shift in proptest::collection::vec(any::<bool>(), 8),
+        ) {
+            // Each lane: eight magnitudes, sorted, with the (k+1)-th made equal to the k-th (the
+            // boundaries the order-statistics search reads), shuffled, signed and shifted so one
+            // of the two shifts sees exactly these magnitudes. One boundary for all eight lanes:
+            // a tie at any boundary it checks sends the whole block to the ranked search, so
+            // mixed boundaries would hide a boundary it fails to check.
+            let mut g = vec![0f32; 64];
+            for l in 0..8 {
+                let mut m: Vec<f32> = mags[l * 8..l * 8 + 8].to_vec();
+                m.sort_by(|a, b| b.total_cmp(a));
+                m[at + 1] = m[at];
+                let mut idx: Vec<usize> = (0..8).collect();
+                let mut r = perm[l];
+                for i in (1..8).rev() {
+                    idx.swap(i, (r % (i as u64 + 1)) as usize);
+                    r /= 8;
+                }
+                let sh = if shift[l] { 0.25 } else { -0.25 };
+                // Opposite signs on the tied pair, so the other shift (magnitudes |±v ± ½|) does
+                // not tie too: a block whose every lane ties only where the shift under test
+                // does is what exposes an unchecked boundary.
+                let pa = idx.iter().position(|&i| i == at).unwrap();
+                let pb = idx.iter().position(|&i| i == at + 1).unwrap();
+                let mut sbits = negs[l] & !(1 << pb);
+                sbits |= (((sbits >> pa) & 1) ^ 1) << pb;
+                for c in 0..8 {
+                    let v = m[idx[c]];
+                    g[l * 8 + c] = if (sbits >> c) & 1 == 1 { -v } else { v } + sh;
+                }
+            }
+            check_avx2(&g)?;
+        }
+    }
+
+    /// The AVX2 kernels on eight groups (`g`: 64 floats, group-major) against the scalar
+    /// reference: the dispatching `encode16`, both of its paths on their own, and `encode8`.
+    /// Returns whether the order-statistics path took the block (no unresolvable tie).
+    fn check_avx2(g: &[f32]) -> Result<bool, TestCaseError> {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
             use std::arch::x86_64::*;
             let t = tables();
             // SAFETY: AVX2 is present (checked above).
-            let (c16, c8) = unsafe {
+            let (c16, sorted, ranked, c8) = unsafe {
                 let rows: [__m256; 8] = std::array::from_fn(|l| _mm256_loadu_ps(g[l * 8..].as_ptr()));
                 let soa = avx2::transpose8(&rows);
-                (avx2::encode16(t, &soa), avx2::encode8(&soa))
+                (
+                    avx2::encode16(t, &soa),
+                    avx2::encode16_sorted(t, &soa),
+                    avx2::encode16_ranked(t, &soa),
+                    avx2::encode8(&soa),
+                )
             };
             for l in 0..8 {
                 let grp: [f32; 8] = g[l * 8..l * 8 + 8].try_into().unwrap();
-                prop_assert_eq!(c16[l], encode16(&grp), "lane {} of {:?}", l, grp);
+                let want = encode16(&grp);
+                prop_assert_eq!(c16[l], want, "lane {} of {:?}", l, grp);
+                prop_assert_eq!(ranked[l], want, "ranked, lane {} of {:?}", l, grp);
+                if let Some(s) = sorted {
+                    prop_assert_eq!(s[l], want, "sorted, lane {} of {:?}", l, grp);
+                }
                 prop_assert_eq!(c8[l], encode8(&grp), "lane {} of {:?}", l, grp);
             }
+            return Ok(sorted.is_some());
         }
-        Ok(())
+        Ok(false)
     }
 
     #[test]
@@ -953,6 +1086,20 @@ mod tests {
         for code in 0..=255u8 {
             assert_eq!(decode8_with(t, code), decode8(code));
         }
+    }
+
+    #[test]
+    fn avx2_equals_scalar_on_a_top_tie() {
+        // The two largest magnitudes tie (2.0855 after the +¼ shift) and the best type, (1,1),
+        // gives only one of them the 5⁄2: the reference takes the lower index.
+        let lane = [2.3355403f32, 2.3355403, 1.2643219, -0.6593215, 1.1479894, -0.63600844, -0.48799145, 0.69615555];
+        let mut g = Vec::new();
+        for l in 0..8 {
+            let mut v = lane;
+            v.rotate_left(l);
+            g.extend_from_slice(&v);
+        }
+        check_avx2(&g).unwrap();
     }
 
     #[test]

@@ -207,11 +207,12 @@ mod avx2 {
         ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
     }
 
-    /// The fp16 bits of `v` rounded to nearest even (F16C, as `half` does on such a CPU).
+    /// `v` rounded to fp16, nearest even (F16C, as `half` does on such a CPU): bits and value.
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn f16_bits(v: f32) -> u16 {
-        _mm_extract_epi16::<0>(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(v))) as u16
+    unsafe fn round_f16(v: f32) -> (u16, f32) {
+        let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(v));
+        (_mm_extract_epi16::<0>(h) as u16, _mm_cvtss_f32(_mm_cvtph_ps(h)))
     }
 
     /// Load a row into `y` with the rotation's signs, zero padding and the first pass's
@@ -247,11 +248,16 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
     unsafe fn scale_of<T: Element>(c: &E8Codec, xr: &[T], sum: f32) -> Option<Result<(u16, f32)>> {
-        if !sum.is_finite() && !xr.iter().all(|v| v.is_finite()) {
+        if !sum.is_finite() && !all_finite(xr) {
             return None;
         }
         // SAFETY: F16C is enabled in this function, and so in its closures.
-        Some(c.scale_with(sum, |v| f16::from_bits(unsafe { f16_bits(v) })))
+        Some(c.scale_with(sum, |v| unsafe { round_f16(v) }))
+    }
+
+    #[cold]
+    fn all_finite<T: Element>(xr: &[T]) -> bool {
+        xr.iter().all(|v| v.is_finite())
     }
 
     /// Rotate one row into `y` (any rotation, in memory) and compute its scale.
@@ -295,38 +301,53 @@ mod avx2 {
         scale_of(c, xr, reduce8(acc))
     }
 
-    /// Encode the groups of one rotated row `y`, each multiplied by `inv` first (`encode_vector`
-    /// scales the whole row first; the products are the same).
+    /// Eight groups from `b` on of a rotated row, times `inv` (`encode_vector` scales the whole
+    /// row first; the products are the same), transposed to coordinate-major. Missing groups of
+    /// the last block are zeros, as in the reference's padding.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load_block(y: &[f32], b: usize, lanes: usize, inv: __m256) -> ([__m256; 8], [__m256; 8]) {
+        let mut z = [_mm256_setzero_ps(); 8];
+        for (l, zl) in z[..lanes].iter_mut().enumerate() {
+            *zl = _mm256_mul_ps(_mm256_loadu_ps(y.as_ptr().add(8 * (b + l))), inv);
+        }
+        (z, e8p::transpose8(&z))
+    }
+
+    /// Encode the groups of one rotated row `y` with scale reciprocal `inv`.
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn encode_groups(c: &E8Codec, t: &E8P16Tables, y: &[f32], inv: f32, codes: &mut [u8]) {
         let g = y.len() / 8;
         let invv = _mm256_set1_ps(inv);
-        let inv_r = _mm256_set1_ps(c.inv_residual_ratio());
         let bits = c.bits();
         for b in (0..g).step_by(8) {
             let lanes = (g - b).min(8);
-            // Missing groups of the last block are zeros, as in the reference's padding.
-            let mut z = [_mm256_setzero_ps(); 8];
-            for (l, zl) in z[..lanes].iter_mut().enumerate() {
-                *zl = _mm256_mul_ps(_mm256_loadu_ps(y.as_ptr().add(8 * (b + l))), invv);
-            }
-            let soa = e8p::transpose8(&z);
+            let (_, soa) = load_block(y, b, lanes, invv);
             if bits == 1 {
                 let c8 = e8p::encode8(&soa);
                 codes[b..b + lanes].copy_from_slice(&c8[..lanes]);
-                continue;
+            } else {
+                let c16 = e8p::encode16(t, &soa);
+                for l in 0..lanes {
+                    codes[2 * (b + l)..2 * (b + l) + 2].copy_from_slice(&c16[l].to_le_bytes());
+                }
             }
-            let c16 = e8p::encode16(t, &soa);
-            for l in 0..lanes {
-                codes[2 * (b + l)..2 * (b + l) + 2].copy_from_slice(&c16[l].to_le_bytes());
-            }
-            if bits == 2 {
-                continue;
-            }
+        }
+        if bits <= 2 {
+            return;
+        }
+        // The residual stage in a second sweep: a block's residual waits on its first-stage codes
+        // (search, table lookups, decode), and with the sweeps apart the next block's first-stage
+        // search runs meanwhile instead of after.
+        let inv_r = _mm256_set1_ps(c.inv_residual_ratio());
+        for b in (0..g).step_by(8) {
+            let lanes = (g - b).min(8);
+            let (z, _) = load_block(y, b, lanes, invv);
             let mut r = [_mm256_setzero_ps(); 8];
             for l in 0..lanes {
-                r[l] = _mm256_mul_ps(_mm256_sub_ps(z[l], e8p::decode16(t, c16[l])), inv_r);
+                let code = u16::from_le_bytes([codes[2 * (b + l)], codes[2 * (b + l) + 1]]);
+                r[l] = _mm256_mul_ps(_mm256_sub_ps(z[l], e8p::decode16(t, code)), inv_r);
             }
             let soa = e8p::transpose8(&r);
             if bits == 3 {
@@ -439,7 +460,7 @@ mod avx2 {
         let mut y = vec![0f32; p];
         let full = d / 8 * 8;
         for ((cr, &s), or) in codes.chunks_exact(cb).zip(scales).zip(out.chunks_exact_mut(d)) {
-            let sv = _mm256_set1_ps(f16::from_bits(s).to_f32());
+            let sv = _mm256_cvtph_ps(_mm_set1_epi16(s as i16));
             // The inverse applies the passes last first; that pass's in-register stages run on
             // each codeword as it is formed.
             for gi in 0..g {
@@ -483,7 +504,7 @@ mod avx2 {
         let sign_bits = c.rotation().sign_bits();
         let r = _mm256_set1_ps(c.residual_ratio());
         for ((cr, &s), or) in codes.chunks_exact(cb).zip(scales).zip(out.chunks_exact_mut(8 * R)) {
-            let sv = _mm256_set1_ps(f16::from_bits(s).to_f32());
+            let sv = _mm256_cvtph_ps(_mm_set1_epi16(s as i16));
             let mut v = [_mm256_setzero_ps(); R];
             for (gi, vg) in v.iter_mut().enumerate() {
                 *vg = had::fwht8(group::<BITS>(t, cr, R, gi, sv, r));
