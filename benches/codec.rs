@@ -2,8 +2,10 @@
 //!
 //! The block is Llama-3-8B-shaped: 8 KV heads × 4096 tokens × head_dim 128, fp16 (8 MiB). Every
 //! figure is bytes of that fp16 block per second: encode reads it, decode writes it, memcpy copies
-//! it. Run: `cargo bench --bench codec` (criterion prints each throughput; the ratio to memcpy is
-//! what `benches/report_codec.py` tabulates for the README).
+//! it, and the Hadamard rows rotate (or unrotate) the same 4M values held as f32, counted at 2
+//! bytes each so that they read on the same scale. Run: `cargo bench --bench codec` (criterion
+//! prints each throughput; `python benches/report_codec.py` runs it and tabulates the ratios to
+//! memcpy for the README).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
@@ -54,6 +56,26 @@ fn bench(c: &mut Criterion) {
             b.iter(|| codec.decode_into(black_box(&codes), &scales, &mut out).unwrap())
         });
     }
+
+    // The rotation alone, row by row through the public API (what `rotate`/`unrotate` cost).
+    let rot = E8Codec::new(HEAD_DIM, 2, 0).unwrap().rotation().clone();
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let mut yf = vec![0f32; xf.len()];
+    g.bench_function("hadamard_forward", |b| {
+        b.iter(|| {
+            for (xr, yr) in black_box(&xf).chunks_exact(HEAD_DIM).zip(yf.chunks_exact_mut(HEAD_DIM)) {
+                rot.forward(xr, yr);
+            }
+        })
+    });
+    let mut back = vec![0f32; xf.len()];
+    g.bench_function("hadamard_inverse", |b| {
+        b.iter(|| {
+            for (yr, br) in yf.chunks_exact_mut(HEAD_DIM).zip(back.chunks_exact_mut(HEAD_DIM)) {
+                rot.inverse(black_box(yr), br);
+            }
+        })
+    });
     g.finish();
 }
 

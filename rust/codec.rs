@@ -296,7 +296,7 @@ impl E8Codec {
     /// Encode one vector: returns its fp16 scale bits. `y` is scratch of `padded_dim` floats.
     #[inline(always)]
     pub(crate) fn encode_vector(&self, x: &[f32], y: &mut [f32], codes: &mut [u8]) -> Result<u16> {
-        self.rot.forward(x, y);
+        self.rot.forward_portable(x, y);
         let (scale, inv) = self.scale_and_inverse(sum_sq(y))?;
         for v in y.iter_mut() {
             *v *= inv;

@@ -201,8 +201,20 @@ impl Hadamard {
     /// Args:
     ///     x: `dim()` values.
     ///     out: `padded_dim()` values, overwritten.
-    #[inline(always)]
+    #[inline]
     pub fn forward(&self, x: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: the CPU supports AVX2 (checked above).
+            return unsafe { avx2::forward(self, x, out) };
+        }
+        self.forward_portable(x, out)
+    }
+
+    /// [`Hadamard::forward`] without SIMD dispatch, for the codec's portable loops (the reference
+    /// the SIMD loops are tested against).
+    #[inline(always)]
+    pub(crate) fn forward_portable(&self, x: &[f32], out: &mut [f32]) {
         debug_assert_eq!(x.len(), self.dim);
         debug_assert_eq!(out.len(), self.padded);
         for ((o, &v), &b) in out.iter_mut().zip(x).zip(&self.sign_bits) {
@@ -223,8 +235,19 @@ impl Hadamard {
     /// Args:
     ///     y: `padded_dim()` rotated values; used as scratch.
     ///     out: `dim()` values, overwritten.
-    #[inline(always)]
+    #[inline]
     pub fn inverse(&self, y: &mut [f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: the CPU supports AVX2 (checked above).
+            return unsafe { avx2::inverse(self, y, out) };
+        }
+        self.inverse_portable(y, out)
+    }
+
+    /// [`Hadamard::inverse`] without SIMD dispatch.
+    #[inline(always)]
+    pub(crate) fn inverse_portable(&self, y: &mut [f32], out: &mut [f32]) {
         debug_assert_eq!(y.len(), self.padded);
         for pass in self.passes.iter().rev() {
             for &(off, n) in pass {
@@ -348,6 +371,70 @@ pub(crate) mod avx2 {
         }
         fwht_cross(x);
     }
+
+    /// Whether this CPU runs these kernels.
+    #[inline]
+    pub(crate) fn available() -> bool {
+        std::is_x86_feature_detected!("avx2")
+    }
+
+    /// [`Hadamard::forward`](super::Hadamard::forward): the signs and the first pass's
+    /// in-register stages as the row is loaded, then the rest in memory.
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn forward(h: &super::Hadamard, x: &[f32], out: &mut [f32]) {
+        let d = h.dim();
+        assert!(x.len() == d && out.len() == h.padded_dim());
+        let bits = h.sign_bits();
+        let full = d / 8 * 8;
+        for i in (0..full).step_by(8) {
+            let s = _mm256_loadu_ps(bits.as_ptr().add(i).cast());
+            let v = _mm256_xor_ps(_mm256_loadu_ps(x.as_ptr().add(i)), s);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), fwht8(v));
+        }
+        let mut next = full;
+        if full < d {
+            // The padding stays +0.0: it gets no sign.
+            let mut tail = [0f32; 8];
+            for (k, t) in tail[..d - full].iter_mut().enumerate() {
+                *t = super::flip(x[full + k], bits[full + k]);
+            }
+            _mm256_storeu_ps(out.as_mut_ptr().add(full), fwht8(_mm256_loadu_ps(tail.as_ptr())));
+            next += 8;
+        }
+        for i in (next..out.len()).step_by(8) {
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_setzero_ps());
+        }
+        for (pi, pass) in h.passes().iter().enumerate() {
+            for &(off, n) in pass {
+                if pi == 0 {
+                    fwht_cross(&mut out[off..off + n]);
+                } else {
+                    fwht(&mut out[off..off + n]);
+                }
+            }
+        }
+    }
+
+    /// [`Hadamard::inverse`](super::Hadamard::inverse).
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn inverse(h: &super::Hadamard, y: &mut [f32], out: &mut [f32]) {
+        let d = h.dim();
+        assert!(y.len() == h.padded_dim() && out.len() == d);
+        for pass in h.passes().iter().rev() {
+            for &(off, n) in pass {
+                fwht(&mut y[off..off + n]);
+            }
+        }
+        let bits = h.sign_bits();
+        let full = d / 8 * 8;
+        for i in (0..full).step_by(8) {
+            let s = _mm256_loadu_ps(bits.as_ptr().add(i).cast());
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_xor_ps(_mm256_loadu_ps(y.as_ptr().add(i)), s));
+        }
+        for i in full..d {
+            out[i] = super::flip(y[i], bits[i]);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -434,6 +521,45 @@ mod tests {
             for i in 0..dim {
                 prop_assert!((back[i] - x[i]).abs() <= 1e-4 * (1.0 + x[i].abs()));
             }
+        }
+
+        #[test]
+        fn forward_and_inverse_equal_reference_bitwise(
+            dim in prop::sample::select(vec![1usize, 3, 8, 13, 64, 72, 80, 96, 100, 128, 192, 256, 1000]),
+            seed in any::<u64>(),
+            vals in proptest::collection::vec(-10.0f32..10.0, 1000),
+        ) {
+            let h = Hadamard::new(dim, seed);
+            let x = &vals[..dim];
+            // The reference: multiply by the signs, zero padding, fwht_inplace pass by pass.
+            let mut want = vec![0f32; h.padded_dim()];
+            for i in 0..dim {
+                want[i] = x[i] * h.signs()[i];
+            }
+            for pass in h.passes() {
+                for &(off, n) in pass {
+                    fwht_inplace(&mut want[off..off + n]);
+                }
+            }
+            let mut got = vec![1f32; h.padded_dim()];
+            h.forward(x, &mut got);
+            prop_assert_eq!(bits(&got), bits(&want));
+            let mut port = vec![1f32; h.padded_dim()];
+            h.forward_portable(x, &mut port);
+            prop_assert_eq!(bits(&port), bits(&want));
+            let mut back_ref = want.clone();
+            for pass in h.passes().iter().rev() {
+                for &(off, n) in pass {
+                    fwht_inplace(&mut back_ref[off..off + n]);
+                }
+            }
+            let back_ref: Vec<f32> = (0..dim).map(|i| back_ref[i] * h.signs()[i]).collect();
+            let (mut y1, mut y2) = (want.clone(), want.clone());
+            let (mut b1, mut b2) = (vec![0f32; dim], vec![0f32; dim]);
+            h.inverse(&mut y1, &mut b1);
+            h.inverse_portable(&mut y2, &mut b2);
+            prop_assert_eq!(bits(&b1), bits(&back_ref));
+            prop_assert_eq!(bits(&b2), bits(&back_ref));
         }
 
         #[test]

@@ -52,7 +52,7 @@ fn decode_rows_impl<T: Element>(c: &E8Codec, codes: &[u8], scales: &[u16], out: 
     let mut row = vec![0f32; d];
     for ((cr, &s), or) in codes.chunks_exact(cb).zip(scales).zip(out.chunks_exact_mut(d)) {
         c.decode_vector_rotated(t, cr, s, &mut y);
-        c.rotation().inverse(&mut y, &mut row);
+        c.rotation().inverse_portable(&mut y, &mut row);
         T::row_from_f32(&row, or);
     }
 }
