@@ -55,10 +55,26 @@ def make_tiny(family: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     cls, kw = FAMILIES[family]
     config = cls(**kw)
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Gemma-2 soft-caps attention logits, which only eager attention does (transformers 5.2 picks
+    # SDPA by default and silently skips the soft-cap).
+    attn = "eager" if family == "gemma2" else None
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     # Larger than default init so attention is not uniform and eviction matters.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if any(k in name for k in ("q_proj", "k_proj", "query_key_value", "qkv")) and p.dim() == 2:
                 p.mul_(4.0)
     return model.eval()
+
+
+def family_supported(family: str) -> bool:
+    """Whether this transformers version routes the family's attention through AttentionInterface
+    (GPT-J does only from transformers 5.18 or so; nexusquant refuses it before)."""
+    import nexusquant as nq
+    from nexusquant.evict import check_supported
+
+    try:
+        check_supported(make_tiny(family))
+        return True
+    except nq.NexusQuantError:
+        return False

@@ -146,6 +146,88 @@ def _scores(layer: NexusQuantLayer, view: LayerView, module, query, key, value, 
     return scores
 
 
+def _merge(parts):
+    """Combine partial softmax states ``(m, l, acc)`` (max, sum of exp, weighted values) into outputs."""
+    m_tot = torch.stack([m for m, _, _ in parts]).amax(0)
+    num = 0.0
+    den = 0.0
+    for m, l, a in parts:
+        w = torch.exp(m - m_tot).nan_to_num(0.0)
+        num = num + w[..., None] * a
+        den = den + w * l
+    return num / den[..., None]
+
+
+def _fused_decode(layer: NexusQuantLayer, view: LayerView, query, key, value, model_mask, scaling, sliding):
+    """One query per sequence: attention over the codes of the lazy tiers (CUDA kernel, or its torch
+    reference) merged with the full-precision sinks and window. Returns ``(B, 1, H_q, D)``."""
+    from . import gpu
+    from .cache import _dense_rotation_cpu
+
+    b, hq, q, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    qg = query.reshape(b, hkv, g, d).float()
+    # Full-precision part: sinks and window, with their masks.
+    win = _window_mask(view, model_mask, q, sliding, key.device)
+    comp = _compressed_mask(view, q, sliding, key.device)
+    masks = []
+    if view.compressed:
+        c = comp if comp is not None else torch.ones(1, 1, 1, view.compressed, dtype=torch.bool, device=key.device)
+        masks.append(c.expand(b, hkv, 1, view.compressed))
+    masks.append(win.expand(b, hkv, 1, view.window))
+    allowed = torch.cat(masks, dim=-1)  # (B, Hkv, 1, T_fp)
+    s = torch.matmul(qg, key.float().transpose(-1, -2)) * scaling  # (B, Hkv, g, Tfp)
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(-1)
+    p = torch.exp(s - m[..., None]).nan_to_num(0.0)
+    parts = [(m, p.sum(-1), torch.matmul(p, value.float()))]
+    on_gpu = query.device.type == "cuda"
+    for tier in view.lazy_tiers:
+        kc, vc = tier.keys.codec, tier.values.codec
+        if on_gpu:
+            q_rot = gpu.rotate_queries(kc, qg) * scaling
+            inv_rot = gpu.dense_inverse_rotation(vc.head_dim, vc.bits, vc.seed, gpu._device_index(query.device))
+        else:
+            rot, inv_rot = _dense_rotation_cpu(kc.head_dim, kc.seed)
+            q_rot = torch.matmul(qg, rot) * scaling
+        if layer.k_center is not None:
+            q_center = (qg * layer.k_center.float()).sum(-1) * scaling  # (B, Hkv, g)
+        else:
+            q_center = torch.zeros(b, hkv, g, device=query.device)
+        pp = q_rot.shape[-1]
+        n = tier.keys.scales.shape[2]
+        args = (
+            q_rot.reshape(b * hkv, g, pp).contiguous(), q_center.reshape(b * hkv, g).contiguous(),
+            tier.keys.codes.reshape(b * hkv, n, -1), tier.keys.scales.reshape(b * hkv, n),
+        )
+        valid = None if tier.valid is None else tier.valid.reshape(b * hkv, n)
+        if on_gpu:
+            pm, pl, pa = gpu.decode_attention_partials(
+                *args, kc.bits, kc.residual_ratio or 1.0,
+                tier.values.codes.reshape(b * hkv, n, -1), tier.values.scales.reshape(b * hkv, n),
+                vc.bits, vc.residual_ratio or 1.0, valid,
+            )
+        else:
+            pm, pl, pa = gpu.decode_attention_partials_reference(
+                kc, vc, *args, tier.values.codes.reshape(b * hkv, n, -1), tier.values.scales.reshape(b * hkv, n), valid
+            )
+        mm, ll, aa = _merge_splits(pm, pl, pa)  # (BH, g), (BH, g), (BH, g, P)
+        a = torch.matmul(aa, inv_rot)  # back to the head dimension
+        if layer.v_center is not None:
+            a = a + ll[..., None] * layer.v_center.float().reshape(b * hkv, 1, d)
+        parts.append((mm.reshape(b, hkv, g), ll.reshape(b, hkv, g), a.reshape(b, hkv, g, d)))
+    out = _merge(parts)  # (B, Hkv, g, D)
+    return out.to(query.dtype).reshape(b, hq, 1, d).transpose(1, 2).contiguous()
+
+
+def _merge_splits(m, l, acc):
+    """Merge the splits ``(BH, S, g)`` of the kernel's partial states."""
+    mm = m.amax(1)
+    w = torch.exp(m - mm[:, None]).nan_to_num(0.0)
+    return mm, (w * l).sum(1), (w[..., None] * acc).sum(1)
+
+
 def nexusquant_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -177,12 +259,22 @@ def nexusquant_attention(
     if new_valid is not None:
         layer.mark_new_padding(new_valid)
 
+    if view.lazy_tiers:
+        if q == 1 and softcap is None and query.shape[1] // key.shape[1] <= 8:
+            out = _fused_decode(layer, view, query, key, value, model_mask, scaling, sliding)
+            if layer.wants_block_compression():
+                layer.compress(None)
+            return out, None
+        key, value = layer.materialize(view)
+    s = layer.settings
+    rows = min(s.score_window, q)  # the scorer only looks at the last queries' mask rows
     if view.compressed == 0:
         out, _ = _reference_attention(module, query, key, value, attention_mask, dropout, scaling, softcap, **kwargs)
-        allowed = model_mask if model_mask is not None else _causal(q, key.shape[2], key.device)
         if model_mask is not None:
             assert layer.win_valid is not None
-            allowed = allowed & layer.win_valid[:, None, None, :]
+            allowed_rows = model_mask[..., -rows:, :] & layer.win_valid[:, None, None, :]
+        else:
+            allowed_rows = _causal(rows, key.shape[2], key.device)
     else:
         win = _window_mask(view, model_mask, q, sliding, key.device)
         comp = _compressed_mask(view, q, sliding, key.device)
@@ -195,13 +287,13 @@ def nexusquant_attention(
         )
         allowed = torch.cat([comp_full, win.expand(b, 1, q, view.window).expand(b, hc, q, view.window)], dim=-1)
         out = _masked_attention(query, key, value, allowed, scaling, softcap, dropout)
+        allowed_rows = allowed[..., -rows:, :]
 
-    s = layer.settings
     if q > 1 and layer.wants_prompt_compression():
         if layer.is_sliding or (s.evict == 0.0 and s.demote == 0.0):
             layer.compress(None)
         else:
-            layer.compress(_scores(layer, view, module, query, key, value, allowed, scaling, softcap))
+            layer.compress(_scores(layer, view, module, query, key, value, allowed_rows, scaling, softcap))
     elif layer.wants_block_compression():
         layer.compress(None)
     return out, None

@@ -19,6 +19,7 @@ rows, sliding windows); the model's own mask only covers the window.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -34,6 +35,9 @@ from .tiers import Tier
 __all__ = ["NexusQuantCache", "NexusQuantLayer", "LayerView", "ATTN_IMPLEMENTATION"]
 
 ATTN_IMPLEMENTATION = "nexusquant"
+# Run the fused decode path on CPU tensors too, through its torch reference (for tests of the
+# merging logic where no GPU is present).
+FUSED_REFERENCE_ON_CPU = False
 
 
 @dataclass
@@ -51,6 +55,9 @@ class LayerView:
     seen_before: int
     comp_seq: Optional[torch.Tensor]  # int (B, H, C) sequence index of compressed slots, if tracked
     comp_valid: Optional[torch.Tensor]  # bool (B, H, C), None if every slot is valid
+    # Tiers left as codes for a fused kernel (the key tensor then holds only sinks and window);
+    # empty when everything was dequantized into the key tensor.
+    lazy_tiers: tuple = ()
     consumed: bool = False
 
 
@@ -175,6 +182,11 @@ class NexusQuantLayer(CacheLayerMixin):
         self.win_valid = new_valid if self.win_valid is None else torch.cat([self.win_valid, new_valid], dim=1)
         self.seen += q
 
+        if q == 1 and self._fused_decode_possible():
+            keys, values, view = self._lazy_view(q, w_before, seen_before)
+            keys._nq_view = view  # type: ignore[attr-defined]
+            self.last_view = view
+            return keys, values
         comp_k, comp_v, comp_seq, comp_valid = self._compressed_parts()
         if comp_k is None:
             keys, values, c = self.win_k, self.win_v, 0
@@ -188,6 +200,41 @@ class NexusQuantLayer(CacheLayerMixin):
         keys._nq_view = view  # type: ignore[attr-defined]
         self.last_view = view
         return keys, values
+
+    def _fused_decode_possible(self) -> bool:
+        """Whether decode attention can read this layer's codes directly (CUDA kernel, post-RoPE keys)."""
+        if self.is_sliding or self.settings.key_domain != "post_rope":
+            return False
+        tiers = [t for t in (self.fine, self.coarse) if t is not None and t.length > 0]
+        if not tiers or any(t.keys.codec is None or t.values.codec is None for t in tiers):
+            return False
+        from . import gpu
+
+        if self.device.type == "cuda":
+            return gpu.available(self.device) and gpu.fused_supported(tiers[0].keys.codec.padded_dim, 8)
+        return FUSED_REFERENCE_ON_CPU
+
+    def _lazy_view(self, q: int, w_before: int, seen_before: int):
+        """Keys/values of the full-precision slots only (sinks, then window); tiers stay as codes."""
+        assert self.win_k is not None and self.win_v is not None
+        tiers = tuple(t for t in (self.fine, self.coarse) if t is not None and t.length > 0)
+        if self.sink_k is not None and self.sink_k.shape[2] > 0:
+            keys = torch.cat([self.sink_k, self.win_k], dim=2)
+            values = torch.cat([self.sink_v, self.win_v], dim=2)
+            c = self.sink_k.shape[2]
+        else:
+            keys, values, c = self.win_k.view_as(self.win_k), self.win_v, 0
+        view = LayerView(self, c, w_before + q, q, seen_before, self.sink_seq if c else None,
+                         self.sink_valid if c else None, lazy_tiers=tiers)
+        return keys, values, view
+
+    def materialize(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantize a lazy view's tiers: all keys and values, as a non-lazy ``update`` returns them."""
+        comp_k, comp_v, comp_seq, comp_valid = self._compressed_parts()
+        assert comp_k is not None and self.win_k is not None and self.win_v is not None
+        view.compressed = comp_k.shape[2]
+        view.comp_seq, view.comp_valid, view.lazy_tiers = comp_seq, comp_valid, ()
+        return torch.cat([comp_k, self.win_k], dim=2), torch.cat([comp_v, self.win_v], dim=2)
 
     def _compressed_parts(self):
         """Sinks and both tiers, dequantized: keys, values ``(B, H, C, D)``, sequence index and
@@ -239,6 +286,9 @@ class NexusQuantLayer(CacheLayerMixin):
         return self.seen
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the same, under its name before transformers 5.5
         return -1
 
     def reset(self) -> None:
@@ -570,3 +620,16 @@ def compression_stats(cache: Cache) -> dict[str, Any]:
         "ratio": unc / nb if nb else math.nan,
         "bits_per_element": 8 * nb / elements if elements else math.nan,
     }
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_rotation_cpu(head_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation ``(head_dim, padded)`` and its inverse ``(padded, head_dim)`` as dense matrices."""
+    import numpy as np
+
+    from .tiers import get_codec
+
+    codec = get_codec(head_dim, 2, seed)
+    rot = torch.from_numpy(codec.rotate(np.eye(head_dim, dtype=np.float32)))
+    inv = torch.from_numpy(codec.unrotate(np.eye(codec.padded_dim, dtype=np.float32)))
+    return rot, inv

@@ -170,6 +170,16 @@ def check_supported(model: torch.nn.Module) -> list[torch.nn.Module]:
     mods = attention_modules(model)
     if not mods:
         raise NexusQuantError(f"{type(model).__name__} has no attention modules with a layer_idx: cannot attach")
+    import sys
+
+    import transformers
+
+    source = sys.modules.get(type(mods[0]).__module__)
+    if source is None or not hasattr(source, "ALL_ATTENTION_FUNCTIONS"):
+        raise NexusQuantError(
+            f"{type(mods[0]).__name__} in transformers {transformers.__version__} does not dispatch attention "
+            "through transformers' AttentionInterface, which nexusquant needs: upgrade transformers"
+        )
     layer_plan(cfg)
     return mods
 

@@ -29,7 +29,8 @@ class ScoreInputs:
     ``key``/``value`` are every key and value the prompt's queries attended to ``(B, H_kv, T, D)``
     (post-RoPE), of which the last ``window`` are the candidates being scored (the ones before are
     already compressed); ``query`` is the forward's queries ``(B, H_q, q, D)``; ``allowed`` the bool
-    mask ``(B or 1, H_kv or 1, q, T)`` those queries attended with; ``window_valid`` bool
+    mask ``(B or 1, H_kv or 1, w, T)`` the LAST ``w`` of those queries attended with (w = the
+    settings' ``score_window``, or q if smaller); ``window_valid`` bool
     ``(B, window)`` marks real (non-padding) candidates; ``layer`` is the cache layer (its
     ``settings`` hold ``score_window`` and ``pool_kernel``) and ``module`` the attention module.
     """
@@ -135,8 +136,8 @@ def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
 
 def _query_scorer(x: ScoreInputs) -> torch.Tensor:
     s = x.layer.settings
-    wq = min(s.score_window, x.query.shape[2])
-    scores = query_importance(x.query[:, :, -wq:], x.key, x.allowed[..., -wq:, :], x.scaling, x.softcap)
+    wq = x.allowed.shape[-2]
+    scores = query_importance(x.query[:, :, -wq:], x.key, x.allowed, x.scaling, x.softcap)
     return pool_scores(scores[..., -x.window :], s.pool_kernel)
 
 

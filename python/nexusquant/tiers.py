@@ -104,9 +104,9 @@ def _torch_tables(head_dim: int, bits: int, seed: int, device: str) -> tuple[tor
     return book16.to(device), book8.to(device), inv_rot.to(device)
 
 
-def _torch_decode(codec: E8Codec, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Decode on any torch device through codebook lookups and a dense inverse rotation."""
-    book16, book8, inv_rot = _torch_tables(codec.head_dim, codec.bits, codec.seed, str(codes.device))
+def torch_decode_rotated(codec: E8Codec, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Scaled codewords before the inverse rotation, float32 ``(..., padded_dim)``, on any device."""
+    book16, book8, _ = _torch_tables(codec.head_dim, codec.bits, codec.seed, str(codes.device))
     lead = scales.shape
     g = codec.padded_dim // 8
     c = codes.reshape(-1, codes.shape[-1]).to(torch.int64)
@@ -124,8 +124,14 @@ def _torch_decode(codec: E8Codec, codes: torch.Tensor, scales: torch.Tensor, dty
             z = z + codec.residual_ratio * book8[c[:, 2 * g : 3 * g]]
         elif bits == 4:
             z = z + codec.residual_ratio * book16[u16(c[:, 2 * g : 4 * g])]
-    y = z.reshape(-1, codec.padded_dim) * s[:, None]
-    return (y @ inv_rot).to(dtype).reshape(*lead, codec.head_dim)
+    return (z.reshape(-1, codec.padded_dim) * s[:, None]).reshape(*lead, codec.padded_dim)
+
+
+def _torch_decode(codec: E8Codec, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Decode on any torch device through codebook lookups and a dense inverse rotation."""
+    _, _, inv_rot = _torch_tables(codec.head_dim, codec.bits, codec.seed, str(codes.device))
+    y = torch_decode_rotated(codec, codes, scales)
+    return (y @ inv_rot).to(dtype)
 
 
 class QuantizedTensor:

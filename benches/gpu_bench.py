@@ -1,0 +1,268 @@
+"""GPU measurements of nexusquant: one script that checks and times everything in one call.
+
+    python benches/gpu_bench.py --out DIR [--phase kernels|e2e|all]
+
+kernels: device-to-device copy bandwidth (bytes read + written), then quantize and dequantize of a
+    Llama-3-8B-shaped KV block (fp16 in/out) against it; decode attention over the compressed
+    cache (the real nexusquant path: fused kernel + full-precision window) against PyTorch SDPA on
+    fp16 K/V, Llama-3-8B shapes (32 query heads, 8 KV heads, head_dim 128) at 8K, 32K and 128K
+    tokens, batch 1 and 8. Every timed variant is first checked against the CPU reference.
+e2e: a Llama-3-8B-shaped model with random bf16 weights; prefill 32K and 128K tokens, then generate
+    128 tokens, with and without nexusquant: peak torch.cuda.max_memory_allocated, KV bytes, prefill
+    time (the difference is the time to compress), decode tokens/s; and the longest context that
+    fits, extrapolated from the measured peak memory per token.
+
+Writes gpu_bench.json and gpu_bench.md (tables) under --out and prints the tables last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import nexusquant as nq
+from nexusquant import gpu
+from nexusquant.codec import as_codec_input
+
+
+def timed(fn, reps=20, warmup=3):
+    """Median milliseconds of ``fn`` with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    x = torch.randn(1 << 30, device="cuda", dtype=torch.float16)  # 2 GiB
+    y = torch.empty_like(x)
+    ms = timed(lambda: y.copy_(x))
+    return 2 * x.numel() * 2 / (ms / 1e3) / 1e9  # GB/s, read + write
+
+
+def bench_codec(copy_gbs, results):
+    rows = []
+    n = 8 * 32768 * 8  # vectors: 8 KV heads x 32K tokens x 8 layers of Llama-3-8B
+    x = torch.randn(n, 128, device="cuda", dtype=torch.float16)
+    for bits in (1, 2, 3, 4):
+        codec = nq.E8Codec(128, bits, 0)
+        # Correct first: a sample against the Rust encoder.
+        sample = x[:20000]
+        c, s = gpu.encode(codec, sample)
+        rc, rs = codec.encode_arrays(*as_codec_input(sample.cpu()))
+        mismatched = int((c.cpu().numpy() != rc).any(axis=1).sum() + (s.cpu().numpy().view(np.uint16) != rs).sum())
+        codes, scales = gpu.encode(codec, x)
+        q_ms = timed(lambda: gpu.encode(codec, x), reps=10)
+        d_ms = timed(lambda: gpu.decode(codec, codes, scales, torch.float16), reps=10)
+        in_bytes = x.numel() * 2
+        code_bytes = codes.numel() + scales.numel() * 2
+        q_gbs = (in_bytes + code_bytes) / (q_ms / 1e3) / 1e9
+        d_gbs = (in_bytes + code_bytes) / (d_ms / 1e3) / 1e9
+        rows.append(dict(bits=bits, vectors=n, quantize_ms=q_ms, quantize_GBps=q_gbs, quantize_vs_copy=q_gbs / copy_gbs,
+                         dequantize_ms=d_ms, dequantize_GBps=d_gbs, dequantize_vs_copy=d_gbs / copy_gbs,
+                         codes_differing_from_cpu=mismatched))
+        print(rows[-1], flush=True)
+    results["codec"] = rows
+
+
+class _Stub(torch.nn.Module):
+    pass
+
+
+def _layer_with(tokens, batch, settings):
+    """A NexusQuantLayer holding ``tokens`` random tokens per (batch, KV head) compressed by ``settings``."""
+    from nexusquant.cache import NexusQuantLayer
+
+    layer = NexusQuantLayer(settings)
+    k = torch.randn(batch, 8, tokens, 128, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    layer.update(k, v)
+    layer.compress(None)
+    return layer, k, v
+
+
+def bench_decode_attention(results):
+    from nexusquant.attention import nexusquant_attention
+    from nexusquant.presets import resolve_settings
+
+    rows = []
+    settings = resolve_settings("balanced", evict=0.0, demote=0.0, recent_window=32, block=1 << 30)
+    stub = _Stub()
+    for batch in (1, 8):
+        for tokens in (8192, 32768, 131072):
+            layer, k, v = _layer_with(tokens, batch, settings)
+            q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.float16)
+            nk = torch.randn(batch, 8, 1, 128, device="cuda", dtype=torch.float16)
+            keys, values = layer.update(nk, nk)
+            view = keys._nq_view
+            assert view.lazy_tiers, "fused path not taken"
+            scale = 128**-0.5
+
+            def nq_step():
+                view.consumed = False
+                return nexusquant_attention(stub, q, keys, values, None, scaling=scale)[0]
+
+            # Reference: the same compressed cache dequantized, then SDPA in float32.
+            full_k, full_v = layer.materialize(_copy_view(view))
+            ref = F.scaled_dot_product_attention(q.float(), full_k.float(), full_v.float(), scale=scale, enable_gqa=True)
+            got = nq_step().transpose(1, 2).float()
+            rel = ((got - ref).norm() / ref.norm()).item()
+            kf = torch.cat([k, nk], 2)
+            vf = torch.cat([v, nk], 2)
+
+            def sdpa_step():
+                return F.scaled_dot_product_attention(q, kf, vf, scale=scale, enable_gqa=True)
+
+            t_nq = timed(nq_step)
+            t_sdpa = timed(sdpa_step)
+            kv_fp16 = 2 * kf.numel() * 2
+            rows.append(dict(batch=batch, tokens=tokens, nexusquant_ms=t_nq, sdpa_fp16_ms=t_sdpa,
+                             speedup=t_sdpa / t_nq, rel_error_vs_dequantized=rel,
+                             kv_fp16_MB=kv_fp16 / 1e6, kv_nexusquant_MB=layer.nbytes() / 1e6))
+            print(rows[-1], flush=True)
+            layer = k = v = full_k = full_v = None
+            torch.cuda.empty_cache()
+    results["decode_attention"] = rows
+
+
+def _copy_view(view):
+    import copy
+
+    return copy.copy(view)
+
+
+def llama3_8b(layers=32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=262144,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return model.eval()
+
+
+def bench_end_to_end(results, contexts=(32768, 131072), new_tokens=128):
+    from nexusquant.compat import output_cache, with_cache
+
+    model = llama3_8b()
+    weights = torch.cuda.memory_allocated()
+    rows = []
+    for ctx in contexts:
+        ids = torch.randint(0, 128000, (1, ctx), device="cuda")
+        for mode in ("fp16 DynamicCache", "nexusquant balanced"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            cm = nq.nexusquant_evict(model, quality="balanced") if mode != "fp16 DynamicCache" else _null()
+            with cm as session, torch.no_grad():
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = model(ids, use_cache=True, logits_to_keep=1)
+                torch.cuda.synchronize()
+                prefill_s = time.perf_counter() - t0
+                cache = output_cache(out)
+                nxt = out.logits[:, -1:].argmax(-1)
+                seq = torch.cat([ids, nxt], 1)
+                t0 = time.perf_counter()
+                gen = model.generate(seq, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                     pad_token_id=0, **with_cache(model, cache))
+                torch.cuda.synchronize()
+                decode_s = time.perf_counter() - t0
+                if session is not None:
+                    kv_bytes = session.stats()["nbytes"]
+                else:
+                    kv_bytes = sum(l.keys.numel() * 2 + l.values.numel() * 2 for l in cache.layers)
+            peak = torch.cuda.max_memory_allocated()
+            rows.append(dict(context=ctx, mode=mode, peak_GB=peak / 1e9, kv_GB=kv_bytes / 1e9, prefill_s=prefill_s,
+                             decode_tokens_per_s=(gen.shape[1] - seq.shape[1]) / decode_s))
+            print(rows[-1], flush=True)
+            del out, cache, gen
+    total = torch.cuda.get_device_properties(0).total_memory
+    fits = {}
+    for mode in ("fp16 DynamicCache", "nexusquant balanced"):
+        a, b = [r for r in rows if r["mode"] == mode][:2]
+        per_token = (b["peak_GB"] - a["peak_GB"]) * 1e9 / (b["context"] - a["context"])
+        fits[mode] = int(a["context"] + (total - a["peak_GB"] * 1e9) / per_token)
+    results["end_to_end"] = dict(rows=rows, weights_GB=weights / 1e9, device_memory_GB=total / 1e9,
+                                 longest_context_extrapolated=fits)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def tables(results) -> str:
+    lines = [f"Measured on {results['device']} ({results['date']}), `python benches/gpu_bench.py --phase {results['phase']}`.", ""]
+    if "copy_GBps" in results:
+        lines.append(f"Device-to-device copy: {results['copy_GBps']:.0f} GB/s (bytes read + written).\n")
+    if "codec" in results:
+        lines += ["| bits | quantize GB/s | vs copy | dequantize GB/s | vs copy | codes differing from CPU |", "|---|---|---|---|---|---|"]
+        for r in results["codec"]:
+            lines.append(f"| {r['bits']} | {r['quantize_GBps']:.0f} | {r['quantize_vs_copy']:.0%} | {r['dequantize_GBps']:.0f} | "
+                         f"{r['dequantize_vs_copy']:.0%} | {r['codes_differing_from_cpu']} |")
+        lines.append("")
+    if "decode_attention" in results:
+        lines += ["| batch | tokens | nexusquant ms | SDPA fp16 ms | speedup | KV MB fp16 → nexusquant | rel. error |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in results["decode_attention"]:
+            lines.append(f"| {r['batch']} | {r['tokens']} | {r['nexusquant_ms']:.3f} | {r['sdpa_fp16_ms']:.3f} | "
+                         f"{r['speedup']:.2f}x | {r['kv_fp16_MB']:.0f} → {r['kv_nexusquant_MB']:.0f} | {r['rel_error_vs_dequantized']:.1e} |")
+        lines.append("")
+    if "end_to_end" in results:
+        e = results["end_to_end"]
+        lines += [f"Llama-3-8B-shaped, random bf16 weights ({e['weights_GB']:.1f} GB), device memory {e['device_memory_GB']:.0f} GB, 128 new tokens.", "",
+                  "| context | cache | peak GB | KV GB | prefill s | decode tok/s |", "|---|---|---|---|---|---|"]
+        for r in e["rows"]:
+            lines.append(f"| {r['context']} | {r['mode']} | {r['peak_GB']:.1f} | {r['kv_GB']:.2f} | {r['prefill_s']:.1f} | {r['decode_tokens_per_s']:.1f} |")
+        lines.append("")
+        for mode, n in e["longest_context_extrapolated"].items():
+            lines.append(f"Longest context that fits ({mode}), extrapolated from the peak memory per token: {n:,} tokens.")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--phase", default="all", choices=["kernels", "e2e", "all"])
+    args = ap.parse_args()
+    assert gpu.available(), "CUDA kernels unavailable"
+    results = dict(device=torch.cuda.get_device_name(0), date=str(date.today()), phase=args.phase,
+                   torch=torch.__version__, host=platform.node())
+    if args.phase in ("kernels", "all"):
+        results["copy_GBps"] = copy_bandwidth()
+        bench_codec(results["copy_GBps"], results)
+        bench_decode_attention(results)
+    if args.phase in ("e2e", "all"):
+        bench_end_to_end(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"gpu_bench_{args.phase}.json").write_text(json.dumps(results, indent=2))
+    md = tables(results)
+    (out / f"gpu_bench_{args.phase}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
