@@ -23,6 +23,9 @@ __all__ = [
     "CompressionSettings",
     "PRESETS",
     "compression_stats",
+    "save_cache",
+    "load_cache",
+    "inspect_file",
 ]
 
 _LAZY = {
@@ -31,6 +34,9 @@ _LAZY = {
     "compression_stats": ("cache", "compression_stats"),
     "CompressionSettings": ("presets", "CompressionSettings"),
     "PRESETS": ("presets", "PRESETS"),
+    "save_cache": ("files", "save_cache"),
+    "load_cache": ("files", "load_cache"),
+    "inspect_file": ("files", "inspect_file"),
 }
 
 
@@ -39,7 +45,7 @@ def __getattr__(name: str):
         import importlib
 
         mod, attr = _LAZY[name]
-        if mod == "cache":
+        if mod in ("cache", "files"):
             importlib.import_module(".attention", __name__)  # registers the "nexusquant" attention
         value = getattr(importlib.import_module(f".{mod}", __name__), attr)
         globals()[name] = value

@@ -590,6 +590,11 @@ class NexusQuantCache(Cache):
             config = config.config
         self.settings = resolve_settings(preset, **knobs)
         self.rope_tables: dict[int, RopeTable] = {}
+        from .files import model_fingerprint
+
+        self.fingerprint = model_fingerprint(config)
+        # ids of the cached tokens (B, N), recorded by nexusquant_evict or restored by load_cache
+        self.token_ids: Optional[torch.Tensor] = None
         plan = layer_plan(config)
         layers = [NexusQuantLayer(self.settings, w, record_positions, self.rope_tables) for w in plan]
         super().__init__(layers=layers)

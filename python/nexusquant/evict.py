@@ -83,8 +83,18 @@ class EvictSession:
         self.model = model
         self.settings = settings
         self.plan = layer_plan(model.config)
+        from .files import model_fingerprint
+
+        self.fingerprint = model_fingerprint(model.config)
         self._adapters: dict[int, RopeAdapter] = {}
         self._last_cache: Optional[weakref.ReferenceType] = None
+        self._pending_ids: Optional[torch.Tensor] = None
+
+    def model_pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Note the token ids of a forward, so the cache can record which tokens it holds."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._pending_ids = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+        self._ids_known = self._pending_ids is not None or kwargs.get("inputs_embeds") is None
 
     # The hook runs before every attention call; it is cheap when the layer is already ours.
     def pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -101,6 +111,10 @@ class EvictSession:
         if not isinstance(layer, NexusQuantLayer):
             layer = self._adopt(cache, idx, layer)
             layers[idx] = layer
+        if getattr(cache, "fingerprint", None) is None:
+            cache.fingerprint = self.fingerprint  # type: ignore[attr-defined]
+        if idx == 0:
+            self._record_ids(cache, layer)
         self._last_cache = weakref.ref(cache)
         if self.settings.key_domain == "pre_rope":
             pe = kwargs.get("position_embeddings")
@@ -117,6 +131,16 @@ class EvictSession:
             tables[key].record(cos, sin, layer.seen)
             layer.rope_tables = tables
             layer.attach_rope(adapter, key)
+
+    def _record_ids(self, cache: Cache, layer: NexusQuantLayer) -> None:
+        ids, self._pending_ids = self._pending_ids, None
+        known = getattr(cache, "token_ids", None)
+        if layer.seen == 0:
+            cache.token_ids = ids  # type: ignore[attr-defined]
+        elif ids is None or known is None or known.shape[-1] != layer.seen:
+            cache.token_ids = None  # type: ignore[attr-defined]  # a gap: ids no longer known
+        else:
+            cache.token_ids = torch.cat([known, ids.to(known.device)], dim=-1)  # type: ignore[attr-defined]
 
     def _new_layer(self, cache: Cache, idx: int) -> NexusQuantLayer:
         return NexusQuantLayer(self.settings, self.plan[idx], rope_tables=_rope_tables(cache))
@@ -219,6 +243,7 @@ def nexusquant_evict(
             for m in mods:
                 # prepend: in nested blocks the innermost session decides which layers are made.
                 handles.append(m.register_forward_pre_hook(session.pre_hook, with_kwargs=True, prepend=True))
+            handles.append(model.register_forward_pre_hook(session.model_pre_hook, with_kwargs=True, prepend=True))
         except BaseException:
             for h in handles:
                 h.remove()
