@@ -59,7 +59,10 @@ def main() -> int:
     times: dict[str, list[float]] = {bench: [] for _, bench in ROWS}
     for run in range(args.runs):
         print(f"run {run + 1}/{args.runs}: {' '.join(cmd)}", file=sys.stderr)
-        subprocess.run(cmd, cwd=repo, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stdout, done.stderr, sep="\n", file=sys.stderr)
+            return done.returncode
         for bench in times:
             t = median_ns(root, bench)
             if t is not None:

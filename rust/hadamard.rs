@@ -378,12 +378,48 @@ pub(crate) mod avx2 {
         std::is_x86_feature_detected!("avx2")
     }
 
+    /// The number of registers of a rotation kept in registers from load to store (one
+    /// power-of-two block of 64 or 128 floats, no padding), or 0.
+    #[inline]
+    fn regs_of(h: &super::Hadamard) -> usize {
+        if h.is_single_block() && h.dim() == h.padded_dim() && matches!(h.dim(), 64 | 128) {
+            h.dim() / 8
+        } else {
+            0
+        }
+    }
+
+    /// One block of `8 · R` floats from `src` to `dst` in registers: the signs on the way in
+    /// (forward) or out (inverse).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn block_regs<const R: usize>(bits: &[u32], src: &[f32], dst: &mut [f32], sign_in: bool) {
+        let mut v = [_mm256_setzero_ps(); R];
+        for (r, vr) in v.iter_mut().enumerate() {
+            let mut x = _mm256_loadu_ps(src.as_ptr().add(8 * r));
+            if sign_in {
+                x = _mm256_xor_ps(x, _mm256_loadu_ps(bits.as_ptr().add(8 * r).cast()));
+            }
+            *vr = fwht8(x);
+        }
+        fwht_cross_regs(&mut v);
+        for (r, &vr) in v.iter().enumerate() {
+            let x = if sign_in { vr } else { _mm256_xor_ps(vr, _mm256_loadu_ps(bits.as_ptr().add(8 * r).cast())) };
+            _mm256_storeu_ps(dst.as_mut_ptr().add(8 * r), x);
+        }
+    }
+
     /// [`Hadamard::forward`](super::Hadamard::forward): the signs and the first pass's
     /// in-register stages as the row is loaded, then the rest in memory.
     #[target_feature(enable = "avx2")]
     pub(crate) unsafe fn forward(h: &super::Hadamard, x: &[f32], out: &mut [f32]) {
         let d = h.dim();
         assert!(x.len() == d && out.len() == h.padded_dim());
+        match regs_of(h) {
+            8 => return block_regs::<8>(h.sign_bits(), x, out, true),
+            16 => return block_regs::<16>(h.sign_bits(), x, out, true),
+            _ => {}
+        }
         let bits = h.sign_bits();
         let full = d / 8 * 8;
         for i in (0..full).step_by(8) {
@@ -420,6 +456,12 @@ pub(crate) mod avx2 {
     pub(crate) unsafe fn inverse(h: &super::Hadamard, y: &mut [f32], out: &mut [f32]) {
         let d = h.dim();
         assert!(y.len() == h.padded_dim() && out.len() == d);
+        // `inverse` documents `y` as scratch: the register path leaves it as it was.
+        match regs_of(h) {
+            8 => return block_regs::<8>(h.sign_bits(), y, out, false),
+            16 => return block_regs::<16>(h.sign_bits(), y, out, false),
+            _ => {}
+        }
         for pass in h.passes().iter().rev() {
             for &(off, n) in pass {
                 fwht(&mut y[off..off + n]);
