@@ -50,6 +50,28 @@ def timed(fn, reps=20, warmup=3):
     return statistics.median(times)
 
 
+def graph_timed(fn, reps=20):
+    """Median milliseconds of one ``fn`` with the host taken out: ``reps`` calls captured in a CUDA
+    graph, the graph replayed. None if ``fn`` cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            for _ in range(reps):
+                fn()
+        return timed(graph.replay, reps=10, warmup=2) / reps
+    except Exception as e:  # report, do not fail the run
+        print(f"graph capture failed: {type(e).__name__}: {e}", flush=True)
+        torch.cuda.synchronize()
+        return None
+
+
 def copy_bandwidth():
     x = torch.randn(1 << 30, device="cuda", dtype=torch.float16)  # 2 GiB
     y = torch.empty_like(x)
@@ -98,7 +120,7 @@ def _layer_with(tokens, batch, settings):
     return layer, k, v
 
 
-def bench_decode_attention(results):
+def bench_decode_attention(copy_gbs, results):
     from nexusquant.attention import nexusquant_attention
     from nexusquant.presets import resolve_settings
 
@@ -132,10 +154,16 @@ def bench_decode_attention(results):
 
             t_nq = timed(nq_step)
             t_sdpa = timed(sdpa_step)
+            g_nq = graph_timed(nq_step)
+            g_sdpa = graph_timed(sdpa_step)
             kv_fp16 = 2 * kf.numel() * 2
+            kv_nq = layer.nbytes()
             rows.append(dict(batch=batch, tokens=tokens, nexusquant_ms=t_nq, sdpa_fp16_ms=t_sdpa,
-                             speedup=t_sdpa / t_nq, rel_error_vs_dequantized=rel,
-                             kv_fp16_MB=kv_fp16 / 1e6, kv_nexusquant_MB=layer.nbytes() / 1e6))
+                             speedup=t_sdpa / t_nq, nexusquant_gpu_ms=g_nq, sdpa_fp16_gpu_ms=g_sdpa,
+                             gpu_speedup=(g_sdpa / g_nq) if g_nq and g_sdpa else None,
+                             nexusquant_floor_ms=kv_nq / (copy_gbs * 1e9) * 1e3,
+                             sdpa_floor_ms=kv_fp16 / (copy_gbs * 1e9) * 1e3,
+                             rel_error_vs_dequantized=rel, kv_fp16_MB=kv_fp16 / 1e6, kv_nexusquant_MB=kv_nq / 1e6))
             print(rows[-1], flush=True)
             layer = k = v = full_k = full_v = None
             torch.cuda.empty_cache()
@@ -160,49 +188,61 @@ def llama3_8b(layers=32):
     return model.eval()
 
 
-def bench_end_to_end(results, contexts=(32768, 131072), new_tokens=128):
+def bench_end_to_end(results, contexts=(32768, 131072), new_tokens=128, layers=32, save=None):
     from nexusquant.compat import output_cache, with_cache
 
-    model = llama3_8b()
+    model = llama3_8b(layers)
     weights = torch.cuda.memory_allocated()
     rows = []
+    total = torch.cuda.get_device_properties(0).total_memory
+    e2e = results["end_to_end"] = dict(rows=rows, weights_GB=weights / 1e9, device_memory_GB=total / 1e9,
+                                       layers=layers, new_tokens=new_tokens, longest_context_extrapolated={})
+    modes = ("bf16 DynamicCache", "nexusquant balanced")
     for ctx in contexts:
         ids = torch.randint(0, 128000, (1, ctx), device="cuda")
-        for mode in ("fp16 DynamicCache", "nexusquant balanced"):
+        for mode in modes:
+            out = cache = gen = None
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            cm = nq.nexusquant_evict(model, quality="balanced") if mode != "fp16 DynamicCache" else _null()
-            with cm as session, torch.no_grad():
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                out = model(ids, use_cache=True, logits_to_keep=1)
-                torch.cuda.synchronize()
-                prefill_s = time.perf_counter() - t0
-                cache = output_cache(out)
-                nxt = out.logits[:, -1:].argmax(-1)
-                seq = torch.cat([ids, nxt], 1)
-                t0 = time.perf_counter()
-                gen = model.generate(seq, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                     pad_token_id=0, **with_cache(model, cache))
-                torch.cuda.synchronize()
-                decode_s = time.perf_counter() - t0
-                if session is not None:
-                    kv_bytes = session.stats()["nbytes"]
-                else:
-                    kv_bytes = sum(l.keys.numel() * 2 + l.values.numel() * 2 for l in cache.layers)
-            peak = torch.cuda.max_memory_allocated()
-            rows.append(dict(context=ctx, mode=mode, peak_GB=peak / 1e9, kv_GB=kv_bytes / 1e9, prefill_s=prefill_s,
-                             decode_tokens_per_s=(gen.shape[1] - seq.shape[1]) / decode_s))
+            try:
+                cm = nq.nexusquant_evict(model, quality="balanced") if mode != modes[0] else _null()
+                with cm as session, torch.no_grad():
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    out = model(ids, use_cache=True, logits_to_keep=1)
+                    torch.cuda.synchronize()
+                    prefill_s = time.perf_counter() - t0
+                    cache = output_cache(out)
+                    nxt = out.logits[:, -1:].argmax(-1)
+                    seq = torch.cat([ids, nxt], 1)
+                    t0 = time.perf_counter()
+                    gen = model.generate(seq, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                         pad_token_id=0, **with_cache(model, cache))
+                    torch.cuda.synchronize()
+                    decode_s = time.perf_counter() - t0
+                    if session is not None:
+                        kv_bytes = session.stats()["nbytes"]
+                    else:
+                        kv_bytes = sum(l.keys.numel() * 2 + l.values.numel() * 2 for l in cache.layers)
+                peak = torch.cuda.max_memory_allocated()
+                rows.append(dict(context=ctx, mode=mode, peak_GB=peak / 1e9, kv_GB=kv_bytes / 1e9, prefill_s=prefill_s,
+                                 decode_tokens_per_s=(gen.shape[1] - seq.shape[1]) / decode_s))
+            except Exception as e:  # record and go on: one failing row must not lose the others
+                import traceback
+
+                traceback.print_exc()
+                rows.append(dict(context=ctx, mode=mode, error=f"{type(e).__name__}: {e}"))
             print(rows[-1], flush=True)
             del out, cache, gen
-    total = torch.cuda.get_device_properties(0).total_memory
-    fits = {}
-    for mode in ("fp16 DynamicCache", "nexusquant balanced"):
-        a, b = [r for r in rows if r["mode"] == mode][:2]
-        per_token = (b["peak_GB"] - a["peak_GB"]) * 1e9 / (b["context"] - a["context"])
-        fits[mode] = int(a["context"] + (total - a["peak_GB"] * 1e9) / per_token)
-    results["end_to_end"] = dict(rows=rows, weights_GB=weights / 1e9, device_memory_GB=total / 1e9,
-                                 longest_context_extrapolated=fits)
+            if save is not None:
+                save()
+    for mode in modes:
+        ok = [r for r in rows if r["mode"] == mode and "error" not in r]
+        if len(ok) >= 2:
+            a, b = ok[0], ok[1]
+            per_token = (b["peak_GB"] - a["peak_GB"]) * 1e9 / (b["context"] - a["context"])
+            if per_token > 0:
+                e2e["longest_context_extrapolated"][mode] = int(a["context"] + (total - a["peak_GB"] * 1e9) / per_token)
 
 
 class _null:
@@ -224,17 +264,28 @@ def tables(results) -> str:
                          f"{r['dequantize_vs_copy']:.0%} | {r['codes_differing_from_cpu']} |")
         lines.append("")
     if "decode_attention" in results:
-        lines += ["| batch | tokens | nexusquant ms | SDPA fp16 ms | speedup | KV MB fp16 → nexusquant | rel. error |",
-                  "|---|---|---|---|---|---|---|"]
+        f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        x = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+        lines += ["Per call (host launch included, what a decode step pays) and GPU only (the same calls "
+                  "replayed from a CUDA graph); floor = bytes the call must read / copy bandwidth.", "",
+                  "| batch | tokens | nexusquant ms | SDPA fp16 ms | speedup | nexusquant GPU ms | SDPA GPU ms | "
+                  "GPU speedup | floor ms nq / SDPA | KV MB fp16 → nexusquant | rel. error |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["decode_attention"]:
             lines.append(f"| {r['batch']} | {r['tokens']} | {r['nexusquant_ms']:.3f} | {r['sdpa_fp16_ms']:.3f} | "
-                         f"{r['speedup']:.2f}x | {r['kv_fp16_MB']:.0f} → {r['kv_nexusquant_MB']:.0f} | {r['rel_error_vs_dequantized']:.1e} |")
+                         f"{r['speedup']:.2f}x | {f(r.get('nexusquant_gpu_ms'))} | {f(r.get('sdpa_fp16_gpu_ms'))} | "
+                         f"{x(r.get('gpu_speedup'))} | {f(r.get('nexusquant_floor_ms'))} / {f(r.get('sdpa_floor_ms'))} | "
+                         f"{r['kv_fp16_MB']:.0f} → {r['kv_nexusquant_MB']:.0f} | {r['rel_error_vs_dequantized']:.1e} |")
         lines.append("")
     if "end_to_end" in results:
         e = results["end_to_end"]
-        lines += [f"Llama-3-8B-shaped, random bf16 weights ({e['weights_GB']:.1f} GB), device memory {e['device_memory_GB']:.0f} GB, 128 new tokens.", "",
+        lines += [f"Llama-3-8B-shaped ({e.get('layers', 32)} layers), random bf16 weights ({e['weights_GB']:.1f} GB), "
+                  f"device memory {e['device_memory_GB']:.0f} GB, {e.get('new_tokens', 128)} new tokens, batch 1.", "",
                   "| context | cache | peak GB | KV GB | prefill s | decode tok/s |", "|---|---|---|---|---|---|"]
         for r in e["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['context']} | {r['mode']} | failed: {r['error'][:80]} | | | |")
+                continue
             lines.append(f"| {r['context']} | {r['mode']} | {r['peak_GB']:.1f} | {r['kv_GB']:.2f} | {r['prefill_s']:.1f} | {r['decode_tokens_per_s']:.1f} |")
         lines.append("")
         for mode, n in e["longest_context_extrapolated"].items():
@@ -246,6 +297,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--phase", default="all", choices=["kernels", "e2e", "all"])
+    ap.add_argument("--contexts", default="32768,131072", help="e2e prompt lengths (two, for the extrapolation)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=32, help="e2e decoder layers (32 = Llama-3-8B)")
     args = ap.parse_args()
     assert gpu.available(), "CUDA kernels unavailable"
     results = dict(device=torch.cuda.get_device_name(0), date=str(date.today()), phase=args.phase,
@@ -253,15 +307,21 @@ def main():
     if args.phase in ("kernels", "all"):
         results["copy_GBps"] = copy_bandwidth()
         bench_codec(results["copy_GBps"], results)
-        bench_decode_attention(results)
-    if args.phase in ("e2e", "all"):
-        bench_end_to_end(results)
+        bench_decode_attention(results["copy_GBps"], results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"gpu_bench_{args.phase}.json").write_text(json.dumps(results, indent=2))
-    md = tables(results)
-    (out / f"gpu_bench_{args.phase}.md").write_text(md)
-    print(md)
+
+    def save():
+        (out / f"gpu_bench_{args.phase}.json").write_text(json.dumps(results, indent=2))
+        md = tables(results)
+        (out / f"gpu_bench_{args.phase}.md").write_text(md)
+        return md
+
+    if args.phase in ("kernels", "all"):
+        save()
+    if args.phase in ("e2e", "all"):
+        bench_end_to_end(results, tuple(int(c) for c in args.contexts.split(",")), args.new_tokens, args.layers, save)
+    print(save())
 
 
 if __name__ == "__main__":

@@ -52,31 +52,99 @@ def test_bad_input_raises_on_gpu():
         gpu.encode(codec, x)
 
 
-@pytest.mark.parametrize("kbits,vbits", [(2, 2), (3, 2), (4, 4), (1, 1)])
-@pytest.mark.parametrize("head_dim,group", [(128, 4), (64, 3), (256, 2)])
-def test_decode_attention_kernel_matches_reference(kbits, vbits, head_dim, group):
+def test_misaligned_input_takes_the_generic_kernel():
+    """A view that does not start on a 16-byte boundary cannot use the vector loads of the fast
+    kernels: the generic kernel must take it, with the same codes."""
     gpu = _gpu()
-    bh, t = 6, 1500
-    kc, vc = nq.E8Codec(head_dim, kbits, 0), nq.E8Codec(head_dim, vbits, 0)
-    k = torch.randn(bh, t, head_dim, device="cuda")
-    v = torch.randn(bh, t, head_dim, device="cuda")
-    kcodes, kscales = gpu.encode(kc, k)
-    vcodes, vscales = gpu.encode(vc, v)
-    q_rot = torch.randn(bh, group, kc.padded_dim, device="cuda") * 0.1
-    q_center = torch.randn(bh, group, device="cuda")
-    valid = torch.rand(bh, t, device="cuda") > 0.1
-    m, l, acc = gpu.decode_attention_partials(q_rot, q_center, kcodes, kscales, kbits, kc.residual_ratio or 1.0,
-                                              vcodes, vscales, vbits, vc.residual_ratio or 1.0, valid)
-    rm, rl, racc = gpu.decode_attention_partials_reference(kc, vc, q_rot, q_center, kcodes, kscales, vcodes, vscales, valid)
+    codec = nq.E8Codec(128, 2, seed=1)
+    buf = torch.randn(401 * 128 + 1, device="cuda", dtype=torch.float16)
+    x = buf[1:].view(401, 128)
+    assert x.data_ptr() % 16 != 0
+    codes, scales = gpu.encode(codec, x)
+    ref_codes, ref_scales = codec.encode_arrays(*as_codec_input(x.cpu()))
+    assert (codes.cpu().numpy() != ref_codes).sum() == 0
+    assert (scales.cpu().numpy().view(np.uint16) != ref_scales).sum() == 0
 
-    def merged(m, l, acc):
-        mm = m.amax(1)
-        w = torch.exp(m - mm[:, None])
-        return (w[..., None] * acc).sum(1) / (w * l).sum(1)[..., None]
 
-    got, want = merged(m, l, acc), merged(rm, rl, racc)
-    rel = ((got - want).norm() / want.norm()).item()
-    assert rel < 1e-4
+def _attention_case(b, hkv, group, head_dim, tier_bits, tier_tokens, dtype, n_sink, window, masked, seed):
+    gpu = _gpu()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen)
+
+    hq = hkv * group
+    tfp = n_sink + window
+    query = randn(b, hq, 1, head_dim).to(dtype)
+    key = (randn(b, hkv, tfp, head_dim) * 2).to(dtype)
+    value = randn(b, hkv, tfp, head_dim).to(dtype)
+    w_total = window + 5
+    win_valid = torch.rand(b, w_total, device="cuda", generator=gen) > 0.2
+    win_valid[:, -1] = True  # the new token sees itself
+    fp_mask = None
+    allowed = torch.ones(b, hkv, tfp, dtype=torch.bool, device="cuda")
+    allowed[:, :, n_sink:] = win_valid[:, None, w_total - window:]
+    if masked:
+        fp_mask = torch.rand(b, hkv, tfp, device="cuda", generator=gen) > 0.3
+        fp_mask[:, :, -1] = True
+        allowed = fp_mask
+    tiers = []
+    for (kb, vb), t in zip(tier_bits, tier_tokens):
+        kc, vc = nq.E8Codec(head_dim, kb, 7), nq.E8Codec(head_dim, vb, 7)
+        kcodes, kscales = gpu.encode(kc, randn(b, hkv, t, head_dim) * 2)
+        vcodes, vscales = gpu.encode(vc, randn(b, hkv, t, head_dim))
+        valid = (torch.rand(b, hkv, t, device="cuda", generator=gen) > 0.1) if masked else None
+        tiers.append((kcodes, kscales, vcodes, vscales, valid, kc, vc))
+    k_center = randn(b, hkv, 1, head_dim).to(dtype)
+    v_center = randn(b, hkv, 1, head_dim).to(dtype)
+    scaling = head_dim**-0.5
+    out = torch.full((b, 1, hq, head_dim), float("nan"), dtype=dtype, device="cuda")  # poisoned
+    got = gpu.decode_attention(query, key, value, n_sink, fp_mask, win_valid, tiers, k_center, v_center, scaling, out=out)
+    want = gpu.decode_attention_reference(query, key, value, allowed, tiers, k_center, v_center, scaling)
+    args = (query, key, value, n_sink, fp_mask, win_valid, tiers, k_center, v_center, scaling)
+    return got, want, args
+
+
+# fp16 operands on the tensor cores (the rotated query and the probabilities; the 1- and 2-bit
+# codewords are exact in fp16), fp32 accumulation: relative error near 1e-3 at most; a bf16 output
+# adds its own rounding (2^-9).
+_TOL = {torch.float16: 2e-3, torch.float32: 2e-3, torch.bfloat16: 6e-3}
+
+
+@pytest.mark.parametrize(
+    "head_dim,group,tier_bits,dtype",
+    [
+        (128, 4, ((2, 2), (1, 1)), torch.float16),  # Llama-3-8B, the balanced preset's two tiers
+        (128, 4, ((2, 2),), torch.bfloat16),
+        (128, 1, ((3, 2), (1, 1)), torch.bfloat16),
+        (64, 8, ((4, 4), (2, 3)), torch.float32),
+        (64, 3, ((1, 1),), torch.float16),
+        (256, 2, ((2, 2), (1, 1)), torch.float16),
+    ],
+)
+@pytest.mark.parametrize("tokens", [(5, 3), (1500, 700), (20011, 4099)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_matches_reference(head_dim, group, tier_bits, dtype, tokens, masked):
+    got, want, _ = _attention_case(3, 2, group, head_dim, tier_bits, tokens, dtype, 4, 37, masked, seed=sum(tokens))
+    assert not torch.isnan(got).any()  # every output element was written
+    rel = ((got.double() - want).norm() / want.norm()).item()
+    assert rel < _TOL[dtype]
+
+
+def test_decode_attention_relaunch_is_deterministic():
+    """The completion counters reset themselves: launches of other shapes in between change nothing."""
+    gpu = _gpu()
+    got, _, args = _attention_case(2, 8, 4, 128, ((2, 2), (1, 1)), (9000, 3000), torch.float16, 4, 33, False, seed=5)
+    _attention_case(5, 2, 4, 128, ((2, 2),), (700,), torch.float16, 4, 20, True, seed=6)
+    again = gpu.decode_attention(*args)
+    assert torch.equal(got, again)
+
+
+def test_decode_attention_long_window():
+    """More full-precision tokens than one 128-token chunk of the kernel's full-precision block."""
+    got, want, _ = _attention_case(2, 2, 4, 128, ((2, 2),), (3000,), torch.float16, 4, 300, True, seed=9)
+    rel = ((got.double() - want).norm() / want.norm()).item()
+    assert rel < _TOL[torch.float16]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

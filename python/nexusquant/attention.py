@@ -159,13 +159,34 @@ def _merge(parts):
 
 
 def _fused_decode(layer: NexusQuantLayer, view: LayerView, query, key, value, model_mask, scaling, sliding):
-    """One query per sequence: attention over the codes of the lazy tiers (CUDA kernel, or its torch
-    reference) merged with the full-precision sinks and window. Returns ``(B, 1, H_q, D)``."""
+    """One query per sequence: attention over the codes of the lazy tiers merged with the
+    full-precision sinks and window. On CUDA one kernel launch does all of it
+    (``gpu.decode_attention``); elsewhere the torch reference below. Returns ``(B, 1, H_q, D)``."""
+    b, hq, q, d = query.shape
+    hkv = key.shape[1]
+    if query.device.type == "cuda" and sliding is None:
+        from . import gpu
+
+        fp_mask = None
+        if model_mask is not None or view.comp_valid is not None:
+            # Padded rows: the model's mask over the window and the sinks' validity, as one mask.
+            win = _window_mask(view, model_mask, q, sliding, key.device)
+            masks = []
+            if view.compressed:
+                c = view.comp_valid[:, :, None, :] if view.comp_valid is not None else torch.ones(
+                    1, 1, 1, view.compressed, dtype=torch.bool, device=key.device)
+                masks.append(c.expand(b, hkv, 1, view.compressed))
+            masks.append(win.expand(b, hkv, 1, view.window))
+            fp_mask = torch.cat(masks, dim=-1).reshape(b, hkv, -1).contiguous()
+        tiers = [
+            (t.keys.codes, t.keys.scales, t.values.codes, t.values.scales, t.valid, t.keys.codec, t.values.codec)
+            for t in view.lazy_tiers
+        ]
+        return gpu.decode_attention(query, key, value, view.compressed, fp_mask, layer.win_valid, tiers,
+                                    layer.k_center, layer.v_center, scaling)
     from . import gpu
     from .cache import _dense_rotation_cpu
 
-    b, hq, q, d = query.shape
-    hkv = key.shape[1]
     g = hq // hkv
     qg = query.reshape(b, hkv, g, d).float()
     # Full-precision part: sinks and window, with their masks.
@@ -182,36 +203,23 @@ def _fused_decode(layer: NexusQuantLayer, view: LayerView, query, key, value, mo
     m = s.amax(-1)
     p = torch.exp(s - m[..., None]).nan_to_num(0.0)
     parts = [(m, p.sum(-1), torch.matmul(p, value.float()))]
-    on_gpu = query.device.type == "cuda"
     for tier in view.lazy_tiers:
         kc, vc = tier.keys.codec, tier.values.codec
-        if on_gpu:
-            q_rot = gpu.rotate_queries(kc, qg) * scaling
-            inv_rot = gpu.dense_inverse_rotation(vc.head_dim, vc.bits, vc.seed, gpu._device_index(query.device))
-        else:
-            rot, inv_rot = _dense_rotation_cpu(kc.head_dim, kc.seed)
-            q_rot = torch.matmul(qg, rot) * scaling
+        rot, inv_rot = _dense_rotation_cpu(kc.head_dim, kc.seed)
+        rot, inv_rot = rot.to(query.device), inv_rot.to(query.device)
+        q_rot = torch.matmul(qg, rot) * scaling
         if layer.k_center is not None:
             q_center = (qg * layer.k_center.float()).sum(-1) * scaling  # (B, Hkv, g)
         else:
             q_center = torch.zeros(b, hkv, g, device=query.device)
         pp = q_rot.shape[-1]
         n = tier.keys.scales.shape[2]
-        args = (
-            q_rot.reshape(b * hkv, g, pp).contiguous(), q_center.reshape(b * hkv, g).contiguous(),
-            tier.keys.codes.reshape(b * hkv, n, -1), tier.keys.scales.reshape(b * hkv, n),
-        )
         valid = None if tier.valid is None else tier.valid.reshape(b * hkv, n)
-        if on_gpu:
-            pm, pl, pa = gpu.decode_attention_partials(
-                *args, kc.bits, kc.residual_ratio or 1.0,
-                tier.values.codes.reshape(b * hkv, n, -1), tier.values.scales.reshape(b * hkv, n),
-                vc.bits, vc.residual_ratio or 1.0, valid,
-            )
-        else:
-            pm, pl, pa = gpu.decode_attention_partials_reference(
-                kc, vc, *args, tier.values.codes.reshape(b * hkv, n, -1), tier.values.scales.reshape(b * hkv, n), valid
-            )
+        pm, pl, pa = gpu.decode_attention_partials_reference(
+            kc, vc, q_rot.reshape(b * hkv, g, pp).contiguous(), q_center.reshape(b * hkv, g).contiguous(),
+            tier.keys.codes.reshape(b * hkv, n, -1), tier.keys.scales.reshape(b * hkv, n),
+            tier.values.codes.reshape(b * hkv, n, -1), tier.values.scales.reshape(b * hkv, n), valid,
+        )
         mm, ll, aa = _merge_splits(pm, pl, pa)  # (BH, g), (BH, g), (BH, g, P)
         a = torch.matmul(aa, inv_rot)  # back to the head dimension
         if layer.v_center is not None:
@@ -222,7 +230,7 @@ def _fused_decode(layer: NexusQuantLayer, view: LayerView, query, key, value, mo
 
 
 def _merge_splits(m, l, acc):
-    """Merge the splits ``(BH, S, g)`` of the kernel's partial states."""
+    """Merge the splits ``(BH, S, g)`` of partial states."""
     mm = m.amax(1)
     w = torch.exp(m - mm[:, None]).nan_to_num(0.0)
     return mm, (w * l).sum(1), (w[..., None] * acc).sum(1)

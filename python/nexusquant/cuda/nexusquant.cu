@@ -1,9 +1,21 @@
 // nexusquant CUDA kernels: quantize, dequantize and decode attention over E8 codes.
 //
-// Loaded by python/nexusquant/gpu/__init__.py with cupy.RawModule (NVRTC), compiled with
-// --fmad=false: every float operation below is written in the same order as the Rust encoder
-// (rust/codec.rs, rust/e8p.rs, rust/hadamard.rs) and no multiply-add may be fused, so the codes
-// and decoded values are bit-identical to the CPU reference.
+// Loaded by python/nexusquant/gpu/__init__.py with cupy.RawModule (NVRTC). One source, three kinds
+// of module, chosen by the macros the loader injects (one compiled module per option set, cached
+// per device):
+//
+//   (none)                       generic codec kernels for any head_dim (80, 96, ...):
+//                                nq_quantize_*, nq_dequantize_*; one warp per vector, FWHT in shared
+//                                memory over the codec's block table.
+//   NQ_CODEC_P, NQ_CODEC_BITS    fast codec kernels for one power-of-two padded dim P (64/128/256)
+//                                and one bit width: nq_quantize_fast_*, nq_dequantize_fast_*.
+//   NQ_ATT_P, NQ_ATT_KB0, ...    the decode-attention kernel nq_attend_* for one P and the bit
+//                                widths of up to two tiers.
+//
+// The codec modules are compiled with --fmad=false: every float operation is written in the same
+// order as the Rust encoder (rust/codec.rs, rust/e8p.rs, rust/hadamard.rs) and no multiply-add may
+// be fused, so codes and decoded values are bit-identical to the CPU reference. The attention
+// module is not bound by that (it is tested against a float32 reference within a tolerance).
 //
 // Layouts (row-major):
 //   x, out      [n, d]            one vector per row, float / __half / __nv_bfloat16
@@ -12,7 +24,9 @@
 //   blocks      int array: n_pass, then per pass: n_blocks, then (offset, length) pairs
 //   block_scale float per block, in the same order: 1/sqrt(length) as the CPU computes it
 // Tables (from the Rust codebook, copied once per device):
-//   abs_table [256*8] f32, parity [256] u8, key_to_index [6561] u16
+//   abs_table [256*8] f32, parity [256] u8, key_to_index [6561] u16,
+//   half_table [256] x 16 bytes: the 8 magnitudes of a pattern as fp16 pairs, coordinate 7 negated
+//   where the pattern's parity bit is set (attention only).
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -24,6 +38,8 @@
 #define NQ_WARPS 4
 #endif
 
+#define NQ_FULL 0xffffffffu
+
 __device__ __forceinline__ float nq_to_f32(float v) { return v; }
 __device__ __forceinline__ float nq_to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float nq_to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -31,10 +47,56 @@ __device__ __forceinline__ void nq_from_f32(float v, float* o) { *o = v; }
 __device__ __forceinline__ void nq_from_f32(float v, __half* o) { *o = __float2half_rn(v); }
 __device__ __forceinline__ void nq_from_f32(float v, __nv_bfloat16* o) { *o = __float2bfloat16_rn(v); }
 
+// Eight consecutive elements (16- or 32-byte aligned) as floats; the conversions are exact.
+__device__ __forceinline__ void nq_load8(const float* p, float v[8]) {
+    float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void nq_load8(const __half* p, float v[8]) {
+    uint4 u = *reinterpret_cast<const uint4*>(p);
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        v[2 * k] = __half2float(__ushort_as_half((unsigned short)(w[k] & 0xFFFFu)));
+        v[2 * k + 1] = __half2float(__ushort_as_half((unsigned short)(w[k] >> 16)));
+    }
+}
+__device__ __forceinline__ void nq_load8(const __nv_bfloat16* p, float v[8]) {
+    uint4 u = *reinterpret_cast<const uint4*>(p);
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        v[2 * k] = __uint_as_float(w[k] << 16);
+        v[2 * k + 1] = __uint_as_float(w[k] & 0xFFFF0000u);
+    }
+}
+__device__ __forceinline__ void nq_store8(float* p, const float v[8]) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void nq_store8(__half* p, const float v[8]) {
+    unsigned w[4];
+    #pragma unroll
+    for (int k = 0; k < 4; ++k)
+        w[k] = (unsigned)__half_as_ushort(__float2half_rn(v[2 * k])) |
+               ((unsigned)__half_as_ushort(__float2half_rn(v[2 * k + 1])) << 16);
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+__device__ __forceinline__ void nq_store8(__nv_bfloat16* p, const float v[8]) {
+    unsigned w[4];
+    #pragma unroll
+    for (int k = 0; k < 4; ++k)
+        w[k] = (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(v[2 * k])) |
+               ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(v[2 * k + 1])) << 16);
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 // ----------------------------------------------------------------------------- codebook
-// The nine permutation classes of E8P16 magnitude patterns: (#5/2 entries, #3/2 entries).
-__constant__ int NQ_N5[9] = {0, 0, 0, 0, 0, 1, 1, 2, 0};
-__constant__ int NQ_N3[9] = {0, 1, 2, 3, 4, 0, 1, 0, 8};
+// The nine permutation classes of E8P16 magnitude patterns: (#5/2 entries, #3/2 entries). Written
+// as functions so that, in unrolled loops, every constant folds at compile time (a __constant__
+// table indexed by a run-time lane value would not).
+__device__ __forceinline__ constexpr int nq_n5(int t) { return (t == 5 || t == 6) ? 1 : (t == 7 ? 2 : 0); }
+__device__ __forceinline__ constexpr int nq_n3(int t) { return t <= 4 ? t : (t == 6 ? 1 : (t == 8 ? 8 : 0)); }
 
 struct NqTypeConsts {
     int n_big, n5, parity;
@@ -43,7 +105,7 @@ struct NqTypeConsts {
 
 __device__ __forceinline__ NqTypeConsts nq_type(int t) {
     NqTypeConsts c;
-    int n5 = NQ_N5[t], n3 = NQ_N3[t], n1 = 8 - n5 - n3;
+    int n5 = nq_n5(t), n3 = nq_n3(t), n1 = 8 - n5 - n3;
     c.n_big = n5 + n3;
     c.n5 = n5;
     c.norm2 = (float)(25 * n5 + 9 * n3 + n1) / 4.0f;
@@ -52,15 +114,19 @@ __device__ __forceinline__ NqTypeConsts nq_type(int t) {
     return c;
 }
 
-// Nearest E8P16 code of one group (port of e8p::encode16_lanes with one lane).
-__device__ unsigned short nq_encode16(const float* z, const unsigned short* key_to_index) {
-    float best = __int_as_float(0x7f800000);
+// Nearest E8P16 code of one group (port of e8p::encode16_lanes with one lane). The float
+// operations are the CPU's, in its order; the integer bookkeeping is free to differ. Both shifts'
+// ranks stay in named registers (selecting by the winning shift at the end), so nothing is indexed
+// at run time.
+__device__ __forceinline__ unsigned nq_encode16(const float z[8], const unsigned short* __restrict__ key_to_index) {
+    const float INF = __int_as_float(0x7f800000);
+    float best = INF;
     int best_t = 0, best_s = 0;
-    int ranks[2][8];
-    unsigned negbits[2];
+    int rk0[8], rk1[8];
+    unsigned nb0 = 0, nb1 = 0;
     #pragma unroll
     for (int si = 0; si < 2; ++si) {
-        float shift = si == 0 ? 0.25f : -0.25f;
+        const float shift = si == 0 ? 0.25f : -0.25f;
         float u[8];
         unsigned negc = 0, nb = 0;
         #pragma unroll
@@ -71,7 +137,6 @@ __device__ unsigned short nq_encode16(const float* z, const unsigned short* key_
             negc += neg;
             nb |= neg << c;
         }
-        negbits[si] = nb;
         int rank[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         #pragma unroll
         for (int i = 0; i < 8; ++i) {
@@ -83,7 +148,7 @@ __device__ unsigned short nq_encode16(const float* z, const unsigned short* key_
             }
         }
         float top[5] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        float sq = 0.0f, umin = __int_as_float(0x7f800000);
+        float sq = 0.0f, umin = INF;
         #pragma unroll
         for (int c = 0; c < 8; ++c) {
             float v = u[c];
@@ -94,15 +159,20 @@ __device__ unsigned short nq_encode16(const float* z, const unsigned short* key_
             sq = __fadd_rn(sq, __fmul_rn(v, v));
             umin = v < umin ? v : umin;
         }
+        // mismatch * 4 * umin * amin: 0 when the sign parity matches (umin is finite, so the CPU's
+        // product is +0 too), else (4 * umin) * amin, computed once per distinct amin.
+        const float u4 = __fmul_rn(4.0f, umin);
+        const float w05 = __fmul_rn(u4, 0.5f), w15 = __fmul_rn(u4, 1.5f), w25 = __fmul_rn(u4, 2.5f);
+        const float half_top = __fmul_rn(0.5f, top[4]);
         #pragma unroll
         for (int t = 0; t < 9; ++t) {
             NqTypeConsts tc = nq_type(t);
             float s_big = tc.n_big == 0 ? 0.0f : (tc.n_big == 8 ? top[4] : top[tc.n_big - 1]);
             float s_5 = tc.n5 == 0 ? 0.0f : top[tc.n5 - 1];
-            float dot = __fadd_rn(__fadd_rn(__fmul_rn(0.5f, top[4]), s_big), s_5);
-            float mismatch = (float)((negc + tc.parity) & 1u);
-            float d = __fadd_rn(__fsub_rn(__fadd_rn(sq, tc.norm2), __fmul_rn(2.0f, dot)),
-                                __fmul_rn(__fmul_rn(__fmul_rn(mismatch, 4.0f), umin), tc.amin));
+            float dot = __fadd_rn(__fadd_rn(half_top, s_big), s_5);
+            bool mismatch = ((negc + (unsigned)tc.parity) & 1u) != 0u;
+            float w = tc.amin == 0.5f ? w05 : (tc.amin == 1.5f ? w15 : w25);
+            float d = __fadd_rn(__fsub_rn(__fadd_rn(sq, tc.norm2), __fmul_rn(2.0f, dot)), mismatch ? w : 0.0f);
             if (d < best) {
                 best = d;
                 best_t = t;
@@ -110,28 +180,35 @@ __device__ unsigned short nq_encode16(const float* z, const unsigned short* key_
             }
         }
         #pragma unroll
-        for (int c = 0; c < 8; ++c) ranks[si][c] = rank[c];
+        for (int c = 0; c < 8; ++c) {
+            if (si == 0) rk0[c] = rank[c];
+            else rk1[c] = rank[c];
+        }
+        if (si == 0) nb0 = nb;
+        else nb1 = nb;
     }
-    NqTypeConsts tc = nq_type(best_t);
+    const int n5 = nq_n5(best_t), n3 = nq_n3(best_t), n1 = 8 - n5 - n3;
+    const int n_big = n5 + n3;
+    const unsigned parity = (unsigned)(((5 * n5 + 3 * n3 + n1) / 2) & 1);
     int key = 0, pow3 = 1, smallest = 0;
     #pragma unroll
     for (int c = 0; c < 8; ++c) {
-        int r = ranks[best_s][c];
-        int digit = (r < tc.n_big ? 1 : 0) + (r < tc.n5 ? 1 : 0);
+        int r = best_s ? rk1[c] : rk0[c];
+        int digit = (r < n_big ? 1 : 0) + (r < n5 ? 1 : 0);
         key += digit * pow3;
         pow3 *= 3;
-        if (r == 7) smallest = c;
+        smallest = r == 7 ? c : smallest;
     }
-    unsigned idx = key_to_index[key];
-    unsigned negs = negbits[best_s];
-    if (((unsigned)__popc(negs) + (unsigned)tc.parity) & 1u) negs ^= 1u << smallest;
-    return (unsigned short)(idx | ((negs & 0x7Fu) << 8) | ((unsigned)best_s << 15));
+    unsigned idx = __ldg(&key_to_index[key]);
+    unsigned negs = best_s ? nb1 : nb0;
+    if (((unsigned)__popc(negs) + parity) & 1u) negs ^= 1u << smallest;
+    return idx | ((negs & 0x7Fu) << 8) | ((unsigned)best_s << 15);
 }
 
 // Nearest E8P8 code of one group (port of e8p::encode8_lanes with one lane).
-__device__ unsigned char nq_encode8(const float* z) {
+__device__ __forceinline__ unsigned nq_encode8(const float z[8]) {
     float best = __int_as_float(0x7f800000);
-    unsigned char best_code = 0;
+    unsigned best_code = 0;
     #pragma unroll
     for (int si = 0; si < 2; ++si) {
         float shift = si == 0 ? 0.25f : -0.25f;
@@ -154,7 +231,7 @@ __device__ unsigned char nq_encode8(const float* z) {
         if (dist < best) {
             best = dist;
             unsigned n = negs ^ (mismatch << argmin);
-            best_code = (unsigned char)((n & 0x7Fu) | ((unsigned)si << 7));
+            best_code = (n & 0x7Fu) | ((unsigned)si << 7);
         }
     }
     return best_code;
@@ -182,127 +259,6 @@ __device__ __forceinline__ void nq_decode8(unsigned code, float* out) {
     for (int c = 0; c < 8; ++c) out[c] = __fadd_rn(((negs >> c) & 1u) ? -0.5f : 0.5f, shift);
 }
 
-// ----------------------------------------------------------------------------- rotation
-// In-place orthonormal Walsh-Hadamard transform of s[off .. off+len) by one warp: the same
-// butterflies (a+b, a-b) and the same final scaling as hadamard::fwht_inplace.
-__device__ void nq_fwht_warp(float* s, int off, int len, float scale, int lane) {
-    for (int h = 1; h < len; h <<= 1) {
-        for (int k = lane; k < len / 2; k += 32) {
-            int i = off + (k / h) * 2 * h + (k % h);
-            float a = s[i], b = s[i + h];
-            s[i] = __fadd_rn(a, b);
-            s[i + h] = __fsub_rn(a, b);
-        }
-        __syncwarp();
-    }
-    for (int i = lane; i < len; i += 32) s[off + i] = __fmul_rn(s[off + i], scale);
-    __syncwarp();
-}
-
-// Apply all passes (forward order, or backward for the inverse).
-__device__ void nq_rotate_warp(float* s, const int* blocks, const float* block_scale, bool inverse, int lane) {
-    int n_pass = blocks[0];
-    // Offsets of each pass's description in `blocks` and `block_scale`.
-    int pos[2], spos[2];
-    int p = 1, sp = 0;
-    for (int q = 0; q < n_pass; ++q) {
-        pos[q] = p;
-        spos[q] = sp;
-        p += 1 + 2 * blocks[p];
-        sp += blocks[pos[q]];
-    }
-    for (int qq = 0; qq < n_pass; ++qq) {
-        int q = inverse ? n_pass - 1 - qq : qq;
-        int nb = blocks[pos[q]];
-        for (int b = 0; b < nb; ++b) {
-            nq_fwht_warp(s, blocks[pos[q] + 1 + 2 * b], blocks[pos[q] + 2 + 2 * b], block_scale[spos[q] + b], lane);
-        }
-    }
-}
-
-// ----------------------------------------------------------------------------- quantize
-// One warp per vector. errors[0] is set to 1 + row for a row with NaN/inf, errors[1] for a scale
-// beyond fp16 (the Python side raises NexusQuantError naming it).
-template <typename T>
-__device__ void nq_quantize(const T* __restrict__ x, int n, int d, int p, const float* __restrict__ signs,
-                            const int* __restrict__ blocks, const float* __restrict__ block_scale,
-                            float scale_factor, float residual_ratio, int bits,
-                            const float* __restrict__ abs_table, const unsigned char* __restrict__ parity,
-                            const unsigned short* __restrict__ key_to_index,
-                            unsigned char* __restrict__ codes, unsigned short* __restrict__ scales, int* errors) {
-    __shared__ float buf[NQ_WARPS][NQ_MAX_PADDED];
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int row = blockIdx.x * NQ_WARPS + warp;
-    if (row >= n) return;
-    float* s = buf[warp];
-    const T* xr = x + (size_t)row * d;
-    bool finite = true;
-    for (int i = lane; i < p; i += 32) {
-        float v = 0.0f;
-        if (i < d) {
-            v = nq_to_f32(xr[i]);
-            finite = finite && isfinite(v);
-            v = __fmul_rn(v, signs[i]);
-        }
-        s[i] = v;
-    }
-    if (!__all_sync(0xffffffffu, finite)) {
-        if (lane == 0) atomicCAS(&errors[0], 0, row + 1);
-        return;
-    }
-    __syncwarp();
-    nq_rotate_warp(s, blocks, block_scale, false, lane);
-    // Sum of squares in the CPU's order: 8 running sums over the groups, then a fixed tree.
-    float acc = 0.0f;
-    if (lane < 8) {
-        for (int i = lane; i < p; i += 8) acc = __fadd_rn(acc, __fmul_rn(s[i], s[i]));
-    }
-    float a[8];
-    #pragma unroll
-    for (int k = 0; k < 8; ++k) a[k] = __shfl_sync(0xffffffffu, acc, k);
-    float ss = __fadd_rn(__fadd_rn(__fadd_rn(a[0], a[1]), __fadd_rn(a[2], a[3])),
-                         __fadd_rn(__fadd_rn(a[4], a[5]), __fadd_rn(a[6], a[7])));
-    float rms = __fsqrt_rn(__fdiv_rn(ss, (float)p));
-    __half hs = __float2half_rn(__fmul_rn(rms, scale_factor));
-    float sc = __half2float(hs);
-    if (!isfinite(sc)) {
-        if (lane == 0) atomicCAS(&errors[1], 0, row + 1);
-        return;
-    }
-    float inv = sc > 0.0f ? __fdiv_rn(1.0f, sc) : 0.0f;
-    if (lane == 0) scales[row] = __half_as_ushort(hs);
-    int g = p / 8;
-    int code_bytes = g * bits;
-    unsigned char* cr = codes + (size_t)row * code_bytes;
-    float inv_r = bits >= 3 ? __fdiv_rn(1.0f, residual_ratio) : 0.0f;
-    for (int gi = lane; gi < g; gi += 32) {
-        float z[8];
-        #pragma unroll
-        for (int c = 0; c < 8; ++c) z[c] = __fmul_rn(s[gi * 8 + c], inv);
-        if (bits == 1) {
-            cr[gi] = nq_encode8(z);
-            continue;
-        }
-        unsigned short c1 = nq_encode16(z, key_to_index);
-        cr[2 * gi] = (unsigned char)(c1 & 0xFFu);
-        cr[2 * gi + 1] = (unsigned char)(c1 >> 8);
-        if (bits >= 3) {
-            float dec[8];
-            nq_decode16(c1, abs_table, parity, dec);
-            #pragma unroll
-            for (int c = 0; c < 8; ++c) z[c] = __fmul_rn(__fsub_rn(z[c], dec[c]), inv_r);
-            if (bits == 3) {
-                cr[2 * g + gi] = nq_encode8(z);
-            } else {
-                unsigned short c2 = nq_encode16(z, key_to_index);
-                cr[2 * g + 2 * gi] = (unsigned char)(c2 & 0xFFu);
-                cr[2 * g + 2 * gi + 1] = (unsigned char)(c2 >> 8);
-            }
-        }
-    }
-}
-
-// ----------------------------------------------------------------------------- dequantize
 // Codewords of one group in the rotated domain, scaled: s * (c1 + r * c2).
 __device__ __forceinline__ void nq_group_value(const unsigned char* cr, int g, int gi, int bits, float sc, float r,
                                                const float* abs_table, const unsigned char* parity, float* out) {
@@ -328,6 +284,127 @@ __device__ __forceinline__ void nq_group_value(const unsigned char* cr, int g, i
     }
     #pragma unroll
     for (int c = 0; c < 8; ++c) out[c] = __fmul_rn(sc, __fadd_rn(out[c], __fmul_rn(r, c2v[c])));
+}
+
+#if !defined(NQ_CODEC_P) && !defined(NQ_ATT_P)
+// ============================================================================= generic codec
+// In-place orthonormal Walsh-Hadamard transform of s[off .. off+len) by one warp: the same
+// butterflies (a+b, a-b) and the same final scaling as hadamard::fwht_inplace. len and h are
+// powers of two, so the butterfly index needs shifts, not divisions.
+__device__ void nq_fwht_warp(float* s, int off, int len, float scale, int lane) {
+    for (int h = 1, lh = 0; h < len; h <<= 1, ++lh) {
+        for (int k = lane; k < len / 2; k += 32) {
+            int i = off + ((k >> lh) << (lh + 1)) + (k & (h - 1));
+            float a = s[i], b = s[i + h];
+            s[i] = __fadd_rn(a, b);
+            s[i + h] = __fsub_rn(a, b);
+        }
+        __syncwarp();
+    }
+    for (int i = lane; i < len; i += 32) s[off + i] = __fmul_rn(s[off + i], scale);
+    __syncwarp();
+}
+
+// Apply all passes (forward order, or backward for the inverse).
+__device__ void nq_rotate_warp(float* s, const int* blocks, const float* block_scale, bool inverse, int lane) {
+    int n_pass = blocks[0];
+    int pos[2] = {0, 0}, spos[2] = {0, 0};
+    int p = 1, sp = 0;
+    for (int q = 0; q < n_pass && q < 2; ++q) {
+        if (q == 0) { pos[0] = p; spos[0] = sp; } else { pos[1] = p; spos[1] = sp; }
+        int nb = blocks[p];
+        p += 1 + 2 * nb;
+        sp += nb;
+    }
+    for (int qq = 0; qq < n_pass; ++qq) {
+        int q = inverse ? n_pass - 1 - qq : qq;
+        int ps = q == 0 ? pos[0] : pos[1], ss = q == 0 ? spos[0] : spos[1];
+        int nb = blocks[ps];
+        for (int b = 0; b < nb; ++b) {
+            nq_fwht_warp(s, blocks[ps + 1 + 2 * b], blocks[ps + 2 + 2 * b], block_scale[ss + b], lane);
+        }
+    }
+}
+
+// One warp per vector. errors[0] is set to 1 + row for a row with NaN/inf, errors[1] for a scale
+// beyond fp16 (the Python side raises NexusQuantError naming it).
+template <typename T>
+__device__ void nq_quantize(const T* __restrict__ x, int n, int d, int p, const float* __restrict__ signs,
+                            const int* __restrict__ blocks, const float* __restrict__ block_scale,
+                            float scale_factor, float residual_ratio, int bits,
+                            const float* __restrict__ abs_table, const unsigned char* __restrict__ parity,
+                            const unsigned short* __restrict__ key_to_index,
+                            unsigned char* __restrict__ codes, unsigned short* __restrict__ scales, int* errors) {
+    __shared__ float buf[NQ_WARPS][NQ_MAX_PADDED];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int row = blockIdx.x * NQ_WARPS + warp;
+    if (row >= n) return;
+    float* s = buf[warp];
+    const T* xr = x + (size_t)row * d;
+    bool finite = true;
+    for (int i = lane; i < p; i += 32) {
+        float v = 0.0f;
+        if (i < d) {
+            v = nq_to_f32(xr[i]);
+            finite = finite && isfinite(v);
+            v = __fmul_rn(v, signs[i]);
+        }
+        s[i] = v;
+    }
+    if (!__all_sync(NQ_FULL, finite)) {
+        if (lane == 0) atomicCAS(&errors[0], 0, row + 1);
+        return;
+    }
+    __syncwarp();
+    nq_rotate_warp(s, blocks, block_scale, false, lane);
+    // Sum of squares in the CPU's order: 8 running sums over the groups, then a fixed tree.
+    float acc = 0.0f;
+    if (lane < 8) {
+        for (int i = lane; i < p; i += 8) acc = __fadd_rn(acc, __fmul_rn(s[i], s[i]));
+    }
+    float a[8];
+    #pragma unroll
+    for (int k = 0; k < 8; ++k) a[k] = __shfl_sync(NQ_FULL, acc, k);
+    float ss = __fadd_rn(__fadd_rn(__fadd_rn(a[0], a[1]), __fadd_rn(a[2], a[3])),
+                         __fadd_rn(__fadd_rn(a[4], a[5]), __fadd_rn(a[6], a[7])));
+    float rms = __fsqrt_rn(__fdiv_rn(ss, (float)p));
+    __half hs = __float2half_rn(__fmul_rn(rms, scale_factor));
+    float sc = __half2float(hs);
+    if (!isfinite(sc)) {
+        if (lane == 0) atomicCAS(&errors[1], 0, row + 1);
+        return;
+    }
+    float inv = sc > 0.0f ? __fdiv_rn(1.0f, sc) : 0.0f;
+    if (lane == 0) scales[row] = __half_as_ushort(hs);
+    int g = p / 8;
+    int code_bytes = g * bits;
+    unsigned char* cr = codes + (size_t)row * code_bytes;
+    float inv_r = bits >= 3 ? __fdiv_rn(1.0f, residual_ratio) : 0.0f;
+    for (int gi = lane; gi < g; gi += 32) {
+        float z[8];
+        #pragma unroll
+        for (int c = 0; c < 8; ++c) z[c] = __fmul_rn(s[gi * 8 + c], inv);
+        if (bits == 1) {
+            cr[gi] = (unsigned char)nq_encode8(z);
+            continue;
+        }
+        unsigned c1 = nq_encode16(z, key_to_index);
+        cr[2 * gi] = (unsigned char)(c1 & 0xFFu);
+        cr[2 * gi + 1] = (unsigned char)(c1 >> 8);
+        if (bits >= 3) {
+            float dec[8];
+            nq_decode16(c1, abs_table, parity, dec);
+            #pragma unroll
+            for (int c = 0; c < 8; ++c) z[c] = __fmul_rn(__fsub_rn(z[c], dec[c]), inv_r);
+            if (bits == 3) {
+                cr[2 * g + gi] = (unsigned char)nq_encode8(z);
+            } else {
+                unsigned c2 = nq_encode16(z, key_to_index);
+                cr[2 * g + 2 * gi] = (unsigned char)(c2 & 0xFFu);
+                cr[2 * g + 2 * gi + 1] = (unsigned char)(c2 >> 8);
+            }
+        }
+    }
 }
 
 template <typename T>
@@ -379,145 +456,903 @@ NQ_QUANTIZE_ENTRY(nq_quantize_bf16, __nv_bfloat16)
 NQ_DEQUANTIZE_ENTRY(nq_dequantize_f32, float)
 NQ_DEQUANTIZE_ENTRY(nq_dequantize_f16, __half)
 NQ_DEQUANTIZE_ENTRY(nq_dequantize_bf16, __nv_bfloat16)
+#endif  // generic codec
 
-// ----------------------------------------------------------------------------- decode attention
-// One new query per sequence against the compressed tokens of one (batch, KV head), split over
-// tokens (flash-decoding): each block writes a partial softmax state (max m, sum l, accumulator
-// in the rotated domain) per query head of the group; Python merges splits and the
-// full-precision tokens and applies the inverse rotation once.
-//
-// Scores need no dequantized key: q·k = q·center + s·(R q)·c where c is the codeword and R the
-// rotation, so the kernel dots the rotated query with codewords straight from the table.
-// G = padded_dim / 8 lanes share a token (G in {8, 16, 32}); a warp covers 32 / G tokens.
-// Launch: grid (n_splits, B * Hkv), block NQ_WARPS * 32.
-#ifndef NQ_MAX_GROUP_HEADS
-#define NQ_MAX_GROUP_HEADS 8
+#ifdef NQ_CODEC_P
+// ============================================================================= fast codec
+// Padded dim P = 64, 128 or 256 with a single Hadamard block (head_dim == P). L = P/8 lanes own one
+// vector, one 8-dim group per lane, so a warp holds 32/L vectors: the group's values stay in
+// registers from the load through the rotation to the encoder. Butterflies h = 1, 2, 4 run inside a
+// lane, h = 8 .. P/2 across lanes with shuffles; each output element gets exactly the CPU's chain
+// of adds (a+b for the lower index, a-b for the upper), so the rotation is bit-identical. The grid
+// strides over vectors so each block loads its tables once.
+#ifndef NQ_CODEC_BITS
+#error "NQ_CODEC_BITS must be defined with NQ_CODEC_P"
 #endif
+#define NQ_CL (NQ_CODEC_P / 8)
+#define NQ_CVPW (32 / NQ_CL)
 
-extern "C" __global__ void __launch_bounds__(NQ_WARPS * 32) nq_decode_attention(
-    const float* __restrict__ q_rot,      // [B*Hkv, g, P]: rotated query, already times the attention scale
-    const float* __restrict__ q_center,   // [B*Hkv, g]: scale * q . key_center
-    const unsigned char* __restrict__ kcodes, const unsigned short* __restrict__ kscales, int kbits,
-    const unsigned char* __restrict__ vcodes, const unsigned short* __restrict__ vscales, int vbits,
-    const unsigned char* __restrict__ valid,  // [B*Hkv, T] or null
-    int T, int P, int g, int chunk, float kres, float vres,
-    const float* __restrict__ abs_table_g, const unsigned char* __restrict__ parity_g,
-    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc) {
-    __shared__ float abs_table[256 * 8];
-    __shared__ unsigned char parity[256];
-    __shared__ float red_m[NQ_WARPS][NQ_MAX_GROUP_HEADS];
-    __shared__ float red_l[NQ_WARPS][NQ_MAX_GROUP_HEADS];
-    __shared__ float red_acc[NQ_WARPS][NQ_MAX_GROUP_HEADS][256];
-    for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) abs_table[i] = abs_table_g[i];
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) parity[i] = parity_g[i];
-    __syncthreads();
-
-    const int bh = blockIdx.y, split = blockIdx.x, n_splits = gridDim.x;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int G = P / 8;
-    const int tpw = 32 / G;            // tokens per warp step
-    const int gi = lane % G;           // this lane's group
-    const int slot = lane / G;         // this lane's token within the step
-    const int kcb = G * kbits, vcb = G * vbits;
-    const float NEG_INF = __int_as_float(0xff800000);
-
-    float q[NQ_MAX_GROUP_HEADS][8];
-    float qc[NQ_MAX_GROUP_HEADS];
-    for (int j = 0; j < g; ++j) {
-        const float* qr = q_rot + ((size_t)bh * g + j) * P + gi * 8;
+// The rotation's butterflies on a lane's 8 values and across the L lanes of a vector.
+__device__ __forceinline__ void nq_fwht_lanes(float s[8], int gi, float scale) {
+    #pragma unroll
+    for (int h = 1; h < 8; h <<= 1) {
         #pragma unroll
-        for (int c = 0; c < 8; ++c) q[j][c] = qr[c];
-        qc[j] = q_center[(size_t)bh * g + j];
+        for (int i = 0; i < 8; ++i) {
+            if ((i & h) == 0) {
+                float a = s[i], b = s[i + h];
+                s[i] = __fadd_rn(a, b);
+                s[i + h] = __fsub_rn(a, b);
+            }
+        }
     }
-    float m[NQ_MAX_GROUP_HEADS], l[NQ_MAX_GROUP_HEADS], acc[NQ_MAX_GROUP_HEADS][8];
-    for (int j = 0; j < g; ++j) {
-        m[j] = NEG_INF;
-        l[j] = 0.0f;
+    // Across lanes: the lower lane computes a + b, the upper one a - b, written (-b) + a (the same
+    // IEEE operation), so both lanes run one multiply by +-1 (exact) and one add.
+    #pragma unroll
+    for (int m = 1; m < NQ_CL; m <<= 1) {
+        const float sgn = (gi & m) ? -1.0f : 1.0f;
         #pragma unroll
-        for (int c = 0; c < 8; ++c) acc[j][c] = 0.0f;
+        for (int c = 0; c < 8; ++c) {
+            float o = __shfl_xor_sync(NQ_FULL, s[c], m);
+            s[c] = __fadd_rn(__fmul_rn(s[c], sgn), o);
+        }
     }
+    #pragma unroll
+    for (int c = 0; c < 8; ++c) s[c] = __fmul_rn(s[c], scale);
+}
 
-    const int t0 = split * chunk, t1 = min(T, t0 + chunk);
-    const unsigned char* kc_base = kcodes + (size_t)bh * T * kcb;
-    const unsigned char* vc_base = vcodes + (size_t)bh * T * vcb;
-    for (int base = t0 + warp * tpw; base < t1; base += NQ_WARPS * tpw) {
-        int t = base + slot;
-        bool live = t < t1 && (valid == nullptr || valid[(size_t)bh * T + t]);
-        float kv[8];
-        float ks = 0.0f;
-        if (t < t1) {
-            ks = __half2float(__ushort_as_half(kscales[(size_t)bh * T + t]));
-            nq_group_value(kc_base + (size_t)t * kcb, G, gi, kbits, 1.0f, kres, abs_table, parity, kv);
+template <typename T>
+__device__ __forceinline__ void nq_quantize_fast(const T* __restrict__ x, long long n, const float* __restrict__ signs,
+                                                 float bscale, float scale_factor, float residual_ratio,
+                                                 const float* __restrict__ abs_table, const unsigned char* __restrict__ parity,
+                                                 const unsigned short* __restrict__ key_to_index,
+                                                 unsigned char* __restrict__ codes, unsigned short* __restrict__ scales,
+                                                 int* errors) {
+    constexpr int P = NQ_CODEC_P, L = NQ_CL, VPW = NQ_CVPW, NG = P / 8, BITS = NQ_CODEC_BITS;
+    constexpr int CB = NG * BITS;
+    __shared__ __align__(16) float buf[NQ_WARPS][256];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gi = lane % L, vs = lane / L;
+    const unsigned vmask = L == 32 ? NQ_FULL : (((1u << L) - 1u) << (vs * L));
+    float* wb = buf[warp];
+    float sg[8];
+    #pragma unroll
+    for (int c = 0; c < 8; ++c) sg[c] = signs[gi * 8 + c];
+    const float inv_r = BITS >= 3 ? __fdiv_rn(1.0f, residual_ratio) : 0.0f;
+    const long long step = (long long)gridDim.x * NQ_WARPS * VPW;
+    for (long long base = ((long long)blockIdx.x * NQ_WARPS + warp) * VPW; base < n; base += step) {
+        const long long row = base + vs;
+        const bool inb = row < n;
+        float s[8];
+        if (inb) nq_load8(x + row * P + gi * 8, s);
+        else {
+            #pragma unroll
+            for (int c = 0; c < 8; ++c) s[c] = 0.0f;
+        }
+        bool fin = true;
+        #pragma unroll
+        for (int c = 0; c < 8; ++c) fin = fin && isfinite(s[c]);
+        const bool bad = (__ballot_sync(NQ_FULL, inb && !fin) & vmask) != 0u;
+        if (bad && inb && gi == 0) atomicCAS(&errors[0], 0, (int)(row + 1));
+        #pragma unroll
+        for (int c = 0; c < 8; ++c) s[c] = __fmul_rn(s[c], sg[c]);
+        nq_fwht_lanes(s, gi, bscale);
+        // Sum of squares in the CPU's order: running sum k of the elements k, k+8, k+16, ...
+        // (a column of the lane-major layout), then a fixed tree over the 8 sums.
+        reinterpret_cast<float4*>(wb)[lane * 2] = make_float4(s[0], s[1], s[2], s[3]);
+        reinterpret_cast<float4*>(wb)[lane * 2 + 1] = make_float4(s[4], s[5], s[6], s[7]);
+        __syncwarp();
+        float acc = 0.0f;
+        if (gi < 8) {
+            #pragma unroll 8
+            for (int k = 0; k < NG; ++k) {
+                float e = wb[vs * P + k * 8 + gi];
+                acc = __fadd_rn(acc, __fmul_rn(e, e));
+            }
+        }
+        float a[8];
+        #pragma unroll
+        for (int k = 0; k < 8; ++k) a[k] = __shfl_sync(NQ_FULL, acc, vs * L + k);
+        __syncwarp();
+        const float ss = __fadd_rn(__fadd_rn(__fadd_rn(a[0], a[1]), __fadd_rn(a[2], a[3])),
+                                   __fadd_rn(__fadd_rn(a[4], a[5]), __fadd_rn(a[6], a[7])));
+        const float rms = __fsqrt_rn(__fdiv_rn(ss, (float)P));
+        const __half hs = __float2half_rn(__fmul_rn(rms, scale_factor));
+        const float sc = __half2float(hs);
+        if (inb && !bad && !isfinite(sc) && gi == 0) atomicCAS(&errors[1], 0, (int)(row + 1));
+        if (!(inb && !bad && isfinite(sc))) continue;
+        const float inv = sc > 0.0f ? __fdiv_rn(1.0f, sc) : 0.0f;
+        if (gi == 0) scales[row] = __half_as_ushort(hs);
+        float z[8];
+        #pragma unroll
+        for (int c = 0; c < 8; ++c) z[c] = __fmul_rn(s[c], inv);
+        unsigned char* cr = codes + row * CB;
+        if (BITS == 1) {
+            cr[gi] = (unsigned char)nq_encode8(z);
         } else {
-            #pragma unroll
-            for (int c = 0; c < 8; ++c) kv[c] = 0.0f;
-        }
-        float vv[8];
-        float vs = 0.0f;
-        if (t < t1) {
-            vs = __half2float(__ushort_as_half(vscales[(size_t)bh * T + t]));
-            nq_group_value(vc_base + (size_t)t * vcb, G, gi, vbits, vs, vres, abs_table, parity, vv);
-        }
-        for (int j = 0; j < g; ++j) {
-            float part = 0.0f;
-            #pragma unroll
-            for (int c = 0; c < 8; ++c) part = fmaf(q[j][c], kv[c], part);
-            for (int off = G / 2; off > 0; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
-            if (!live) continue;
-            float score = fmaf(ks, part, qc[j]);
-            float m_new = fmaxf(m[j], score);
-            float alpha = __expf(m[j] - m_new);
-            float pr = __expf(score - m_new);
-            l[j] = l[j] * alpha + pr;
-            #pragma unroll
-            for (int c = 0; c < 8; ++c) acc[j][c] = acc[j][c] * alpha + pr * vv[c];
-            m[j] = m_new;
-        }
-    }
-    // Merge the token slots of the warp (lanes gi and gi + G*k hold the same dimensions).
-    for (int off = G; off < 32; off <<= 1) {
-        for (int j = 0; j < g; ++j) {
-            float om = __shfl_xor_sync(0xffffffffu, m[j], off);
-            float ol = __shfl_xor_sync(0xffffffffu, l[j], off);
-            float mn = fmaxf(m[j], om);
-            float a = mn == NEG_INF ? 0.0f : __expf(m[j] - mn);
-            float b = mn == NEG_INF ? 0.0f : __expf(om - mn);
-            l[j] = l[j] * a + ol * b;
-            #pragma unroll
-            for (int c = 0; c < 8; ++c) {
-                float oa = __shfl_xor_sync(0xffffffffu, acc[j][c], off);
-                acc[j][c] = acc[j][c] * a + oa * b;
+            const unsigned c1 = nq_encode16(z, key_to_index);
+            reinterpret_cast<unsigned short*>(cr)[gi] = (unsigned short)c1;
+            if (BITS >= 3) {
+                float dec[8];
+                nq_decode16(c1, abs_table, parity, dec);
+                #pragma unroll
+                for (int c = 0; c < 8; ++c) z[c] = __fmul_rn(__fsub_rn(z[c], dec[c]), inv_r);
+                if (BITS == 3) cr[2 * NG + gi] = (unsigned char)nq_encode8(z);
+                else reinterpret_cast<unsigned short*>(cr + 2 * NG)[gi] = (unsigned short)nq_encode16(z, key_to_index);
             }
-            m[j] = mn;
-        }
-    }
-    if (slot == 0) {
-        for (int j = 0; j < g; ++j) {
-            if (gi == 0) {
-                red_m[warp][j] = m[j];
-                red_l[warp][j] = l[j];
-            }
-            #pragma unroll
-            for (int c = 0; c < 8; ++c) red_acc[warp][j][gi * 8 + c] = acc[j][c];
-        }
-    }
-    __syncthreads();
-    // Merge the warps and write this split's state.
-    for (int idx = threadIdx.x; idx < g * P; idx += blockDim.x) {
-        int j = idx / P, dim = idx % P;
-        float mn = NEG_INF;
-        for (int w = 0; w < NQ_WARPS; ++w) mn = fmaxf(mn, red_m[w][j]);
-        float lsum = 0.0f, asum = 0.0f;
-        for (int w = 0; w < NQ_WARPS; ++w) {
-            float f = mn == NEG_INF ? 0.0f : __expf(red_m[w][j] - mn);
-            lsum += red_l[w][j] * f;
-            asum += red_acc[w][j][dim] * f;
-        }
-        size_t o = ((size_t)bh * n_splits + split) * g + j;
-        part_acc[o * P + dim] = asum;
-        if (dim == 0) {
-            part_m[o] = mn;
-            part_l[o] = lsum;
         }
     }
 }
+
+template <typename T>
+__device__ __forceinline__ void nq_dequantize_fast(const unsigned char* __restrict__ codes,
+                                                   const unsigned short* __restrict__ scales, long long n,
+                                                   const float* __restrict__ signs, float bscale, float residual_ratio,
+                                                   const float* __restrict__ abs_table_g,
+                                                   const unsigned char* __restrict__ parity_g, T* __restrict__ out) {
+    constexpr int P = NQ_CODEC_P, L = NQ_CL, VPW = NQ_CVPW, NG = P / 8, BITS = NQ_CODEC_BITS;
+    constexpr int CB = NG * BITS;
+    __shared__ __align__(16) float abs_table[256 * 8];
+    __shared__ unsigned char parity[256];
+    if (BITS >= 2) {
+        for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) abs_table[i] = abs_table_g[i];
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) parity[i] = parity_g[i];
+        __syncthreads();
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gi = lane % L, vs = lane / L;
+    float sg[8];
+    #pragma unroll
+    for (int c = 0; c < 8; ++c) sg[c] = signs[gi * 8 + c];
+    const long long step = (long long)gridDim.x * NQ_WARPS * VPW;
+    for (long long base = ((long long)blockIdx.x * NQ_WARPS + warp) * VPW; base < n; base += step) {
+        const long long row = base + vs;
+        const bool inb = row < n;
+        const long long r = inb ? row : n - 1;
+        const float sc = __half2float(__ushort_as_half(scales[r]));
+        float s[8];
+        nq_group_value(codes + r * CB, NG, gi, BITS, sc, residual_ratio, abs_table, parity, s);
+        nq_fwht_lanes(s, gi, bscale);
+        #pragma unroll
+        for (int c = 0; c < 8; ++c) s[c] = __fmul_rn(s[c], sg[c]);
+        if (inb) nq_store8(out + row * P + gi * 8, s);
+    }
+}
+
+#define NQ_QUANTIZE_FAST_ENTRY(NAME, T)                                                                      \
+    extern "C" __global__ void __launch_bounds__(NQ_WARPS * 32) NAME(                                        \
+        const T* x, long long n, const float* signs, float bscale, float scale_factor, float residual_ratio,  \
+        const float* abs_table, const unsigned char* parity, const unsigned short* key_to_index,              \
+        unsigned char* codes, unsigned short* scales, int* errors) {                                          \
+        nq_quantize_fast<T>(x, n, signs, bscale, scale_factor, residual_ratio, abs_table, parity, key_to_index, \
+                            codes, scales, errors);                                                           \
+    }
+NQ_QUANTIZE_FAST_ENTRY(nq_quantize_fast_f32, float)
+NQ_QUANTIZE_FAST_ENTRY(nq_quantize_fast_f16, __half)
+NQ_QUANTIZE_FAST_ENTRY(nq_quantize_fast_bf16, __nv_bfloat16)
+
+#define NQ_DEQUANTIZE_FAST_ENTRY(NAME, T)                                                                    \
+    extern "C" __global__ void __launch_bounds__(NQ_WARPS * 32) NAME(                                        \
+        const unsigned char* codes, const unsigned short* scales, long long n, const float* signs,           \
+        float bscale, float residual_ratio, const float* abs_table, const unsigned char* parity, T* out) {   \
+        nq_dequantize_fast<T>(codes, scales, n, signs, bscale, residual_ratio, abs_table, parity, out);      \
+    }
+NQ_DEQUANTIZE_FAST_ENTRY(nq_dequantize_fast_f32, float)
+NQ_DEQUANTIZE_FAST_ENTRY(nq_dequantize_fast_f16, __half)
+NQ_DEQUANTIZE_FAST_ENTRY(nq_dequantize_fast_bf16, __nv_bfloat16)
+#endif  // NQ_CODEC_P
+
+#ifdef NQ_ATT_P
+// ============================================================================= decode attention
+// One new query per sequence against everything one (batch, KV head) holds: the compressed tiers
+// (codes) and the full-precision sinks and window, in ONE launch. Grid (S0 + S1 + 1, B * H_kv):
+// blocks [0, S0) take a chunk of tier 0's tokens, [S0, S0 + S1) of tier 1's, the last block the
+// full-precision tokens. Each block writes a partial softmax state (max m, sum l, accumulator);
+// the last block of a (batch, KV head) to finish (an atomic counter) merges them, turns the codes'
+// accumulator back from the rotated domain (inverse Hadamard, signs), adds l * value_center and
+// the full-precision part, and writes the output in the model's dtype.
+//
+// Scores without dequantized keys: q.k = q.center + s * (R q).c, with c the codeword; the kernel
+// scores fp16 codewords against R q on the tensor cores (mma.sync m16n8k16, fp32 accumulate):
+//   S^T (16 tokens x 8 heads) = K' (16 tokens x 16 dims) . Q' (16 dims x 8 heads), P/16 k-steps;
+//   O^T (16 dims x 8 heads)  += V'^T (16 dims x 16 tokens) . P' (16 tokens x 8 heads), P/16 m-tiles.
+// The order of the reduced dimension inside an mma is free, so dims are permuted such that a lane
+// decodes whole groups straight into its fragment registers: for keys, lane (gid, tig) holds
+// tokens gid and gid+8 and the groups [tig*P/32, (tig+1)*P/32); for values, tokens 2tig, 2tig+1,
+// 2tig+8, 2tig+9 and the groups [gid*P/64, (gid+1)*P/64), with token pairs formed by byte
+// permutes. Probabilities go from the S^T accumulator layout to the P' operand layout with
+// movmatrix (an 8x8 transpose in registers). GQA: up to 8 query heads share one KV head (the
+// mma's N); scores are kept in log2 units (q is scaled by scale * log2 e) for ex2.
+#ifndef NQ_ATT_KB0
+#error "NQ_ATT_KB0/VB0 (and KB1/VB1, 0 for one tier) must be defined with NQ_ATT_P"
+#endif
+#ifndef NQ_ATT_KB1
+#define NQ_ATT_KB1 0
+#define NQ_ATT_VB1 0
+#endif
+
+#ifndef NQ_AW
+#define NQ_AW 4     // warps per block
+#endif
+#define NQ_AT (NQ_AW * 32)  // threads per block
+#ifndef NQ_ATT_PREFETCH
+#define NQ_ATT_PREFETCH 1  // load the next tile's codes while decoding this one
+#endif
+#ifndef NQ_DIAG
+#define NQ_DIAG 0  // timing diagnostics only (wrong results): 1 skips the values, 2 the key decode
+#endif
+#define NQ_AMAXG 8  // query heads per KV head (the mma's N)
+#define NQ_AREP 8   // copies of the pattern table, one per lane of a quarter warp: no bank conflicts
+#define NQ_AMAXS 256
+#define NQ_APS (2 * NQ_AMAXG + NQ_AMAXG * NQ_ATT_P)  // floats per partial state
+
+struct NqTier {
+    const unsigned char* kcodes;
+    const unsigned short* kscales;
+    const unsigned char* vcodes;
+    const unsigned short* vscales;
+    const unsigned char* valid;  // [B*Hkv, T] or null
+    long long tokens, splits, chunk;
+    float kres, vres;
+};
+
+struct NqAttnParams {
+    const void* q;              // [B*Hq, D] (the one new query), model dtype
+    void* out;                  // [B*Hq, D], model dtype
+    const void* kfp;            // [B*Hkv, Tfp, D]: sinks then window, model dtype
+    const void* vfp;
+    const unsigned char* fp_mask;    // [B*Hkv, Tfp] or null (then sinks are visible and the window follows win_valid)
+    const unsigned char* win_valid;  // [B, win_total]: the window is its last Tfp - n_sink entries
+    const void* kcent;          // [B*Hkv, D] or null
+    const void* vcent;
+    const float* signs;         // [D]
+    const uint4* table;         // [256] fp16 magnitude patterns
+    float* part;                // [B*Hkv, S_total, NQ_APS]
+    int* counters;              // [B*Hkv], zero between launches
+    long long tfp, n_sink, win_total, g, hkv;
+    float bscale, qscale;       // 1/sqrt(P) of the rotation; softmax scale * log2(e)
+    NqTier tier[2];
+};
+static_assert(sizeof(NqTier) == 72 && sizeof(NqAttnParams) == 288, "gpu/__init__.py mirrors this layout");
+
+__device__ __forceinline__ float nq_ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ unsigned nq_pack_h2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ unsigned nq_hadd2(unsigned a, unsigned b) {
+    unsigned r;
+    asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+__device__ __forceinline__ unsigned nq_hfma2(unsigned a, unsigned b, unsigned c) {
+    unsigned r;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+__device__ __forceinline__ unsigned nq_movtrans(unsigned a) {
+    unsigned r;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(a));
+    return r;
+}
+__device__ __forceinline__ void nq_mma(float c[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                       unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ float nq_ldcg(const float* p) { return __ldcg(p); }
+
+// Compile-time loop: f(NqInt<I>{}) for I in [I0, N), so array indices inside stay constants.
+template <int I>
+struct NqInt {
+    static constexpr int value = I;
+};
+template <int I, int N, typename F>
+__device__ __forceinline__ void nq_for(F&& f) {
+    if constexpr (I < N) {
+        f(NqInt<I>{});
+        nq_for<I + 1, N>(f);
+    }
+}
+
+// The four fp16 pairs of a group: magnitudes a (pair k = coordinates 2k, 2k+1, low half first),
+// signs and shift from x = the code's byte holding the 7 stored signs (bits 0-6) and the shift
+// (bit 7). The eighth sign is the parity of the 7 stored ones (the magnitude table already carries
+// the pattern's own parity), i.e. x7 ^ popc(x): c2 holds x twice, 15 bits apart, so that
+// (c2 << (15 - 2k)) puts sign 2k at bit 15 and sign 2k+1 at bit 31, and adding popc(x) << 22 flips
+// the copy of bit 7 that lands on bit 31 for pair 3 (carries only reach bits shifted out).
+__device__ __forceinline__ void nq_pairs(unsigned x, uint4 a, unsigned h[4]) {
+    const unsigned c2 = x * 0x8001u + ((unsigned)__popc(x) << 22);
+    const unsigned sh = ((x * 0x01000100u) & 0x80008000u) | 0x34003400u;  // +-1/4 in both halves
+    h[0] = nq_hadd2(a.x ^ ((c2 << 15) & 0x80008000u), sh);
+    h[1] = nq_hadd2(a.y ^ ((c2 << 13) & 0x80008000u), sh);
+    h[2] = nq_hadd2(a.z ^ ((c2 << 11) & 0x80008000u), sh);
+    h[3] = nq_hadd2(a.w ^ ((c2 << 9) & 0x80008000u), sh);
+}
+
+// An E8P16 codeword (the u16 in half `hi` of word w) as 4 fp16 pairs (exact: all values are odd
+// multiples of 1/4). tbl points at this lane's copy of the pattern table.
+template <int HI>
+__device__ __forceinline__ void nq_h16(unsigned w, const uint4* tbl, unsigned h[4]) {
+    const unsigned idx = __byte_perm(w, 0u, HI ? 0x4442u : 0x4440u);
+    const unsigned x = __byte_perm(w, 0u, HI ? 0x4443u : 0x4441u);
+    nq_pairs(x, tbl[idx * NQ_AREP], h);
+}
+
+// An E8P8 codeword (byte B of word w: 7 signs, shift bit 7) as 4 fp16 pairs of +-1/2 +- 1/4.
+template <int B>
+__device__ __forceinline__ void nq_h8(unsigned w, unsigned h[4]) {
+    const unsigned x = __byte_perm(w, 0u, 0x4440u + B);
+    nq_pairs(x, make_uint4(0x38003800u, 0x38003800u, 0x38003800u, 0x38003800u), h);
+}
+
+// N bytes of a code row, loaded with one aligned access.
+template <int N>
+struct NqBytes {
+    unsigned w[(N + 3) / 4];
+    __device__ __forceinline__ void load(const unsigned char* p) {
+        if constexpr (N == 16) {
+            const uint4 v = *reinterpret_cast<const uint4*>(p);
+            w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+        } else if constexpr (N == 8) {
+            const uint2 v = *reinterpret_cast<const uint2*>(p);
+            w[0] = v.x; w[1] = v.y;
+        } else if constexpr (N == 4) {
+            w[0] = *reinterpret_cast<const unsigned*>(p);
+        } else if constexpr (N == 2) {
+            w[0] = *reinterpret_cast<const unsigned short*>(p);
+        } else {
+            static_assert(N == 1, "code chunks are 1, 2, 4, 8 or 16 bytes");
+            w[0] = *p;
+        }
+    }
+};
+
+// Group i of a chunk as 4 fp16 pairs: stage 1 plus r * stage 2 for 3 and 4 bits.
+template <int BITS, int NGRP>
+struct NqChunk {
+    static constexpr int B1 = BITS == 1 ? NGRP : 2 * NGRP;
+    static constexpr int B2 = BITS == 3 ? NGRP : (BITS == 4 ? 2 * NGRP : 1);
+    NqBytes<B1> s1;
+    NqBytes<B2> s2;
+    // row: the token's code row; first: the first group of the chunk; ng: groups per vector.
+    __device__ __forceinline__ void load(const unsigned char* row, int first, int ng) {
+        s1.load(row + first * (BITS == 1 ? 1 : 2));
+        if constexpr (BITS >= 3) s2.load(row + 2 * ng + first * (BITS == 3 ? 1 : 2));
+    }
+    template <int I>
+    __device__ __forceinline__ void decode(const uint4* tbl, unsigned r2, unsigned h[4]) const {
+        if constexpr (BITS == 1) {
+            nq_h8<I & 3>(s1.w[I >> 2], h);
+        } else {
+            nq_h16<I & 1>(s1.w[I >> 1], tbl, h);
+            if constexpr (BITS >= 3) {
+                unsigned e[4];
+                if constexpr (BITS == 3) nq_h8<I & 3>(s2.w[I >> 2], e);
+                else nq_h16<I & 1>(s2.w[I >> 1], tbl, e);
+                #pragma unroll
+                for (int k = 0; k < 4; ++k) h[k] = nq_hfma2(r2, e[k], h[k]);
+            }
+        }
+    }
+};
+
+// Where one lane reads a tier's split: its code chunks' and scales' base pointers (64-bit
+// arithmetic once per split; tokens are then 32-bit offsets from the split's first token).
+template <int KB, int VB>
+struct NqSplitPtrs {
+    static constexpr int P = NQ_ATT_P, NG = P / 8, KG = NG / 4, VG = NG / 8;
+    static constexpr int KCB = NG * KB, VCB = NG * VB;
+    const unsigned char* kc;   // + token * KCB: this lane's key chunk (stage 1; stage 2 follows at +2*NG)
+    const unsigned char* vc;   // + token * VCB: this lane's value chunk
+    const unsigned short* ks;
+    const unsigned short* vs;
+    const unsigned char* valid;
+    int n;                     // tokens in the split
+    __device__ __forceinline__ void init(const NqTier& tr, long long bh, long long t_begin, long long t_end, int gid, int tig) {
+        const long long row0 = bh * tr.tokens + t_begin;
+        kc = tr.kcodes + row0 * KCB;
+        vc = tr.vcodes + row0 * VCB;
+        ks = tr.kscales + row0;
+        vs = tr.vscales + row0;
+        valid = tr.valid != nullptr ? tr.valid + row0 : nullptr;
+        n = (int)(t_end - t_begin);
+    }
+};
+
+// The raw loads of one 16-token tile for one lane.
+template <int KB, int VB>
+struct NqTile {
+    static constexpr int P = NQ_ATT_P, NG = P / 8, KG = NG / 4, VG = NG / 8;
+    static constexpr int KCB = NG * KB, VCB = NG * VB;
+    NqChunk<KB, KG> ka, kb;                   // tokens gid, gid + 8
+    NqChunk<VB, VG> v[4];                     // tokens 2tig, 2tig+1, 2tig+8, 2tig+9
+    unsigned short ksa, ksb, vsa, vsb;
+    bool oka, okb;
+    __device__ __forceinline__ void load(const NqSplitPtrs<KB, VB>& sp, int t0, int gid, int tig) {
+        if (t0 + 16 <= sp.n) {  // a full tile: fixed offsets from one pointer per array
+            const unsigned char* k = sp.kc + (t0 + gid) * KCB;
+            ka.load(k, KG * tig, NG);
+            kb.load(k + 8 * KCB, KG * tig, NG);
+            const unsigned short* ks = sp.ks + t0 + gid;
+            const unsigned short* vs = sp.vs + t0 + gid;
+            ksa = ks[0];
+            ksb = ks[8];
+            vsa = vs[0];
+            vsb = vs[8];
+            oka = okb = true;
+            if (sp.valid != nullptr) {
+                oka = sp.valid[t0 + gid];
+                okb = sp.valid[t0 + gid + 8];
+            }
+            const unsigned char* vv = sp.vc + (t0 + 2 * tig) * VCB;
+            v[0].load(vv, VG * gid, NG);
+            v[1].load(vv + VCB, VG * gid, NG);
+            v[2].load(vv + 8 * VCB, VG * gid, NG);
+            v[3].load(vv + 9 * VCB, VG * gid, NG);
+            return;
+        }
+        const int last = sp.n - 1;
+        const int ta = t0 + gid, tb = ta + 8;
+        oka = ta <= last;
+        okb = tb <= last;
+        const int la = min(ta, last), lb = min(tb, last);
+        ka.load(sp.kc + la * KCB, KG * tig, NG);
+        kb.load(sp.kc + lb * KCB, KG * tig, NG);
+        ksa = sp.ks[la];
+        ksb = sp.ks[lb];
+        vsa = sp.vs[la];
+        vsb = sp.vs[lb];
+        if (sp.valid != nullptr) {
+            oka = oka && sp.valid[la];
+            okb = okb && sp.valid[lb];
+        }
+        const int tv = t0 + 2 * tig;
+        v[0].load(sp.vc + min(tv, last) * VCB, VG * gid, NG);
+        v[1].load(sp.vc + min(tv + 1, last) * VCB, VG * gid, NG);
+        v[2].load(sp.vc + min(tv + 8, last) * VCB, VG * gid, NG);
+        v[3].load(sp.vc + min(tv + 9, last) * VCB, VG * gid, NG);
+    }
+};
+
+template <int KB, int VB>
+__device__ __forceinline__ void nq_attend_tier(const NqTier& tr, long long bh, int split, const uint4* tbl,
+                                               const unsigned (&qf)[NQ_ATT_P / 16][2], float* wm, float* wl,
+                                               float* wacc, float& m0o, float& m1o) {
+    constexpr int P = NQ_ATT_P, NG = P / 8, KG = NG / 4, VG = NG / 8, MT = P / 16;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const float NEG_INF = __int_as_float(0xff800000);
+    const long long t_begin = (long long)split * tr.chunk;
+    const long long t_end = min(tr.tokens, t_begin + tr.chunk);
+    const int n_tiles = (int)((t_end - t_begin + 15) / 16);
+    const unsigned kr2 = nq_pack_h2(tr.kres, tr.kres), vr2 = nq_pack_h2(tr.vres, tr.vres);
+
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;  // heads 2tig, 2tig+1
+    float o[MT][4];
+    #pragma unroll
+    for (int i = 0; i < MT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+
+    NqSplitPtrs<KB, VB> sp;
+    sp.init(tr, bh, t_begin, t_end, gid, tig);
+    NqTile<KB, VB> cur, nxt;
+    if (NQ_ATT_PREFETCH && warp < n_tiles) cur.load(sp, warp * 16, gid, tig);
+    for (int tile = warp; tile < n_tiles; tile += NQ_AW) {
+        if (NQ_ATT_PREFETCH) {
+            if (tile + NQ_AW < n_tiles) nxt.load(sp, (tile + NQ_AW) * 16, gid, tig);
+        } else {
+            cur.load(sp, tile * 16, gid, tig);
+        }
+        // Scores: S^T[token][head], this lane holds (gid, 2tig), (gid, 2tig+1), (gid+8, 2tig), (gid+8, 2tig+1).
+        // Two accumulators (even and odd k-steps) halve the chain of dependent mma.
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        nq_for<0, KG>([&](auto gi) {
+            constexpr int gk = decltype(gi)::value;
+            unsigned ha[4], hb[4];
+            if constexpr (NQ_DIAG == 2) {
+                ha[0] = ha[1] = ha[2] = ha[3] = cur.ka.s1.w[0];
+                hb[0] = hb[1] = hb[2] = hb[3] = cur.kb.s1.w[0];
+            } else {
+                cur.ka.template decode<gk>(tbl, kr2, ha);
+                cur.kb.template decode<gk>(tbl, kr2, hb);
+            }
+            nq_mma(c, ha[0], hb[0], ha[1], hb[1], qf[2 * gk][0], qf[2 * gk][1]);
+            nq_mma(c2, ha[2], hb[2], ha[3], hb[3], qf[2 * gk + 1][0], qf[2 * gk + 1][1]);
+        });
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) c[i] += c2[i];
+        const float ska = __half2float(__ushort_as_half(cur.ksa)), skb = __half2float(__ushort_as_half(cur.ksb));
+        const float x0 = cur.oka ? c[0] * ska : NEG_INF, x1 = cur.oka ? c[1] * ska : NEG_INF;
+        const float x2 = cur.okb ? c[2] * skb : NEG_INF, x3 = cur.okb ? c[3] * skb : NEG_INF;
+        float mx0 = fmaxf(x0, x2), mx1 = fmaxf(x1, x3);
+        #pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(NQ_FULL, mx0, off));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(NQ_FULL, mx1, off));
+        }
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float mu0 = mn0 == NEG_INF ? 0.0f : mn0, mu1 = mn1 == NEG_INF ? 0.0f : mn1;
+        const float al0 = nq_ex2(m0 - mu0), al1 = nq_ex2(m1 - mu1);
+        const float p0 = nq_ex2(x0 - mu0), p1 = nq_ex2(x1 - mu1), p2 = nq_ex2(x2 - mu0), p3 = nq_ex2(x3 - mu1);
+        l0 = l0 * al0 + (p0 + p2);
+        l1 = l1 * al1 + (p1 + p3);
+        m0 = mn0;
+        m1 = mn1;
+        // Rescale the accumulators only when some running max moved (rare after the first tiles).
+        if (!__all_sync(NQ_FULL, al0 == 1.0f && al1 == 1.0f)) {
+            #pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                o[i][0] *= al0; o[i][1] *= al1; o[i][2] *= al0; o[i][3] *= al1;
+            }
+        }
+        // P' = p * value scale, as fp16; transposed into the B operand of the value mma.
+        const float sva = __half2float(__ushort_as_half(cur.vsa)), svb = __half2float(__ushort_as_half(cur.vsb));
+        const unsigned b0 = nq_movtrans(nq_pack_h2(p0 * sva, p1 * sva));
+        const unsigned b1 = nq_movtrans(nq_pack_h2(p2 * svb, p3 * svb));
+        if constexpr (NQ_DIAG != 1) nq_for<0, VG>([&](auto ji) {
+            constexpr int j = decltype(ji)::value;
+            unsigned h[4][4];
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) cur.v[i].template decode<j>(tbl, vr2, h[i]);
+            #pragma unroll
+            for (int cp = 0; cp < 4; ++cp) {
+                const unsigned a0 = __byte_perm(h[0][cp], h[1][cp], 0x5410);
+                const unsigned a1 = __byte_perm(h[0][cp], h[1][cp], 0x7632);
+                const unsigned a2 = __byte_perm(h[2][cp], h[3][cp], 0x5410);
+                const unsigned a3 = __byte_perm(h[2][cp], h[3][cp], 0x7632);
+                nq_mma(o[4 * j + cp], a0, a1, a2, a3, b0, b1);
+            }
+        });
+        if (NQ_ATT_PREFETCH) cur = nxt;
+    }
+    #pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+        l0 += __shfl_xor_sync(NQ_FULL, l0, off);
+        l1 += __shfl_xor_sync(NQ_FULL, l1, off);
+    }
+    __syncthreads();  // every warp is done with the pattern table, whose space wacc reuses
+    if (gid == 0) {
+        wm[warp * NQ_AMAXG + 2 * tig] = m0;
+        wm[warp * NQ_AMAXG + 2 * tig + 1] = m1;
+        wl[warp * NQ_AMAXG + 2 * tig] = l0;
+        wl[warp * NQ_AMAXG + 2 * tig + 1] = l1;
+    }
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        const int dim = 8 * (VG * gid + mt / 4) + 2 * (mt % 4);
+        float* r0 = wacc + (warp * NQ_AMAXG + 2 * tig) * P;
+        float* r1 = r0 + P;
+        r0[dim] = o[mt][0];
+        r1[dim] = o[mt][1];
+        r0[dim + 1] = o[mt][2];
+        r1[dim + 1] = o[mt][3];
+    }
+    m0o = m0;
+    m1o = m1;
+}
+
+// In-place FWHT of P floats in shared memory by one warp (scale applied by the caller).
+__device__ __forceinline__ void nq_fwht_smem(float* s, int lane) {
+    constexpr int P = NQ_ATT_P;
+    #pragma unroll
+    for (int h = 1; h < P; h <<= 1) {
+        #pragma unroll
+        for (int k = lane; k < P / 2; k += 32) {
+            const int i = (k / h) * 2 * h + (k % h);
+            const float a = s[i], b = s[i + h];
+            s[i] = a + b;
+            s[i + h] = a - b;
+        }
+        __syncwarp();
+    }
+}
+
+// The full-precision sinks and window of one (batch, KV head): two-pass softmax over chunks of
+// NQ_AT tokens (one token per thread for the scores, one dimension per thread for the values).
+template <typename T>
+__device__ __forceinline__ void nq_attend_fp(const NqAttnParams& p, long long bh, float* qs, float* sc, float* mls,
+                                             float* part) {
+    constexpr int D = NQ_ATT_P, DPT = (D + NQ_AT - 1) / NQ_AT;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = (int)p.g;
+    const long long tfp = p.tfp;
+    const float NEG_INF = __int_as_float(0xff800000);
+    const T* q = static_cast<const T*>(p.q) + bh * g * D;
+    for (int i = tid; i < NQ_AMAXG * D; i += blockDim.x) qs[i] = i < g * D ? nq_to_f32(q[i]) * p.qscale : 0.0f;
+    if (tid < NQ_AMAXG) {
+        mls[tid] = NEG_INF;  // running max
+        mls[NQ_AMAXG + tid] = 0.0f;  // running sum
+    }
+    float acc[NQ_AMAXG][DPT];
+    #pragma unroll
+    for (int j = 0; j < NQ_AMAXG; ++j)
+        #pragma unroll
+        for (int k = 0; k < DPT; ++k) acc[j][k] = 0.0f;
+    __syncthreads();
+    const T* kb = static_cast<const T*>(p.kfp) + bh * tfp * D;
+    const T* vb = static_cast<const T*>(p.vfp) + bh * tfp * D;
+    const long long b = bh / p.hkv;
+    const long long win_off = p.win_total - (tfp - p.n_sink);
+    for (long long c0 = 0; c0 < tfp; c0 += NQ_AT) {
+        const long long t = c0 + tid;
+        float s[NQ_AMAXG];
+        #pragma unroll
+        for (int j = 0; j < NQ_AMAXG; ++j) s[j] = 0.0f;
+        bool ok = t < tfp;
+        if (ok) {
+            const T* kr = kb + t * D;
+            #pragma unroll 4
+            for (int d = 0; d < D; d += 8) {
+                float kv[8];
+                nq_load8(kr + d, kv);
+                #pragma unroll
+                for (int j = 0; j < NQ_AMAXG; ++j) {
+                    if (j < g) {
+                        #pragma unroll
+                        for (int e = 0; e < 8; ++e) s[j] = fmaf(qs[j * D + d + e], kv[e], s[j]);
+                    }
+                }
+            }
+            if (p.fp_mask != nullptr) ok = p.fp_mask[bh * tfp + t] != 0;
+            else if (t >= p.n_sink) ok = p.win_valid[b * p.win_total + win_off + (t - p.n_sink)] != 0;
+        }
+        #pragma unroll
+        for (int j = 0; j < NQ_AMAXG; ++j) sc[j * NQ_AT + tid] = ok ? s[j] : NEG_INF;
+        __syncthreads();
+        for (int j = warp; j < g; j += NQ_AW) {
+            float mx = NEG_INF;
+            for (int i = lane; i < NQ_AT; i += 32) mx = fmaxf(mx, sc[j * NQ_AT + i]);
+            #pragma unroll
+            for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(NQ_FULL, mx, off));
+            const float m_old = mls[j];
+            const float mn = fmaxf(m_old, mx);
+            const float mu = mn == NEG_INF ? 0.0f : mn;
+            float sum = 0.0f;
+            for (int i = lane; i < NQ_AT; i += 32) {
+                const float e = nq_ex2(sc[j * NQ_AT + i] - mu);
+                sc[j * NQ_AT + i] = e;
+                sum += e;
+            }
+            #pragma unroll
+            for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(NQ_FULL, sum, off);
+            __syncwarp();
+            if (lane == 0) {
+                const float al = nq_ex2(m_old - mu);
+                mls[j] = mn;
+                mls[NQ_AMAXG + j] = mls[NQ_AMAXG + j] * al + sum;
+                mls[2 * NQ_AMAXG + j] = al;
+            }
+        }
+        __syncthreads();
+        const int nt = (int)min((long long)NQ_AT, tfp - c0);
+        #pragma unroll
+        for (int k = 0; k < DPT; ++k) {
+            const int d = tid + NQ_AT * k;
+            if (d < D) {
+                #pragma unroll
+                for (int j = 0; j < NQ_AMAXG; ++j) acc[j][k] *= (j < g ? mls[2 * NQ_AMAXG + j] : 0.0f);
+                #pragma unroll 4
+                for (int i = 0; i < nt; ++i) {
+                    const float v = nq_to_f32(vb[(c0 + i) * D + d]);
+                    #pragma unroll
+                    for (int j = 0; j < NQ_AMAXG; ++j)
+                        if (j < g) acc[j][k] = fmaf(sc[j * NQ_AT + i], v, acc[j][k]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    #pragma unroll
+    for (int k = 0; k < DPT; ++k) {
+        const int d = tid + NQ_AT * k;
+        if (d < D) {
+            #pragma unroll
+            for (int j = 0; j < NQ_AMAXG; ++j)
+                if (j < g) part[2 * NQ_AMAXG + j * NQ_ATT_P + d] = acc[j][k];
+        }
+    }
+    if (tid < g) {
+        part[tid] = mls[tid];
+        part[NQ_AMAXG + tid] = mls[NQ_AMAXG + tid];
+    }
+}
+
+// The last block of a (batch, KV head): merge every partial state and write the output.
+template <typename T>
+__device__ __forceinline__ void nq_attend_merge(const NqAttnParams& p, long long bh, int s_total, float* region) {
+    constexpr int P = NQ_ATT_P, D = NQ_ATT_P;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = (int)p.g;
+    const int s_rot = s_total - 1;
+    const float NEG_INF = __int_as_float(0xff800000);
+    const float* base = p.part + bh * s_total * NQ_APS;
+    float* wts = region;                          // [s_rot][8]: maxima, then weights
+    float* ls = wts + NQ_AMAXS * NQ_AMAXG;        // [s_rot][8]: sums
+    float* red = ls + NQ_AMAXS * NQ_AMAXG;        // M[8], L[8], qc[8]
+    float* orot = red + 4 * NQ_AMAXG;             // [8][P]
+    for (int i = tid; i < s_rot * g; i += blockDim.x) {
+        const int s = i / g, j = i % g;
+        wts[s * NQ_AMAXG + j] = nq_ldcg(base + s * NQ_APS + j);
+        ls[s * NQ_AMAXG + j] = nq_ldcg(base + s * NQ_APS + NQ_AMAXG + j);
+    }
+    __syncthreads();
+    for (int j = warp; j < g; j += NQ_AW) {
+        float mx = NEG_INF;
+        for (int s = lane; s < s_rot; s += 32) mx = fmaxf(mx, wts[s * NQ_AMAXG + j]);
+        #pragma unroll
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(NQ_FULL, mx, off));
+        float l = 0.0f;
+        for (int s = lane; s < s_rot; s += 32) {
+            const float m = wts[s * NQ_AMAXG + j];
+            const float w = m == NEG_INF ? 0.0f : nq_ex2(m - mx);
+            wts[s * NQ_AMAXG + j] = w;
+            l += w * ls[s * NQ_AMAXG + j];
+        }
+        #pragma unroll
+        for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(NQ_FULL, l, off);
+        if (lane == 0) {
+            red[j] = mx;
+            red[NQ_AMAXG + j] = l;
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < g * (P / 4); i += blockDim.x) {
+        const int j = i / (P / 4), d4 = i % (P / 4);
+        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        #pragma unroll 16
+        for (int s = 0; s < s_rot; ++s) {
+            const float w = wts[s * NQ_AMAXG + j];
+            const float4 v = __ldcg(reinterpret_cast<const float4*>(base + s * NQ_APS + 2 * NQ_AMAXG + j * P) + d4);
+            a.x += w * v.x; a.y += w * v.y; a.z += w * v.z; a.w += w * v.w;
+        }
+        reinterpret_cast<float4*>(orot + j * P)[d4] = a;
+    }
+    __syncthreads();
+    const T* q = static_cast<const T*>(p.q) + bh * g * D;
+    const T* kc = p.kcent != nullptr ? static_cast<const T*>(p.kcent) + bh * D : nullptr;
+    for (int j = warp; j < g; j += NQ_AW) {
+        nq_fwht_smem(orot + j * P, lane);
+        for (int d = lane; d < D; d += 32) orot[j * P + d] = orot[j * P + d] * p.bscale * p.signs[d];
+        float qc = 0.0f;
+        if (kc != nullptr) {
+            for (int d = lane; d < D; d += 32) qc = fmaf(nq_to_f32(q[j * D + d]), nq_to_f32(kc[d]), qc);
+            #pragma unroll
+            for (int off = 16; off > 0; off >>= 1) qc += __shfl_xor_sync(NQ_FULL, qc, off);
+        }
+        if (lane == 0) red[2 * NQ_AMAXG + j] = qc * p.qscale;
+    }
+    __syncthreads();
+    const float* fp = base + s_rot * NQ_APS;
+    const T* vc = p.vcent != nullptr ? static_cast<const T*>(p.vcent) + bh * D : nullptr;
+    T* out = static_cast<T*>(p.out) + bh * g * D;
+    for (int i = tid; i < g * D; i += blockDim.x) {
+        const int j = i / D, d = i % D;
+        const float mr = red[j] == NEG_INF ? NEG_INF : red[j] + red[2 * NQ_AMAXG + j];
+        const float mf = nq_ldcg(fp + j), lf = nq_ldcg(fp + NQ_AMAXG + j);
+        const float mx = fmaxf(mr, mf);
+        const float a = mr == NEG_INF ? 0.0f : nq_ex2(mr - mx);
+        const float b = mf == NEG_INF ? 0.0f : nq_ex2(mf - mx);
+        const float l = red[NQ_AMAXG + j];
+        float num = orot[j * P + d];
+        if (vc != nullptr) num += l * nq_to_f32(vc[d]);
+        num = a * num + b * nq_ldcg(fp + 2 * NQ_AMAXG + j * P + d);
+        nq_from_f32(num / (a * l + b * lf), &out[i]);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void nq_attend(const NqAttnParams& p) {
+    constexpr int P = NQ_ATT_P, KS = P / 16, KG = P / 32;
+    // Region A: the pattern table (8 copies) during the main loop, then the warps' states, the
+    // merge's weights and accumulators, or the full-precision block's scores.
+    constexpr int REGION_FLOATS_T = 256 * NQ_AREP * 4;
+    constexpr int REGION_FLOATS_W = NQ_AW * NQ_AMAXG * P;
+    constexpr int REGION_FLOATS_M = 2 * NQ_AMAXS * NQ_AMAXG + 4 * NQ_AMAXG + NQ_AMAXG * P;
+    constexpr int RA = REGION_FLOATS_T > REGION_FLOATS_W ? (REGION_FLOATS_T > REGION_FLOATS_M ? REGION_FLOATS_T : REGION_FLOATS_M)
+                                                         : (REGION_FLOATS_W > REGION_FLOATS_M ? REGION_FLOATS_W : REGION_FLOATS_M);
+    __shared__ __align__(16) float region[RA];
+    __shared__ __align__(16) float qrot[NQ_AMAXG * P];
+    __shared__ float wm[NQ_AW * NQ_AMAXG], wl[NQ_AW * NQ_AMAXG];
+    __shared__ int last;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+    const long long bh = blockIdx.y;
+    const int split = blockIdx.x, s_total = gridDim.x;
+    const int g = (int)p.g;
+    const float NEG_INF = __int_as_float(0xff800000);
+    float* part = p.part + (bh * s_total + split) * NQ_APS;
+    const int s0 = (int)p.tier[0].splits, s1 = (int)p.tier[1].splits;
+
+    if (split < s0 + s1) {
+        uint4* tbl = reinterpret_cast<uint4*>(region);
+        for (int i = tid; i < 256; i += blockDim.x) {
+            const uint4 v = p.table[i];
+            #pragma unroll
+            for (int r = 0; r < NQ_AREP; ++r) tbl[i * NQ_AREP + r] = v;
+        }
+        // R q * scale * log2(e): signs, FWHT, 1/sqrt(P).
+        const T* q = static_cast<const T*>(p.q) + bh * g * P;
+        for (int i = tid; i < NQ_AMAXG * P; i += blockDim.x)
+            qrot[i] = i < g * P ? nq_to_f32(q[i]) * p.signs[i % P] : 0.0f;
+        __syncthreads();
+        for (int j = warp; j < g; j += NQ_AW) {
+            nq_fwht_smem(qrot + j * P, lane);
+            for (int d = lane; d < P; d += 32) qrot[j * P + d] *= p.bscale * p.qscale;
+        }
+        __syncthreads();
+        // Q' fragments: k-step ks covers group KG*tig + ks/2, coordinates 4*(ks&1) .. +3.
+        unsigned qf[KS][2];
+        #pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            const float* qr = qrot + gid * P + 8 * (KG * tig + (ks >> 1)) + 4 * (ks & 1);
+            qf[ks][0] = nq_pack_h2(qr[0], qr[1]);
+            qf[ks][1] = nq_pack_h2(qr[2], qr[3]);
+        }
+        const uint4* tb = tbl + (lane & (NQ_AREP - 1));
+        float m0, m1;
+        if (split < s0) nq_attend_tier<NQ_ATT_KB0, NQ_ATT_VB0>(p.tier[0], bh, split, tb, qf, wm, wl, region, m0, m1);
+#if NQ_ATT_KB1 > 0
+        else nq_attend_tier<NQ_ATT_KB1, NQ_ATT_VB1>(p.tier[1], bh, split - s0, tb, qf, wm, wl, region, m0, m1);
+#endif
+        __syncthreads();
+        // Merge the warps into this block's partial state.
+        for (int i = tid; i < g * P; i += blockDim.x) {
+            const int j = i / P, d = i % P;
+            float mx = NEG_INF;
+            #pragma unroll
+            for (int w = 0; w < NQ_AW; ++w) mx = fmaxf(mx, wm[w * NQ_AMAXG + j]);
+            float a = 0.0f, l = 0.0f;
+            #pragma unroll
+            for (int w = 0; w < NQ_AW; ++w) {
+                const float mw = wm[w * NQ_AMAXG + j];
+                const float f = mw == NEG_INF ? 0.0f : nq_ex2(mw - mx);
+                a += f * region[(w * NQ_AMAXG + j) * P + d];
+                l += f * wl[w * NQ_AMAXG + j];
+            }
+            part[2 * NQ_AMAXG + j * P + d] = a;
+            if (d == 0) {
+                part[j] = mx;
+                part[NQ_AMAXG + j] = l;
+            }
+        }
+    } else {
+        nq_attend_fp<T>(p, bh, qrot, region, wm, part);
+    }
+    // The last block to finish merges (threadFenceReduction pattern).
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        const int prev = atomicAdd(&p.counters[bh], 1);
+        last = prev == s_total - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    nq_attend_merge<T>(p, bh, s_total, region);
+    if (tid == 0) p.counters[bh] = 0;
+}
+
+#ifdef NQ_ATT_MINB  // a register cap: at least NQ_ATT_MINB blocks per SM
+#define NQ_ATT_BOUNDS __launch_bounds__(NQ_AT, NQ_ATT_MINB)
+#else
+#define NQ_ATT_BOUNDS __launch_bounds__(NQ_AT)
+#endif
+#define NQ_ATTEND_ENTRY(NAME, T) \
+    extern "C" __global__ void NQ_ATT_BOUNDS NAME(const NqAttnParams p) { nq_attend<T>(p); }
+// NQ_ATT_T picks the one model dtype to build (0 float, 1 half, 2 bfloat16; all three if unset):
+// the loader compiles a module per dtype in use, which keeps each NVRTC compile short.
+#if !defined(NQ_ATT_T) || NQ_ATT_T == 0
+NQ_ATTEND_ENTRY(nq_attend_f32, float)
+#endif
+#if !defined(NQ_ATT_T) || NQ_ATT_T == 1
+NQ_ATTEND_ENTRY(nq_attend_f16, __half)
+#endif
+#if !defined(NQ_ATT_T) || NQ_ATT_T == 2
+NQ_ATTEND_ENTRY(nq_attend_bf16, __nv_bfloat16)
+#endif
+#endif  // NQ_ATT_P

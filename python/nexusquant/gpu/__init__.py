@@ -1,32 +1,51 @@
-"""The CUDA path: kernels in ``cuda/nexusquant.cu``, compiled once per device with CuPy's RawModule.
+"""The CUDA path: kernels in ``cuda/nexusquant.cu``, compiled with CuPy's RawModule (NVRTC).
 
-torch CUDA tensors go in and out without copies (CuPy views them through
-``__cuda_array_interface__``; bf16 travels as int16 bits). Kernels run on torch's current stream of
-the tensor's device, so they order correctly with the model's own work on any GPU of a model split
-across several. ``available(device)`` says whether this path can run; everything else falls back to
-the torch/CPU path when it cannot.
+One compiled module per option set (the generic codec; the fast codec for one padded dim and bit
+width; decode attention for one padded dim and the bit widths of its tiers), compiled once per
+device and cached, with the kernel handles. torch CUDA tensors go in and out without copies:
+kernels take their raw pointers and run on torch's current stream of the tensor's device, so they
+order correctly with the model's own work on any GPU of a model split across several.
+``available(device)`` says whether this path can run; everything else falls back to the torch/CPU
+path when it cannot.
+
+Decode attention is launched through the driver (``cuLaunchKernel``) with its ~40 parameters in one
+struct passed by value: CuPy's launcher takes one Python object per parameter, and at batch 1 that
+per-call host time is a large part of a decode step (measured: docs/GPU.md).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
+import struct
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .._core import NexusQuantError
 
-__all__ = ["available", "encode", "decode", "decode_attention_partials", "kernel_source_path"]
+__all__ = [
+    "available",
+    "encode",
+    "decode",
+    "decode_attention",
+    "decode_attention_reference",
+    "decode_attention_partials_reference",
+    "fused_supported",
+    "kernel_source_path",
+]
 
-_WARPS = 4
-_OPTIONS = ("--std=c++17", "--fmad=false", f"-DNQ_WARPS={_WARPS}")
+_WARPS = 4  # warps per block of the codec kernels (NQ_WARPS)
+_FAST_DIMS = (64, 128, 256)
 _lock = threading.Lock()
-_modules: dict[int, Any] = {}
+_modules: dict[tuple, Any] = {}
+_functions: dict[tuple, Any] = {}
 _failed: dict[int, str] = {}
+_available: dict[Any, bool] = {}
 
 
 def kernel_source_path() -> Path:
@@ -43,34 +62,68 @@ def _device_index(device: Any) -> int:
 
     if device is None:
         return torch.cuda.current_device()
+    if isinstance(device, int):
+        return device
     dev = torch.device(device)
     return dev.index if dev.index is not None else torch.cuda.current_device()
 
 
-def _module(index: int):
-    """The compiled module for CUDA device ``index`` (compiled on first use)."""
-    mod = _modules.get(index)
+def _options(defines: tuple, exact: bool) -> tuple:
+    # exact: the codec modules must not fuse multiply-adds (bit-identical codes with the CPU).
+    opts = ["--std=c++17", f"-DNQ_WARPS={_WARPS}"] + [f"-D{k}={v}" for k, v in defines]
+    if exact:
+        opts.append("--fmad=false")
+    return tuple(opts)
+
+
+def _module(index: int, defines: tuple = (), exact: bool = True):
+    """The module compiled with ``defines`` for CUDA device ``index`` (compiled on first use)."""
+    key = (index, defines, exact)
+    mod = _modules.get(key)
     if mod is not None:
         return mod
     with _lock:
-        if index in _modules:
-            return _modules[index]
+        if key in _modules:
+            return _modules[key]
         import cupy
 
         path = kernel_source_path()
         # The #line directive makes compiler errors point at the real file and line.
         src = f'#line 1 "{path.name}"\n' + path.read_text()
         with cupy.cuda.Device(index):
-            mod = cupy.RawModule(code=src, options=_OPTIONS)
+            mod = cupy.RawModule(code=src, options=_options(defines, exact))
             mod.compile()
-        _modules[index] = mod
+        _modules[key] = mod
         return mod
+
+
+def _function(index: int, defines: tuple, exact: bool, name: str):
+    """A loaded kernel (cupy ``Function``: ``.ptr`` is the CUfunction), cached per device."""
+    key = (index, defines, exact, name)
+    fn = _functions.get(key)
+    if fn is None:
+        import cupy
+
+        mod = _module(index, defines, exact)
+        with cupy.cuda.Device(index):
+            fn = mod.get_function(name).kernel
+        _functions[key] = fn
+    return fn
 
 
 def available(device: Any = None) -> bool:
     """Whether the CUDA kernels can run on ``device`` (default: the current CUDA device)."""
     if os.environ.get("NEXUSQUANT_DISABLE_CUDA") == "1":
         return False
+    hit = _available.get(device)
+    if hit is not None:
+        return hit
+    ok = _probe(device)
+    _available[device] = ok
+    return ok
+
+
+def _probe(device: Any) -> bool:
     try:
         import torch
     except ImportError:
@@ -130,6 +183,18 @@ def _device_tables(index: int):
 
 
 @functools.lru_cache(maxsize=None)
+def _half_table(index: int):
+    """[256] x 16 bytes: a pattern's 8 magnitudes as fp16, coordinate 7 negated where the pattern's
+    parity bit is set (the attention kernel then derives the eighth sign from the 7 stored ones)."""
+    import torch
+
+    a, p, _ = _host_tables()
+    t = a.reshape(256, 8).astype(np.float16)
+    t[:, 7] = np.where(p == 1, -t[:, 7], t[:, 7])
+    return torch.from_numpy(t.view(np.uint8).copy()).to(torch.device("cuda", index))
+
+
+@functools.lru_cache(maxsize=None)
 def _rotation(head_dim: int, bits: int, seed: int, index: int):
     """Signs, block table and per-block scales of a codec's rotation, on device ``index``."""
     import torch
@@ -153,27 +218,82 @@ def _rotation(head_dim: int, bits: int, seed: int, index: int):
     )
 
 
-def _cp(t):
-    """A CuPy view of a contiguous torch CUDA tensor (bf16 as int16 bits)."""
-    import cupy
+@functools.lru_cache(maxsize=None)
+def _single_block_scale(padded: int) -> np.float32:
+    """1/sqrt(P) as the CPU computes it, for a rotation that is one Hadamard block."""
+    return np.float32(1.0) / np.sqrt(np.float32(padded))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
     import torch
 
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return cupy.asarray(t)
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _launch(kernel, grid, block, args, device_index: int) -> None:
-    import cupy
+class _RawStream:
+    """What cupy's Function launcher needs of a stream: its handle."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+
+def _stream_ptr(index: int) -> int:
     import torch
 
-    with cupy.cuda.Device(device_index):
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device_index).cuda_stream, device_index)
-        with stream:
-            kernel(grid, block, args)
+    try:
+        return torch._C._cuda_getCurrentRawStream(index)
+    except AttributeError:  # older torch
+        return torch.cuda.current_stream(index).cuda_stream
+
+
+class _OnDevice:
+    """Make ``index`` the current CUDA device for a launch, only if it is not already."""
+
+    __slots__ = ("index", "prev")
+
+    def __init__(self, index: int):
+        self.index = index
+        self.prev = None
+
+    def __enter__(self):
+        import torch
+
+        cur = torch.cuda.current_device()
+        if cur != self.index:
+            self.prev = cur
+            torch.cuda.set_device(self.index)
+        return self
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            import torch
+
+            torch.cuda.set_device(self.prev)
+        return False
+
+
+def _launch(fn, grid, block, args, index: int) -> None:
+    with _OnDevice(index):
+        fn(grid, block, args, 0, _RawStream(_stream_ptr(index)))
 
 
 _SUFFIX = {"torch.float32": "f32", "torch.float16": "f16", "torch.bfloat16": "bf16"}
+_ATT_DTYPE = {"f32": 0, "f16": 1, "bf16": 2}  # NQ_ATT_T
+
+
+def _fast_codec(codec, *tensors) -> bool:
+    """Whether the fast codec kernels apply: one Hadamard block (power-of-two head_dim) and
+    16-byte-aligned rows."""
+    p = codec.padded_dim
+    return p == codec.head_dim and p in _FAST_DIMS and all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _grid(n: int, vectors_per_block: int, index: int) -> int:
+    # Grid-stride kernels: enough blocks to fill the device a few times over, never more than needed.
+    return max(1, min(math.ceil(n / vectors_per_block), 16 * _sm_count(index)))
 
 
 def encode(codec, x):
@@ -196,14 +316,26 @@ def encode(codec, x):
     errors = torch.zeros(2, dtype=torch.int32, device=x.device)
     signs, blocks, bscale = _rotation(codec.head_dim, codec.bits, codec.seed, index)
     abs_t, par_t, key_t = _device_tables(index)
-    mod = _module(index)
-    kern = mod.get_function(f"nq_quantize_{suffix}")
-    args = (
-        _cp(xs), np.int32(n), np.int32(d), np.int32(p), _cp(signs), _cp(blocks), _cp(bscale),
-        np.float32(codec.scale_factor), np.float32(codec.residual_ratio or 1.0), np.int32(codec.bits),
-        _cp(abs_t), _cp(par_t), _cp(key_t), _cp(codes), _cp(scales), _cp(errors),
-    )
-    _launch(kern, (math.ceil(n / _WARPS),), (_WARPS * 32,), args, index)
+    rr = np.float32(codec.residual_ratio or 1.0)
+    if n == 0:
+        return codes.reshape(*lead, -1), scales.reshape(lead)
+    if _fast_codec(codec, xs):
+        fn = _function(index, (("NQ_CODEC_P", p), ("NQ_CODEC_BITS", codec.bits)), True, f"nq_quantize_fast_{suffix}")
+        args = (
+            xs.data_ptr(), n, signs.data_ptr(), _single_block_scale(p), np.float32(codec.scale_factor), rr,
+            abs_t.data_ptr(), par_t.data_ptr(), key_t.data_ptr(), codes.data_ptr(), scales.data_ptr(),
+            errors.data_ptr(),
+        )
+        _launch(fn, (_grid(n, _WARPS * (256 // p), index),), (_WARPS * 32,), args, index)
+    else:
+        fn = _function(index, (), True, f"nq_quantize_{suffix}")
+        args = (
+            xs.data_ptr(), np.int32(n), np.int32(d), np.int32(p), signs.data_ptr(), blocks.data_ptr(),
+            bscale.data_ptr(), np.float32(codec.scale_factor), rr, np.int32(codec.bits),
+            abs_t.data_ptr(), par_t.data_ptr(), key_t.data_ptr(), codes.data_ptr(), scales.data_ptr(),
+            errors.data_ptr(),
+        )
+        _launch(fn, (math.ceil(n / _WARPS),), (_WARPS * 32,), args, index)
     err = errors.tolist()
     if err[0]:
         raise NexusQuantError(f"vector {err[0] - 1} holds NaN or infinity")
@@ -225,29 +357,238 @@ def decode(codec, codes, scales, dtype):
     s = scales.reshape(-1).contiguous()
     n = s.shape[0]
     out = torch.empty(n, codec.head_dim, dtype=dtype, device=codes.device)
+    if n == 0:
+        return out.reshape(*lead, codec.head_dim)
     signs, blocks, bscale = _rotation(codec.head_dim, codec.bits, codec.seed, index)
     abs_t, par_t, _ = _device_tables(index)
-    kern = _module(index).get_function(f"nq_dequantize_{suffix}")
-    args = (
-        _cp(c), _cp(s), np.int32(n), np.int32(codec.head_dim), np.int32(codec.padded_dim), _cp(signs),
-        _cp(blocks), _cp(bscale), np.float32(codec.residual_ratio or 1.0), np.int32(codec.bits),
-        _cp(abs_t), _cp(par_t), _cp(out),
-    )
-    _launch(kern, (math.ceil(n / _WARPS),), (_WARPS * 32,), args, index)
+    rr = np.float32(codec.residual_ratio or 1.0)
+    p = codec.padded_dim
+    if _fast_codec(codec, out):
+        fn = _function(index, (("NQ_CODEC_P", p), ("NQ_CODEC_BITS", codec.bits)), True, f"nq_dequantize_fast_{suffix}")
+        args = (c.data_ptr(), s.data_ptr(), n, signs.data_ptr(), _single_block_scale(p), rr, abs_t.data_ptr(),
+                par_t.data_ptr(), out.data_ptr())
+        _launch(fn, (_grid(n, _WARPS * (256 // p), index),), (_WARPS * 32,), args, index)
+    else:
+        fn = _function(index, (), True, f"nq_dequantize_{suffix}")
+        args = (
+            c.data_ptr(), s.data_ptr(), np.int32(n), np.int32(codec.head_dim), np.int32(p), signs.data_ptr(),
+            blocks.data_ptr(), bscale.data_ptr(), rr, np.int32(codec.bits), abs_t.data_ptr(), par_t.data_ptr(),
+            out.data_ptr(),
+        )
+        _launch(fn, (math.ceil(n / _WARPS),), (_WARPS * 32,), args, index)
     return out.reshape(*lead, codec.head_dim)
 
 
 def fused_supported(padded_dim: int, group: int) -> bool:
     """Shapes the decode-attention kernel handles: 64, 128 or 256 rotated dims, ≤ 8 query heads per KV head."""
-    return padded_dim in (64, 128, 256) and group <= 8
+    return padded_dim in _FAST_DIMS and group <= 8
 
 
+# ----------------------------------------------------------------------------- decode attention
+# The kernel takes one struct, NqAttnParams (nexusquant.cu): 12 pointers, 5 int64, 2 floats, then
+# two tiers of 5 pointers, 3 int64, 2 floats; 288 bytes (the kernel static_asserts the layout).
+# It is packed with one precompiled struct.pack_into per call: setting ctypes fields one by one
+# cost ~45 us of host time per call, more than the kernel itself at 8K tokens.
+_ATTN_PARAMS = struct.Struct("<12Q5q2f" + "5Q3q2f" * 2)
+assert _ATTN_PARAMS.size == 288
+_LOG2E = 1.4426950408889634
+_MAX_SPLITS = 256  # NQ_AMAXS: partial states per (batch, KV head), the merge's shared buffer
+_MIN_CHUNK = 256   # tokens per block at least: below that a block's fixed costs dominate
+_BLOCKS_PER_SM = 4  # resident blocks of the attention kernel (registers: ~128 per thread)
+# Compile-time knobs of the attention module (benches/ sweep them); warps per block must match NQ_AW.
+_ATT_WARPS = 4
+_ATT_EXTRA_DEFINES: tuple = ()
+_tls = threading.local()
+_workspaces: dict[tuple, Any] = {}
+_plans: dict[tuple, tuple] = {}
+_split_plans: dict[tuple, tuple] = {}
+_ONE_GPU: list = []
+
+
+@functools.lru_cache(maxsize=None)
+def _cu_launch():
+    lib = ctypes.CDLL("libcuda.so.1")
+    f = lib.cuLaunchKernel
+    f.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+    f.restype = ctypes.c_int
+    return f
+
+
+def _param_buffer():
+    """This thread's parameter block and the kernelParams array pointing at it."""
+    st = getattr(_tls, "params", None)
+    if st is None:
+        buf = ctypes.create_string_buffer(_ATTN_PARAMS.size)
+        kp = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
+        st = _tls.params = (buf, kp)
+    return st
+
+
+def _workspace(index: int, stream: int, bh: int, floats: int):
+    """Partial-state buffer and zeroed completion counters, reused per (device, stream): kernels on
+    one stream run in order, and each launch leaves its counters at zero."""
+    import torch
+
+    key = (index, stream)
+    ws = _workspaces.get(key)
+    if ws is None or ws[2] < floats or ws[3] < bh:
+        dev = torch.device("cuda", index)
+        part = torch.empty(max(floats, 1 << 20), dtype=torch.float32, device=dev)
+        counters = torch.zeros(max(bh, 1024), dtype=torch.int32, device=dev)
+        ws = _workspaces[key] = (part, counters, part.numel(), counters.numel(), part.data_ptr(), counters.data_ptr())
+    return ws
+
+
+def _splits(tokens: tuple, bh: int, index: int, p: int) -> tuple:
+    """(tokens per block, blocks per tier): at most as many blocks as fit on the device at once
+    (one wave; a block more on some SMs would make them run a second, latency-bound wave)."""
+    key = (tokens, bh, index, p)
+    hit = _split_plans.get(key)
+    if hit is not None:
+        return hit
+    total = sum(tokens)
+    per_sm = _BLOCKS_PER_SM if p <= 128 else max(1, _BLOCKS_PER_SM // 2)  # P = 256 needs ~220 registers
+    per_bh = max(1, (per_sm * _sm_count(index) * 4 // _ATT_WARPS) // bh)
+    chunk = max(_MIN_CHUNK, math.ceil(total / per_bh))
+    tile = 16 * _ATT_WARPS
+    chunk = math.ceil(chunk / tile) * tile
+    while True:
+        counts = tuple(math.ceil(t / chunk) for t in tokens)
+        if sum(counts) + 1 <= _MAX_SPLITS:
+            break
+        chunk *= 2
+    plan = _split_plans[key] = (chunk, counts, sum(counts) + 1)
+    return plan
+
+
+def _plan(index: int, dtype, tiers) -> tuple:
+    """(CUfunction, signs pointer, table pointer, 1/sqrt(P), P, residual ratios) for a dtype and the
+    tiers' codecs. Keyed by the codec objects themselves (tiers.get_codec shares them), which is
+    cheaper than reading their attributes on every decode step."""
+    t1 = tiers[1] if len(tiers) > 1 else (None,) * 7
+    key = (index, dtype, tiers[0][5], tiers[0][6], t1[5], t1[6], len(tiers))
+    hit = _plans.get(key)
+    if hit is not None:
+        return hit
+    kc0 = tiers[0][5]
+    p = kc0.padded_dim
+    suffix = _SUFFIX.get(str(dtype))
+    if suffix is None:
+        raise NexusQuantError(f"decode attention: unsupported dtype {dtype}")
+    if len(tiers) > 2 or p != kc0.head_dim or p not in _FAST_DIMS:
+        raise NexusQuantError(f"decode attention: unsupported shape (head_dim {kc0.head_dim}, {len(tiers)} tiers)")
+    if any(t[5].head_dim != kc0.head_dim or t[5].seed != kc0.seed or t[6].seed != kc0.seed for t in tiers):
+        raise NexusQuantError("decode attention: all tiers must share one rotation (head_dim and seed)")
+    bits = [b for t in tiers for b in (t[5].bits, t[6].bits)] + [0, 0]
+    defines = (("NQ_ATT_P", p), ("NQ_ATT_KB0", bits[0]), ("NQ_ATT_VB0", bits[1]), ("NQ_ATT_KB1", bits[2]),
+               ("NQ_ATT_VB1", bits[3]), ("NQ_ATT_T", _ATT_DTYPE[suffix]), ("NQ_AW", _ATT_WARPS)) + _ATT_EXTRA_DEFINES
+    fn = _function(index, defines, False, f"nq_attend_{suffix}")
+    signs = _rotation(kc0.head_dim, kc0.bits, kc0.seed, index)[0]
+    res = tuple(float(c.residual_ratio or 1.0) for t in tiers for c in (t[5], t[6])) + (1.0, 1.0)
+    plan = _plans[key] = (fn.ptr, signs.data_ptr(), _half_table(index).data_ptr(), float(_single_block_scale(p)), p, res)
+    return plan
+
+
+def decode_attention(query, key, value, n_sink: int, fp_mask, win_valid, tiers, k_center, v_center, scaling: float,
+                     out=None):
+    """Attention of one new query per sequence over a layer's compressed tiers and its
+    full-precision sinks and window, in one kernel launch.
+
+    Parameters
+    ----------
+    query : torch.Tensor
+        ``(B, H_q, 1, D)`` in the model's dtype (float16, bfloat16 or float32).
+    key, value : torch.Tensor
+        ``(B, H_kv, T_fp, D)``: the ``n_sink`` sinks, then the window (ending with this token).
+    fp_mask : torch.Tensor or None
+        bool ``(B, H_kv, T_fp)``: which full-precision tokens may be seen; None means every sink and
+        the window tokens that ``win_valid`` marks.
+    win_valid : torch.Tensor
+        bool ``(B, W)``: the window's validity; its last ``T_fp - n_sink`` entries are the window.
+    tiers : sequence of tuples
+        One or two ``(kcodes, kscales, vcodes, vscales, valid, kcodec, vcodec)``: codes uint8
+        ``(B, H_kv, T, code_bytes)``, scales int16 ``(B, H_kv, T)``, valid bool ``(B, H_kv, T)`` or None.
+    k_center, v_center : torch.Tensor or None
+        ``(B, H_kv, 1, D)``: added back to the tiers' keys and values (not to sinks and window).
+    scaling : float
+        The softmax scale.
+    out : torch.Tensor, optional
+        ``(B, 1, H_q, D)`` to write into.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, 1, H_q, D)`` in the query's dtype.
+    """
+    import torch
+
+    b, hq, _, d = query.shape
+    hkv, tfp = key.shape[1], key.shape[2]
+    g = hq // hkv
+    bh = b * hkv
+    dtype = query.dtype
+    index = query.get_device()
+    fn_ptr, signs_ptr, table_ptr, bscale, p, res = _plan(index, dtype, tiers)
+    if p != d or g > 8:
+        raise NexusQuantError(f"decode attention: unsupported shape (head_dim {d}, {g} query heads per KV head)")
+    if key.dtype != dtype:
+        key = key.to(dtype)
+        value = value.to(dtype)
+    query = query.contiguous()
+    key = key.contiguous()
+    value = value.contiguous()
+    kc_ptr = vc_ptr = 0
+    if k_center is not None:
+        if k_center.dtype != dtype:
+            k_center = k_center.to(dtype)
+            v_center = v_center.to(dtype)
+        k_center = k_center.contiguous()
+        v_center = v_center.contiguous()
+        kc_ptr, vc_ptr = k_center.data_ptr(), v_center.data_ptr()
+    stream = _stream_ptr(index)
+    t0 = tiers[0]
+    t1 = tiers[1] if len(tiers) > 1 else None
+    tokens = (t0[1].shape[2],) if t1 is None else (t0[1].shape[2], t1[1].shape[2])
+    chunk, counts, s_total = _splits(tokens, bh, index, p)
+    ws = _workspace(index, stream, bh, bh * s_total * (16 + 8 * p))
+    if out is None:
+        out = torch.empty(b, 1, hq, d, dtype=dtype, device=query.device)
+    vals = [
+        query.data_ptr(), out.data_ptr(), key.data_ptr(), value.data_ptr(),
+        fp_mask.data_ptr() if fp_mask is not None else 0, win_valid.data_ptr(), kc_ptr, vc_ptr, signs_ptr,
+        table_ptr, ws[4], ws[5], tfp, n_sink, win_valid.shape[1], g, hkv, bscale, scaling * _LOG2E,
+    ]
+    for i, t in enumerate((t0, t1)):
+        if t is None:
+            vals += [0, 0, 0, 0, 0, 0, 0, chunk, 1.0, 1.0]
+            continue
+        kcodes, vcodes = t[0], t[2]
+        kp, vp = kcodes.data_ptr(), vcodes.data_ptr()
+        if (kp | vp) & 15:
+            raise NexusQuantError("decode attention: code arrays must be 16-byte aligned")
+        valid = t[4]
+        vals += [kp, t[1].data_ptr(), vp, t[3].data_ptr(), valid.data_ptr() if valid is not None else 0,
+                 tokens[i], counts[i], chunk, res[2 * i], res[2 * i + 1]]
+    buf, kp_arr = _param_buffer()
+    _ATTN_PARAMS.pack_into(buf, 0, *vals)
+    if not _ONE_GPU:
+        _ONE_GPU.append(torch.cuda.device_count() == 1)
+    if _ONE_GPU[0]:
+        rc = _cu_launch()(fn_ptr, s_total, bh, 1, 32 * _ATT_WARPS, 1, 1, 0, stream, kp_arr, None)
+    else:
+        with _OnDevice(index):
+            rc = _cu_launch()(fn_ptr, s_total, bh, 1, 32 * _ATT_WARPS, 1, 1, 0, stream, kp_arr, None)
+    if rc != 0:
+        raise NexusQuantError(f"decode attention: cuLaunchKernel failed with CUDA error {rc}")
+    return out
+
+
+# ----------------------------------------------------------------------------- references
 def rotate_queries(codec, q):
     """``R q`` for queries ``(..., head_dim)`` in float32: the rotation the keys' codes live in."""
     import torch
 
     index = _device_index(q.device)
-    signs, blocks, bscale = _rotation(codec.head_dim, codec.bits, codec.seed, index)
     rot = _dense_rotation(codec.head_dim, codec.bits, codec.seed, index)
     return torch.matmul(q.float(), rot)
 
@@ -276,74 +617,14 @@ def dense_inverse_rotation(head_dim: int, bits: int, seed: int, index: int):
     return torch.from_numpy(codec.unrotate(eye)).to(torch.device("cuda", index))
 
 
-def decode_attention_partials(
-    q_rot,
-    q_center,
-    kcodes,
-    kscales,
-    kbits: int,
-    kres: float,
-    vcodes,
-    vscales,
-    vbits: int,
-    vres: float,
-    valid: Optional[Any],
-    n_splits: Optional[int] = None,
-):
-    """Partial softmax states of one query per sequence over compressed tokens.
-
-    Parameters
-    ----------
-    q_rot : torch.Tensor
-        float32 ``(B*H_kv, g, P)``: rotated queries times the attention scale.
-    q_center : torch.Tensor
-        float32 ``(B*H_kv, g)``: scale · q·key_center.
-    kcodes, vcodes : torch.Tensor
-        uint8 ``(B*H_kv, T, code_bytes)``.
-    kscales, vscales : torch.Tensor
-        int16 ``(B*H_kv, T)``.
-    valid : torch.Tensor or None
-        bool ``(B*H_kv, T)``.
-
-    Returns
-    -------
-    (m, l, acc)
-        float32 ``(B*H_kv, S, g)``, ``(B*H_kv, S, g)`` and ``(B*H_kv, S, g, P)``: per split, the max
-        score, the sum of exp(score - max) and the rotated-domain value accumulator.
-    """
-    import torch
-
-    bh, g, p = q_rot.shape
-    t = kscales.shape[1]
-    index = _device_index(q_rot.device)
-    if n_splits is None:
-        sms = torch.cuda.get_device_properties(index).multi_processor_count
-        n_splits = max(1, min(math.ceil(4 * sms / bh), math.ceil(t / 64)))
-    tpw = 32 // (p // 8)
-    step = _WARPS * tpw
-    chunk = math.ceil(math.ceil(t / n_splits) / step) * step
-    n_splits = math.ceil(t / chunk)
-    dev = q_rot.device
-    m = torch.empty(bh, n_splits, g, dtype=torch.float32, device=dev)
-    l = torch.empty_like(m)
-    acc = torch.empty(bh, n_splits, g, p, dtype=torch.float32, device=dev)
-    abs_t, par_t, _ = _device_tables(index)
-    kern = _module(index).get_function("nq_decode_attention")
-    valid_arg = _cp(valid.to(torch.uint8).contiguous()) if valid is not None else np.uint64(0)
-    args = (
-        _cp(q_rot.contiguous()), _cp(q_center.contiguous()),
-        _cp(kcodes.contiguous()), _cp(kscales.contiguous()), np.int32(kbits),
-        _cp(vcodes.contiguous()), _cp(vscales.contiguous()), np.int32(vbits),
-        valid_arg, np.int32(t), np.int32(p), np.int32(g), np.int32(chunk),
-        np.float32(kres), np.float32(vres), _cp(abs_t), _cp(par_t), _cp(m), _cp(l), _cp(acc),
-    )
-    _launch(kern, (n_splits, bh), (_WARPS * 32,), args, index)
-    return m, l, acc
-
-
 def decode_attention_partials_reference(codec_k, codec_v, q_rot, q_center, kcodes, kscales, vcodes, vscales, valid):
-    """:func:`decode_attention_partials` in plain torch, one split: the reference the kernel is tested
-    against, and the path used on CPU tensors when ``cache.FUSED_REFERENCE_ON_CPU`` is set."""
+    """Partial softmax state of one query per sequence over compressed tokens, in plain torch: the
+    path used on CPU tensors when ``cache.FUSED_REFERENCE_ON_CPU`` is set.
+
+    ``q_rot`` float32 ``(BH, g, P)`` (rotated queries times the scale), ``q_center`` ``(BH, g)``,
+    codes ``(BH, T, code_bytes)``, scales ``(BH, T)``, valid ``(BH, T)`` or None. Returns
+    ``(m, l, acc)`` of shapes ``(BH, 1, g)``, ``(BH, 1, g)``, ``(BH, 1, g, P)`` (rotated domain).
+    """
     import torch
 
     from ..tiers import torch_decode_rotated
@@ -356,3 +637,35 @@ def decode_attention_partials_reference(codec_k, codec_v, q_rot, q_center, kcode
     m = s.amax(-1)
     p = torch.exp(s - m[..., None]).nan_to_num(0.0)
     return m[:, None], p.sum(-1)[:, None], torch.matmul(p, yv)[:, None]
+
+
+def decode_attention_reference(query, key, value, fp_allowed, tiers, k_center, v_center, scaling):
+    """:func:`decode_attention` in float64 torch over the dequantized codes (for tests).
+
+    ``fp_allowed`` bool ``(B, H_kv, T_fp)``; other arguments as for :func:`decode_attention`.
+    Returns float64 ``(B, 1, H_q, D)``.
+    """
+    import torch
+
+    b, hq, _, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    ks, vs, allowed = [key.double()], [value.double()], [fp_allowed]
+    for kcodes, kscales, vcodes, vscales, valid, kc, vc in tiers:
+        k = decode(kc, kcodes, kscales, torch.float32).double()
+        v = decode(vc, vcodes, vscales, torch.float32).double()
+        if k_center is not None:
+            k = k + k_center.double()
+            v = v + v_center.double()
+        ks.append(k)
+        vs.append(v)
+        allowed.append(valid if valid is not None else torch.ones(k.shape[:3], dtype=torch.bool, device=k.device))
+    k = torch.cat(ks, 2)
+    v = torch.cat(vs, 2)
+    a = torch.cat(allowed, 2)  # (B, Hkv, T)
+    q = query.double().reshape(b, hkv, g, d)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scaling  # (B, Hkv, g, T)
+    s = s.masked_fill(~a[:, :, None, :], float("-inf"))
+    w = torch.softmax(s, -1)
+    o = torch.matmul(w, v)  # (B, Hkv, g, D)
+    return o.reshape(b, 1, hq, d)
