@@ -217,7 +217,7 @@ impl Hadamard {
     pub(crate) fn forward_portable(&self, x: &[f32], out: &mut [f32]) {
         debug_assert_eq!(x.len(), self.dim);
         debug_assert_eq!(out.len(), self.padded);
-        for ((o, &v), &b) in out.iter_mut().zip(x).zip(&self.sign_bits) {
+        for ((o, &v), &b) in out.iter_mut().zip(&x[..self.dim]).zip(&self.sign_bits) {
             *o = flip(v, b);
         }
         for v in out[self.dim..].iter_mut() {
