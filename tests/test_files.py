@@ -174,3 +174,21 @@ def test_inspect_reports_sizes_and_ratios(saved):
     assert len(info["layer_array_bytes"]) == 2
     assert info["file_ratio"] > 1 and info["resident_ratio"] > 1
     assert info["resident_bytes"] == info["fp16_bytes"] / info["resident_ratio"]
+
+
+def test_inspect_command_prints_report_and_rejects_damage(saved, tmp_path, capsys):
+    from nexusquant.cli import main
+
+    _, path, good = saved
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "checksums verified" in out and f"{len(good):,}" in out
+    assert main(["inspect", "--json", str(path)]) == 0
+    assert '"file_bytes": %d' % len(good) in capsys.readouterr().out
+    bad = tmp_path / "bad.nqkv"
+    damaged = bytearray(good)
+    damaged[len(good) // 2] ^= 0x10
+    bad.write_bytes(bytes(damaged))
+    assert main(["inspect", str(bad)]) == 2
+    assert "nexusquant inspect: error:" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "missing.nqkv")]) == 2

@@ -1,4 +1,4 @@
-"""The ``nexusquant`` command: ``nexusquant eval`` (more subcommands register beside it).
+"""The ``nexusquant`` command: ``nexusquant eval`` and ``nexusquant inspect FILE``.
 
 Each subcommand is a function ``add_<name>(subparsers)`` that adds its parser and sets
 ``func`` to the handler; :func:`main` dispatches.
@@ -53,6 +53,8 @@ def add_eval(sub: "argparse._SubParsersAction") -> None:
                    help=f"'all' or some of: {', '.join(ALL_METHODS)} (or int2, int4, quanto-int2, quanto-int4, hqq-int2, hqq-int4)")
     p.add_argument("--presets", type=_str_list, default=["balanced"], metavar="Q[,Q...]",
                    help="nexusquant presets (high, balanced, max); eviction peers are matched to each one's real ratio")
+    p.add_argument("--variant", action="append", default=[], metavar="[PRESET:]KNOB=V[,KNOB=V...]",
+                   help="also run nexusquant with these knobs (repeatable), e.g. evict=0,demote=0 or max:evict=0.75,key_bits=3")
     p.add_argument("--retrieval-trials", type=int, default=5, metavar="N", help="pass-key trials per text, prefix and method (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pass-key trials")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -78,12 +80,69 @@ def _run_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         out=args.out,
+        variants=args.variant,
         plot=not args.no_plot,
         progress=not args.quiet,
     )
     if quick:
         print(f"this was a quick run; the full evaluation (hours on 2 CPU cores) is:\n  {FULL_EVAL_COMMAND}")
     return 0
+
+
+def add_inspect(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="print a .nqkv cache file's header, per-layer sizes and ratios; verify every checksum",
+        description="Read a compressed-cache file written by nexusquant.save_cache, verifying the header's and every "
+                    "section's checksum, and print the model fingerprint, settings, per-layer sizes and ratios. "
+                    "Exit status 2 (with the reason) for a damaged or foreign file.",
+    )
+    p.add_argument("file", metavar="FILE", help="a .nqkv file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .files import inspect_file
+
+    try:
+        info = inspect_file(args.file)
+    except OSError as e:
+        from ._core import NexusQuantError
+
+        raise NexusQuantError(f"cannot read {args.file}: {e.strerror or e}") from None
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(format_inspect(info))
+    return 0
+
+
+def format_inspect(info: dict) -> str:
+    """The human-readable report of :func:`nexusquant.files.inspect_file`."""
+    model = info["model"]
+    settings = info["settings"]
+    lines = [
+        f"file            {info['path']}",
+        f"format version  {info['format_version']}, {info['sections']} sections, checksums {info['checksums']}",
+        f"model           {model.get('model_type')} {model.get('architectures') or ''}: {model.get('num_hidden_layers')} layers, "
+        f"{model.get('num_attention_heads')} heads / {model.get('num_key_value_heads')} KV heads, head_dim {model.get('head_dim')}",
+        f"prefix tokens   {info.get('token_ids_shape')}",
+        "settings        " + ", ".join(f"{k}={v}" for k, v in settings.items()),
+        f"file bytes      {info['file_bytes']:,}",
+    ]
+    if info.get("resident_bytes"):
+        lines.append(f"resident bytes  {info['resident_bytes']:,} (the cache in memory)")
+    if info.get("fp16_bytes"):
+        lines.append(f"fp16 bytes      {info['fp16_bytes']:,} (an uncompressed fp16 cache of the same tokens)")
+    if info.get("resident_ratio"):
+        lines.append(f"ratio           {info['resident_ratio']:.2f}x in memory, {info['file_ratio']:.2f}x on disk")
+    lines.append("layer  array bytes")
+    for i, b in enumerate(info["layer_array_bytes"]):
+        lines.append(f"{i:5d}  {b:,}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands, in the order `nexusquant --help` lists them.
-_SUBCOMMANDS = [add_eval]
+_SUBCOMMANDS = [add_eval, add_inspect]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

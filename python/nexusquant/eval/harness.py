@@ -95,10 +95,10 @@ class _Forward:
     def __init__(self, model: torch.nn.Module):
         import inspect
 
-        params = inspect.signature(model.forward).parameters
-        # transformers 5.24 renamed past_key_values to cache (the old name warns); 5.2 knows only the old one.
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.keep = "logits_to_keep" in params
+        from ..compat import cache_kwarg
+
+        self.cache_kw = cache_kwarg(model)
+        self.keep = "logits_to_keep" in inspect.signature(type(model).forward).parameters
         self.model = model
         self.device = next(model.parameters()).device
 
@@ -192,6 +192,7 @@ def evaluate(
     progress: bool = True,
     model_name: Optional[str] = None,
     on_result: Optional[Callable[[dict[str, Any]], None]] = None,
+    variants: Sequence[Union[str, dict]] = (),
 ) -> dict[str, Any]:
     """Measure quality against real compression for ``methods`` on a loaded model.
 
@@ -219,6 +220,10 @@ def evaluate(
         Show a tqdm progress bar (stderr).
     on_result : callable, optional
         Called with each result row as it is finished.
+    variants : sequence of str or dict
+        Extra nexusquant methods with explicit knobs, e.g. ``"evict=0,demote=0"`` (quantization
+        only, on the balanced preset) or ``"max:evict=0.75"``; see
+        :func:`~nexusquant.eval.methods.parse_variant`.
 
     Returns
     -------
@@ -234,7 +239,7 @@ def evaluate(
     prefixes = sorted({int(p) for p in prefixes})
     if not prefixes or prefixes[0] < 16:
         raise NexusQuantError(f"prefix lengths must be at least 16 tokens, got {prefixes}")
-    method_list, notes = expand_methods(list(methods), list(presets))
+    method_list, notes = expand_methods(list(methods), list(presets), variants)
     method_list.sort(key=lambda m: _KIND_ORDER[m.kind])
     texts_loaded = load_texts(texts if texts is not None else DEFAULT_TEXTS, tokenizer)
     for t in texts_loaded:
@@ -282,6 +287,7 @@ def evaluate(
             "continuation": continuation,
             "methods": [m.name for m in method_list],
             "presets": list(presets),
+            "variants": [m.name for m in method_list if m.family == "nexusquant-variant"],
             "retrieval_trials": retrieval_trials,
             "seed": seed,
         },
@@ -374,6 +380,7 @@ def run(
     seed: int = 0,
     threads: Optional[int] = None,
     out: Union[str, Path, None] = "nexusquant-eval",
+    variants: Sequence[Union[str, dict]] = (),
     plot: bool = True,
     progress: bool = True,
     echo: Callable[[str], None] = print,
@@ -403,7 +410,21 @@ def run(
         if bars:
             hf_logging.enable_progress_bar()
     echo(f"model {model} ({dtype}), {torch.get_num_threads()} threads, loaded in {time.perf_counter() - t0:.1f} s")
-    result = evaluate(lm, tok, texts, prefixes, continuation, methods, presets, retrieval_trials, seed, progress, model_name=model)
+    on_result = None
+    if out is not None:
+        # Rows are appended as they finish, so a long run that is stopped keeps what it measured.
+        Path(out).mkdir(parents=True, exist_ok=True)
+        partial = Path(out) / "eval.partial.jsonl"
+        partial.write_text("")
+
+        def on_result(row: dict[str, Any]) -> None:
+            import json
+
+            with open(partial, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, allow_nan=True) + "\n")
+
+    result = evaluate(lm, tok, texts, prefixes, continuation, methods, presets, retrieval_trials, seed, progress,
+                      model_name=model, on_result=on_result, variants=variants)
     result["environment"]["wall_seconds"] = round(time.perf_counter() - t0, 1)
     echo(format_table(result))
     for note in result["notes"]:
@@ -418,6 +439,7 @@ def run(
             result["plot_path"] = str(out_dir / "eval.png")
             plot_results(result, result["plot_path"])
         write_json(result, result["json_path"])
+        (out_dir / "eval.partial.jsonl").unlink(missing_ok=True)
         echo(f"wrote {result['json_path']}" + (f" and {result['plot_path']}" if plot else ""))
     echo(f"wall time {result['environment']['wall_seconds']} s")
     return result

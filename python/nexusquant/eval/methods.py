@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from transformers import DynamicCache
@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_METHODS",
     "ALL_METHODS",
     "expand_methods",
+    "parse_variant",
     "backend_available",
     "evict_for_ratio",
 ]
@@ -35,6 +36,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "baseline": ("uncompressed", "baseline"),
     "nexusquant": ("nexusquant (post-RoPE keys)", "nexusquant"),
     "nexusquant-prerope": ("nexusquant (pre-RoPE keys)", "nexusquant"),
+    "nexusquant-variant": ("nexusquant variant", "nexusquant"),
     "snapkv": ("SnapKV (evict)", "evict"),
     "expected-attention": ("ExpectedAttention (evict)", "evict"),
     "knorm": ("Knorm (evict)", "evict"),
@@ -43,8 +45,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "hqq": ("QuantizedCache HQQ", "quantized-cache"),
     "int": ("plain per-token int", "int"),
 }
-ALL_METHODS = tuple(k for k in FAMILIES if k != "baseline")
-DEFAULT_METHODS = ("nexusquant", "snapkv", "streamingllm", "int")
+ALL_METHODS = tuple(k for k in FAMILIES if k not in ("baseline", "nexusquant-variant"))
+DEFAULT_METHODS = ("nexusquant", "snapkv", "expected-attention", "streamingllm", "int2", "int4")
 _BACKEND_MODULES = {"quanto": ("optimum.quanto", "optimum-quanto"), "hqq": ("hqq", "hqq")}
 
 
@@ -157,11 +159,52 @@ def evict_for_ratio(prompt_tokens: int, ratio: float) -> float:
     return 1.0 - kept / prompt_tokens
 
 
-def expand_methods(names: list[str] | tuple[str, ...], presets: list[str] | tuple[str, ...]) -> tuple[list[Method], list[str]]:
-    """Methods for the families or method names given (``"all"`` = every family), baseline first.
+def _knob_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_variant(spec: Union[str, dict]) -> Method:
+    """A nexusquant method with explicit knobs: ``"evict=0,demote=0"`` (on the balanced preset),
+    ``"max:evict=0.75,key_bits=3"`` (on another preset) or a dict of knobs (``"preset"`` key optional).
+
+    Raises NexusQuantError for an unknown preset, knob or value.
+    """
+    if isinstance(spec, dict):
+        knobs = dict(spec)
+        preset = str(knobs.pop("preset", "balanced"))
+    else:
+        preset, _, rest = spec.partition(":") if ":" in spec else ("balanced", "", spec)
+        knobs = {}
+        for item in rest.split(","):
+            if not item.strip():
+                continue
+            name, eq, value = item.partition("=")
+            if not eq:
+                raise NexusQuantError(f"variant {spec!r}: expected knob=value items, got {item!r}")
+            knobs[name.strip()] = _knob_value(value.strip())
+    resolve_settings(preset, **knobs)  # validates
+    shown = ",".join(f"{k}={v}" for k, v in knobs.items())
+    return Method(f"nq-{preset}[{shown}]", "nexusquant-variant", preset=preset, knobs=knobs)
+
+
+def expand_methods(
+    names: Union[list[str], tuple[str, ...]],
+    presets: Union[list[str], tuple[str, ...]],
+    variants: Sequence[Union[str, dict]] = (),
+) -> tuple[list[Method], list[str]]:
+    """Methods for the families or method names given (``"all"`` = every family), baseline first,
+    then the nexusquant ``variants`` (see :func:`parse_variant`).
 
     Returns ``(methods, notes)``; a quantized-cache backend that cannot run here is left out with a
-    note saying why. Raises NexusQuantError for an unknown name or preset.
+    note saying why. Raises NexusQuantError for an unknown name, preset or knob.
     """
     for p in presets:
         if p not in PRESETS:
@@ -188,7 +231,7 @@ def expand_methods(names: list[str] | tuple[str, ...], presets: list[str] | tupl
                 family, bits = fam, int(n[-1])
         if n in ("int2", "int4"):
             family, bits = "int", int(n[-1])
-        if family == "baseline" or n == "uncompressed":
+        if family in ("baseline", "nexusquant-variant") or n == "uncompressed":
             continue
         if family not in FAMILIES:
             raise NexusQuantError(
@@ -216,4 +259,6 @@ def expand_methods(names: list[str] | tuple[str, ...], presets: list[str] | tupl
         elif kind == "int":
             for b in (bits,) if bits else (2, 4):
                 add(Method(f"int{b}", family, bits=b))
+    for v in variants:
+        add(parse_variant(v))
     return out, notes

@@ -117,6 +117,32 @@ def _rotary_angles(module: torch.nn.Module, positions: torch.Tensor, like: torch
     return rotary(like, positions[None, :])  # (cos, sin), (1, T, R) each
 
 
+_ROTATION_MEMO: dict[tuple, torch.Tensor] = {}  # one entry: (rotary module, start, ...) -> R^T
+
+
+def _mean_future_rotation(module: torch.nn.Module, adapter: RopeAdapter, start: int, d: int, device: torch.device) -> torch.Tensor:
+    """``R^T`` with ``R`` the rotary rotation averaged over positions ``start .. start + 512``.
+
+    Each basis vector e_i is rotated at every future position p with the model's own code; row i of
+    the mean is ``(mean_p R_p) e_i``, so the mean is ``R^T``. Every layer of a forward shares the
+    rotary module and positions, so the last result is memoised.
+    """
+    rotary = _ROTARY.get(module)
+    memo_key = (rotary, start, d, str(device), adapter.kind, adapter.rotary_dim)
+    hit = _ROTATION_MEMO.get(memo_key)
+    if hit is not None:
+        return hit
+    f_pos = torch.arange(start, start + EA_FUTURE_POSITIONS, device=device)
+    basis = torch.eye(d, device=device, dtype=torch.float32)
+    fcos, fsin = _rotary_angles(module, f_pos, basis)
+    f, r = f_pos.shape[0], fcos.shape[-1]
+    e = basis[None, :, None, :].expand(1, d, f, d)
+    rt = adapter.rotate(e, fcos[:, None].expand(1, d, f, r), fsin[:, None].expand(1, d, f, r)).mean(dim=2)[0]
+    _ROTATION_MEMO.clear()
+    _ROTATION_MEMO[memo_key] = rt
+    return rt
+
+
 def expected_attention_scores(x: ScoreInputs) -> torch.Tensor:
     """Expected Attention (Devoto et al. 2025, arXiv:2510.00636) as kvpress's ``ExpectedAttentionPress``.
 
@@ -154,14 +180,7 @@ def expected_attention_scores(x: ScoreInputs) -> torch.Tensor:
     centred = pre - mu[:, :, None]
     cov = torch.einsum("bhsi,bhsj->bhij", centred, centred) / pre.shape[2]  # (B, Hq, D, D)
 
-    # Average rotation over the next positions: rotate each basis vector e_i at every future
-    # position p; row i of the mean is (mean_p R_p) e_i, so the mean is R^T.
-    f_pos = torch.arange(seen, seen + EA_FUTURE_POSITIONS, device=key.device)
-    basis = torch.eye(d, device=key.device, dtype=torch.float32)
-    fcos, fsin = _rotary_angles(module, f_pos, basis)
-    f = f_pos.shape[0]
-    e = basis[None, :, None, :].expand(1, d, f, d)
-    rt = adapter.rotate(e, fcos[:, None].expand(1, d, f, r), fsin[:, None].expand(1, d, f, r)).mean(dim=2)[0]  # (D, D) = R^T
+    rt = _mean_future_rotation(module, adapter, seen, d, key.device)
     mu = mu @ rt  # R mu, as rows
     cov = rt.transpose(0, 1) @ cov @ rt  # R S R^T
 

@@ -9,8 +9,20 @@ from .report import summary_rows
 
 __all__ = ["plot_results"]
 
-_MARKERS = {"nexusquant": "o", "nexusquant-prerope": "D", "snapkv": "s", "expected-attention": "^", "knorm": "v",
+_MARKERS = {"nexusquant": "o", "nexusquant-prerope": "D", "nexusquant-variant": "h", "snapkv": "s", "expected-attention": "^", "knorm": "v",
             "streamingllm": "<", "quanto": "P", "hqq": "X", "int": "*"}
+
+
+def _lines(rows: list[dict[str, Any]], families: list[str]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(family, points sorted by ratio) per line; each nexusquant variant is a line of its own."""
+    out = []
+    for fam in families:
+        pts = sorted((r for r in rows if r["family"] == fam), key=lambda r: r["ratio"])
+        if fam == "nexusquant-variant":
+            out.extend((fam, [p]) for p in pts)
+        elif pts:
+            out.append((fam, pts))
+    return out
 
 
 def plot_results(result: dict[str, Any], path: Union[str, Path]) -> None:
@@ -46,10 +58,9 @@ def plot_results(result: dict[str, Any], path: Union[str, Path]) -> None:
         base = next(r for r in here if r["kind"] == "baseline")
         ax = axes[0][col]
         ax.axhline(0.0, color="black", lw=1, ls="--", label="uncompressed")
-        for fam in families:
-            pts = sorted((r for r in here if r["family"] == fam), key=lambda r: r["ratio"])
-            if pts:
-                ax.plot([p["ratio"] for p in pts], [p["ppl_delta_pct"] for p in pts], marker=_MARKERS.get(fam, "o"), label=pts[0]["label"])
+        for fam, pts in _lines(here, families):
+            ax.plot([p["ratio"] for p in pts], [p["ppl_delta_pct"] for p in pts], marker=_MARKERS.get(fam, "o"),
+                    ls="-" if len(pts) > 1 else "none", label=pts[0]["label"] if fam != "nexusquant-variant" else pts[0]["method"])
         style_x(ax)
         deltas = [r["ppl_delta_pct"] for r in here]
         ax.set_yscale("symlog", linthresh=1.0)
@@ -61,10 +72,9 @@ def plot_results(result: dict[str, Any], path: Union[str, Path]) -> None:
             ax = axes[1][col]
             acc = base["retrieval_accuracy"]
             ax.axhline(acc if acc is not None else 0.0, color="black", lw=1, ls="--", label="uncompressed")
-            for fam in families:
-                pts = sorted((r for r in here if r["family"] == fam), key=lambda r: r["ratio"])
-                if pts:
-                    ax.plot([p["ratio"] for p in pts], [p["retrieval_accuracy"] for p in pts], marker=_MARKERS.get(fam, "o"), label=pts[0]["label"])
+            for fam, pts in _lines(here, families):
+                ax.plot([p["ratio"] for p in pts], [p["retrieval_accuracy"] for p in pts], marker=_MARKERS.get(fam, "o"),
+                        ls="-" if len(pts) > 1 else "none")
             style_x(ax)
             ax.set_ylim(-0.05, 1.05)
             ax.set_ylabel(f"pass-key accuracy ({base['retrieval_trials']} trials)")
