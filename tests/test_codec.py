@@ -184,15 +184,10 @@ def test_e8_nearest_bad_input(x, pattern):
         nq.e8_nearest(x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="bug: e8_nearest takes PyReadonlyArrayDyn<f32> directly (rust/py.rs), so a float64/int array or "
-    "a list raises numpy's TypeError 'type mismatch' instead of NexusQuantError",
-)
 @pytest.mark.parametrize("x", [np.zeros((3, 8), np.float64), np.zeros((3, 8), np.int32), np.zeros((3, 8), np.float16)],
                          ids=["float64", "int32", "float16"])
 def test_e8_nearest_wrong_dtype_raises_nexusquant_error(x):
+    """Only float32 is accepted (nothing is converted silently); other dtypes say so."""
     with pytest.raises(NexusQuantError, match="float32|dtype"):
         nq.e8_nearest(x)
 
@@ -632,3 +627,15 @@ def test_smollm2_kv_round_trip(smollm2, corpus_text):
         worst = int(np.argmax(errs))
         assert max(errs) < GAUSS_REL_MSE[bits] * KV_MARGIN, (bits, worst, max(errs))
         assert float(np.mean(errs)) < GAUSS_REL_MSE[bits], (bits, float(np.mean(errs)))
+
+
+def test_e8_nearest_accepts_views_and_cpu_tensors():
+    """A strided view or a float32 CPU tensor gives the same points as a contiguous copy."""
+    rng = np.random.default_rng(7)
+    base = (rng.standard_normal((8, 16)) * 3).astype(np.float32)
+    view = base.T  # (16, 8), not C-contiguous
+    want = nq.e8_nearest(np.ascontiguousarray(view))
+    np.testing.assert_array_equal(nq.e8_nearest(view), want)
+    np.testing.assert_array_equal(nq.e8_nearest(torch.from_numpy(base).t()), want)
+    with pytest.raises(NexusQuantError, match="float32"):
+        nq.e8_nearest(torch.zeros(2, 8, dtype=torch.float64))

@@ -9,8 +9,8 @@ Rust (`nexusquant._core`); the transformers integration, presets and evaluation 
 torch-dependent parts load on first use, so `import nexusquant` works without torch.
 """
 
-from ._core import NexusQuantError, __version__, e8_nearest
-from .codec import E8Codec, E8Encoded
+from ._core import NexusQuantError, __version__
+from .codec import E8Codec, E8Encoded, e8_nearest
 
 __all__ = [
     "NexusQuantError",

@@ -41,6 +41,23 @@ def as_codec_input(x: Any) -> tuple[np.ndarray, str]:
     raise NexusQuantError(f"unsupported array dtype {x.dtype}: use float32, float16 or bfloat16 (torch)")
 
 
+def e8_nearest(x: Any) -> np.ndarray:
+    """Nearest E8 lattice points of ``x``: float32 ``(..., 8)`` (numpy, or a CPU torch tensor),
+    contiguous or not, to a new float32 array of the same shape (Conway–Sloane, exact).
+
+    Raises NexusQuantError for another dtype, a wrong shape, an empty array, NaN or infinity.
+    """
+    if type(x).__module__.startswith("torch"):
+        if str(x.dtype) != "torch.float32" or x.device.type != "cpu":
+            raise NexusQuantError(f"e8_nearest expects a float32 CPU tensor, got {x.dtype} on {x.device}")
+        x = x.detach().contiguous().numpy()
+    if not isinstance(x, np.ndarray):
+        raise NexusQuantError(f"e8_nearest expects a float32 numpy array, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise NexusQuantError(f"e8_nearest expects float32, got dtype {x.dtype}")
+    return _core.e8_nearest(np.ascontiguousarray(x))
+
+
 class E8Codec(_core.E8Codec):
     """Randomized Hadamard rotation + per-vector fp16 scale + E8 lattice codes.
 
