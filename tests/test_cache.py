@@ -392,3 +392,32 @@ def test_fused_decode_path_matches_dequantized_attention(family, monkeypatch):
     got, cache, _ = compressed_logits(model, ids[:, :100], ids[:, 100:], **knobs)
     assert cache.layers[0].last_view.lazy_tiers  # the fused path really ran
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_rope_table_records_a_forward_once_and_mirrors_per_device():
+    """A model split over GPUs hands each layer its own copy of the rotary angles: the table records
+    a forward once (not once per copy), and a layer on another device gathers from a copy on its
+    own device, extended by the new rows only ("meta" stands in for a second GPU here)."""
+    from nexusquant.rope import RopeTable
+
+    t = RopeTable()
+    cos, sin = torch.randn(1, 10, 8), torch.randn(1, 10, 8)
+    t.record(cos, sin, 0, forward=1)
+    t.record(cos.clone(), sin.clone(), 0, forward=1)  # layer 1's copy of the same forward
+    assert t.length == 10 and t.cos.data_ptr() == cos.data_ptr()
+    c2, s2 = torch.randn(1, 1, 8), torch.randn(1, 1, 8)
+    t.record(c2, s2, 10, forward=2)
+    t.record(c2.clone(), s2.clone(), 10, forward=2)
+    assert t.length == 11
+    gc, gs = t.gather(torch.tensor([[[0, 10, 3]]]))
+    assert torch.equal(gc[0, 0], torch.stack([cos[0, 0], c2[0, 0], cos[0, 3]]))
+    assert torch.equal(gs[0, 0, 1], s2[0, 0])
+    meta = torch.device("meta")
+    mc, _ = t.mirror(meta)
+    assert mc.device == meta and mc.shape == (1, 11, 8)
+    t.record(torch.randn(1, 1, 8), torch.randn(1, 1, 8), 11, forward=3)
+    assert t.mirror(meta)[0].shape == (1, 12, 8)
+    assert t.gather(torch.zeros(1, 2, 5, dtype=torch.int32, device=meta))[0].shape == (1, 2, 5, 8)
+    assert t.nbytes() == 2 * (2 * 12 * 8 * 4)  # the table and its copy, cos and sin
+    t.record(cos, sin, 0, forward=4)  # a new sequence: the copies go
+    assert t.nbytes() == 2 * 10 * 8 * 4

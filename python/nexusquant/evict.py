@@ -14,6 +14,7 @@ were, also when the block raises.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ SUPPORTED_MODEL_TYPES = (
 )
 
 _lock = threading.Lock()
+_forwards = itertools.count(1)
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -89,6 +91,10 @@ class EvictSession:
         self._adapters: dict[int, RopeAdapter] = {}
         self._last_cache: Optional[weakref.ReferenceType] = None
         self._pending_ids: Optional[torch.Tensor] = None
+        # Names the current forward (layer 0's attention starts each one; unique across sessions),
+        # so that a rotary table records the angles once per forward even when a split model hands
+        # each layer its own copy of them.
+        self._forward = 0
 
     def model_pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Note the token ids of a forward, so the cache can record which tokens it holds."""
@@ -114,6 +120,7 @@ class EvictSession:
         if getattr(cache, "fingerprint", None) is None:
             cache.fingerprint = self.fingerprint  # type: ignore[attr-defined]
         if idx == 0:
+            self._forward = next(_forwards)
             self._record_ids(cache, layer)
         self._last_cache = weakref.ref(cache)
         if self.settings.key_domain == "pre_rope":
@@ -128,7 +135,7 @@ class EvictSession:
             if key not in tables:
                 tables[key] = RopeTable()
             cos, sin = adapter.split(pe)
-            tables[key].record(cos, sin, layer.seen)
+            tables[key].record(cos, sin, layer.seen, self._forward)
             layer.rope_tables = tables
             layer.attach_rope(adapter, key)
 

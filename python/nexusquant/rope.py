@@ -88,44 +88,73 @@ class RopeTable:
 
     One table per distinct rotary module (Gemma-3's local and global layers differ); all layers
     that receive the same tensors in a forward share one table, so it is stored once.
+
+    A model split over several GPUs (accelerate's ``device_map``) hands each layer its own copy of
+    the angles on that layer's device. The table is kept on the device that recorded it first; a
+    layer on another device gathers from a copy on its own device (``mirror``), extended with only
+    the rows added since, so no per-step transfer of the whole table and no cross-device gather.
     """
 
     def __init__(self) -> None:
         self.cos: Optional[torch.Tensor] = None
         self.sin: Optional[torch.Tensor] = None
-        self._last_ids: tuple[int, int] = (0, 0)
-        self._last_start = -1
+        self._last: tuple = ()
+        self._mirrors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def length(self) -> int:
         return 0 if self.cos is None else self.cos.shape[1]
 
-    def record(self, cos: torch.Tensor, sin: torch.Tensor, start: int) -> None:
-        """Store the angles of tokens ``start .. start + T`` (``cos``/``sin``: ``(B or 1, T, R)``)."""
-        ids = (id(cos), start)
-        if ids == self._last_ids and start == self._last_start:
+    def record(self, cos: torch.Tensor, sin: torch.Tensor, start: int, forward: Optional[int] = None) -> None:
+        """Store the angles of tokens ``start .. start + T`` (``cos``/``sin``: ``(B or 1, T, R)``).
+
+        ``forward`` identifies the model forward (``nexusquant_evict`` counts them): the other
+        layers of the same forward are skipped, also when they got a copy of the angles on another
+        device (a split model). Without it, the tensor's identity stands in.
+        """
+        tag = (forward if forward is not None else id(cos), start)
+        if tag == self._last:
             return  # another layer of the same forward: already stored
-        self._last_ids = ids
-        self._last_start = start
+        self._last = tag
+        if self.cos is not None and cos.device != self.cos.device:
+            cos, sin = cos.to(self.cos.device), sin.to(self.cos.device)
         if self.cos is None or start == 0:
             self.cos, self.sin = cos.detach(), sin.detach()
+            self._mirrors.clear()
             return
         if start != self.length:
             if start < self.length:  # a re-run over positions already stored (e.g. a retried forward)
                 self.cos, self.sin = self.cos[:, :start], self.sin[:, :start]
+                self._mirrors.clear()
             else:
                 raise NexusQuantError("rotary angles were not recorded for every token (a forward skipped a layer?)")
         b = max(self.cos.shape[0], cos.shape[0])
         self.cos = torch.cat([self.cos.expand(b, -1, -1), cos.detach().expand(b, -1, -1)], dim=1)
         self.sin = torch.cat([self.sin.expand(b, -1, -1), sin.detach().expand(b, -1, -1)], dim=1)
 
-    def gather(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Angles at sequence indices ``seq`` ``(B, H, T)`` → ``(B, H, T, R)`` each."""
+    def mirror(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` on ``device``: the table itself, or its copy there brought up to date."""
         assert self.cos is not None and self.sin is not None
+        if device == self.cos.device:
+            return self.cos, self.sin
+        m = self._mirrors.get(device)
+        n = self.length
+        if m is None or m[0].shape[0] != self.cos.shape[0] or m[0].shape[1] > n:
+            m = (self.cos.to(device), self.sin.to(device))
+        elif m[0].shape[1] < n:
+            have = m[0].shape[1]
+            m = (torch.cat([m[0], self.cos[:, have:].to(device)], dim=1),
+                 torch.cat([m[1], self.sin[:, have:].to(device)], dim=1))
+        self._mirrors[device] = m
+        return m
+
+    def gather(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Angles at sequence indices ``seq`` ``(B, H, T)`` → ``(B, H, T, R)`` each, on ``seq``'s device."""
+        cos, sin = self.mirror(seq.device)
         b, h, t = seq.shape
         idx = seq.long().reshape(b, h * t)
-        cos = self.cos.expand(b, -1, -1)
-        sin = self.sin.expand(b, -1, -1)
+        cos = cos.expand(b, -1, -1)
+        sin = sin.expand(b, -1, -1)
         r = cos.shape[-1]
         gi = idx[..., None].expand(b, h * t, r)
         return (
@@ -134,8 +163,11 @@ class RopeTable:
         )
 
     def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for x in (self.cos, self.sin) if x is not None)
+        """Bytes of the table and of its copies on other devices."""
+        held = [self.cos, self.sin] + [x for m in self._mirrors.values() for x in m]
+        return sum(x.numel() * x.element_size() for x in held if x is not None)
 
     def map_batch(self, fn) -> None:
         if self.cos is not None:
             self.cos, self.sin = fn(self.cos), fn(self.sin)
+        self._mirrors.clear()
