@@ -179,3 +179,82 @@ def test_kernels_run_on_the_tensors_device():
         assert c.device == x.device
         y = gpu.decode(codec, c, s, torch.float32)
         assert y.device == x.device
+
+
+def _split_over_two_gpus(model):
+    """accelerate's dispatch_model as ``from_pretrained(device_map=...)`` calls it: the embedding
+    and the first half of the layers on cuda:0, the rest with the norm and the head on cuda:1."""
+    from accelerate import dispatch_model
+
+    n = model.config.num_hidden_layers
+    dm = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1}
+    dm.update({f"model.layers.{i}": i * 2 // n for i in range(n)})
+    dispatch_model(model, device_map=dm, skip_keys=model._skip_keys_device_placement)
+    return model
+
+
+@pytest.mark.parametrize("family,key_domain", [("llama", "post_rope"), ("llama", "pre_rope"), ("qwen3", "post_rope")])
+def test_device_map_split_matches_one_gpu(family, key_domain):
+    """A model split over cuda:0 and cuda:1 with device_map generates what it does on one GPU; each
+    layer's codes stay on its layer's GPU and decode reads them there. pre_rope: every layer gets
+    its own copy of the rotary angles on its GPU, and the shared table serves each GPU."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    model = make_tiny(family).cuda()
+    ids = torch.randint(3, 90, (2, 150)).cuda()
+    knobs = dict(quality="balanced", recent_window=8, block=16, key_domain=key_domain)
+
+    def run():
+        with nq.nexusquant_evict(model, **knobs) as s, torch.no_grad():
+            out = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
+        return out, s.cache
+
+    one, _ = run()
+    _split_over_two_gpus(model)
+    two, cache = run()
+    mods = sorted(nq.evict.attention_modules(model), key=lambda m: m.layer_idx)
+    devices = [next(m.parameters()).device for m in mods]
+    assert [d.index for d in devices] == [0, 1]
+    for layer, dev in zip(cache.layers, devices):
+        assert layer.device == dev
+        for t in (layer.sink_k, layer.win_k, layer.win_valid, layer.k_center, layer.fine.keys.codes,
+                  layer.fine.values.scales, layer.coarse.keys.codes, layer.coarse.values.codes):
+            assert t.device == dev
+        if key_domain == "post_rope":
+            assert layer.last_view.lazy_tiers  # decode attention read the codes (kernel on this GPU)
+    torch.testing.assert_close(torch.stack(two.logits).cpu(), torch.stack(one.logits).cpu(), atol=1e-4, rtol=1e-4)
+    assert torch.equal(two.sequences.cpu(), one.sequences.cpu())
+
+
+@pytest.mark.parametrize("key_domain", ["post_rope", "pre_rope"])
+def test_cache_file_loads_into_a_split_model(tmp_path, key_domain):
+    """A cache saved on one GPU, loaded into the model split over two (load_cache puts each layer on
+    its layer's GPU; the rotary table stays on the first and is mirrored), continues as on one GPU."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from transformers import DynamicCache
+
+    from nexusquant.compat import with_cache
+
+    model = make_tiny("llama").cuda()
+    ids = torch.randint(3, 90, (1, 160)).cuda()
+    prompt, cont = ids[:, :140], ids[:, 140:]
+    knobs = dict(quality="balanced", recent_window=8, block=16, key_domain=key_domain)
+
+    def continue_from(cache):  # 20 single-token steps: a block of 16 is compressed on the way
+        with nq.nexusquant_evict(model, **knobs), torch.no_grad():
+            return torch.cat([model(cont[:, i : i + 1], use_cache=True, **with_cache(model, cache)).logits
+                              for i in range(cont.shape[1])], 1)
+
+    with nq.nexusquant_evict(model, **knobs), torch.no_grad():
+        cache = DynamicCache()
+        model(prompt, use_cache=True, **with_cache(model, cache))
+    nq.save_cache(cache, tmp_path / "c.nqkv")
+    want = continue_from(cache)
+    _split_over_two_gpus(model)
+    loaded = nq.load_cache(tmp_path / "c.nqkv", model)
+    assert [layer.fine.keys.codes.device.index for layer in loaded.layers] == [0, 1]
+    got = continue_from(loaded)
+    assert [layer.fine.keys.codes.device.index for layer in loaded.layers] == [0, 1]
+    torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-4, rtol=1e-4)
