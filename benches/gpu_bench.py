@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import nexusquant as nq
 from nexusquant import gpu
 from nexusquant.codec import as_codec_input
+from nexusquant.presets import resolve_settings
 
 
 def timed(fn, reps=20, warmup=3):
@@ -188,7 +189,7 @@ def llama3_8b(layers=32):
     return model.eval()
 
 
-def bench_end_to_end(results, contexts=(32768, 131072), new_tokens=128, layers=32, save=None):
+def bench_end_to_end(results, contexts=(32768, 131072), new_tokens=128, layers=32, save=None, presets=("balanced",)):
     from nexusquant.compat import output_cache, with_cache
 
     model = llama3_8b(layers)
@@ -197,7 +198,8 @@ def bench_end_to_end(results, contexts=(32768, 131072), new_tokens=128, layers=3
     total = torch.cuda.get_device_properties(0).total_memory
     e2e = results["end_to_end"] = dict(rows=rows, weights_GB=weights / 1e9, device_memory_GB=total / 1e9,
                                        layers=layers, new_tokens=new_tokens, longest_context_extrapolated={})
-    modes = ("bf16 DynamicCache", "nexusquant balanced")
+    modes = ("bf16 DynamicCache", *(f"nexusquant {p}" for p in presets))
+    e2e["settings"] = {p: resolve_settings(p).as_dict() for p in presets}
     for ctx in contexts:
         ids = torch.randint(0, 128000, (1, ctx), device="cuda")
         for mode in modes:
@@ -205,7 +207,7 @@ def bench_end_to_end(results, contexts=(32768, 131072), new_tokens=128, layers=3
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             try:
-                cm = nq.nexusquant_evict(model, quality="balanced") if mode != modes[0] else _null()
+                cm = nq.nexusquant_evict(model, quality=mode.split()[1]) if mode != modes[0] else _null()
                 with cm as session, torch.no_grad():
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
@@ -288,6 +290,10 @@ def tables(results) -> str:
                 continue
             lines.append(f"| {r['context']} | {r['mode']} | {r['peak_GB']:.1f} | {r['kv_GB']:.2f} | {r['prefill_s']:.1f} | {r['decode_tokens_per_s']:.1f} |")
         lines.append("")
+        for p, st in e.get("settings", {}).items():
+            lines.append(f"nexusquant {p}: evict {st['evict']}, demote {st['demote']}, key/value bits {st['key_bits']}/{st['value_bits']}, "
+                         f"recent window {st['recent_window']}.")
+        lines.append("")
         for mode, n in e["longest_context_extrapolated"].items():
             lines.append(f"Longest context that fits ({mode}), extrapolated from the peak memory per token: {n:,} tokens.")
     return "\n".join(lines)
@@ -300,6 +306,7 @@ def main():
     ap.add_argument("--contexts", default="32768,131072", help="e2e prompt lengths (two, for the extrapolation)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--layers", type=int, default=32, help="e2e decoder layers (32 = Llama-3-8B)")
+    ap.add_argument("--presets", default="balanced", help="e2e: nexusquant presets run beside the bf16 cache")
     args = ap.parse_args()
     assert gpu.available(), "CUDA kernels unavailable"
     results = dict(device=torch.cuda.get_device_name(0), date=str(date.today()), phase=args.phase,
@@ -320,7 +327,8 @@ def main():
     if args.phase in ("kernels", "all"):
         save()
     if args.phase in ("e2e", "all"):
-        bench_end_to_end(results, tuple(int(c) for c in args.contexts.split(",")), args.new_tokens, args.layers, save)
+        bench_end_to_end(results, tuple(int(c) for c in args.contexts.split(",")), args.new_tokens, args.layers, save,
+                         tuple(args.presets.split(",")))
     print(save())
 
 
