@@ -310,7 +310,7 @@ def _tensor_bytes(obj, seen=None) -> int:
 def test_nbytes_counts_every_tensor_held():
     model = make_tiny("gemma3")
     ids = _ids(200, seed=11)
-    _, cache, stats = compressed_logits(model, ids[:, :160], ids[:, 160:], quality="balanced", recent_window=8, block=16)
+    _, cache, stats = compressed_logits(model, ids[:, :160], ids[:, 160:], quality="balanced", recent_window=8, block=16, demote=0.2)
     for layer in cache.layers:
         assert layer.nbytes() == _tensor_bytes(layer)
     assert stats["nbytes"] == sum(layer.nbytes() for layer in cache.layers)
@@ -386,7 +386,7 @@ def test_fused_decode_path_matches_dequantized_attention(family, monkeypatch):
 
     model = make_tiny(family)
     ids = _ids(120, seed=12)
-    knobs = dict(quality="balanced", recent_window=8, block=16)
+    knobs = dict(quality="balanced", recent_window=8, block=16, demote=0.2)  # both E8 tiers
     ref, _, _ = compressed_logits(model, ids[:, :100], ids[:, 100:], **knobs)
     monkeypatch.setattr(nqc, "FUSED_REFERENCE_ON_CPU", True)
     got, cache, _ = compressed_logits(model, ids[:, :100], ids[:, 100:], **knobs)

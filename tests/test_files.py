@@ -36,7 +36,7 @@ def _continue(model, cache, cont, knobs):
 
 
 @pytest.mark.parametrize("family,knobs", [
-    ("llama", dict(quality="balanced", recent_window=8)),
+    ("llama", dict(quality="balanced", recent_window=8, demote=0.2)),  # both E8 tiers
     ("gemma3", dict(quality="max", recent_window=8, key_bits=3)),
     ("qwen2", dict(quality="high", recent_window=8, key_domain="pre_rope")),
 ])

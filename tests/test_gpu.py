@@ -151,7 +151,7 @@ def test_decode_attention_long_window():
 def test_generation_on_cuda_matches_cpu(family):
     model = make_tiny(family)
     ids = torch.randint(3, 90, (2, 150))
-    knobs = dict(quality="balanced", recent_window=8, block=16)
+    knobs = dict(quality="balanced", recent_window=8, block=16, demote=0.2)  # both E8 tiers
     with nq.nexusquant_evict(model, **knobs), torch.no_grad():
         cpu = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0,
                              output_scores=True, return_dict_in_generate=True)
@@ -202,7 +202,7 @@ def test_device_map_split_matches_one_gpu(family, key_domain):
         pytest.skip("needs two GPUs")
     model = make_tiny(family).cuda()
     ids = torch.randint(3, 90, (2, 150)).cuda()
-    knobs = dict(quality="balanced", recent_window=8, block=16, key_domain=key_domain)
+    knobs = dict(quality="balanced", recent_window=8, block=16, key_domain=key_domain, demote=0.2)
 
     def run():
         with nq.nexusquant_evict(model, **knobs) as s, torch.no_grad():
@@ -240,7 +240,7 @@ def test_cache_file_loads_into_a_split_model(tmp_path, key_domain):
     model = make_tiny("llama").cuda()
     ids = torch.randint(3, 90, (1, 160)).cuda()
     prompt, cont = ids[:, :140], ids[:, 140:]
-    knobs = dict(quality="balanced", recent_window=8, block=16, key_domain=key_domain)
+    knobs = dict(quality="balanced", recent_window=8, block=16, key_domain=key_domain, demote=0.2)
 
     def continue_from(cache):  # 20 single-token steps: a block of 16 is compressed on the way
         with nq.nexusquant_evict(model, **knobs), torch.no_grad():
