@@ -117,7 +117,8 @@ class CompressionSettings:
 # the packaged texts, held out from the README's evaluation). What the measurements said:
 # - keys need 3 bits: 2-bit keys cost +9% perplexity more than 3-bit ones and lost the pass keys
 #   that 3-bit keys kept; 2-bit values cost next to nothing (+0.03%), 1-bit values +14%;
-# - a 1-bit coarse tier (demotion) cost more than dropping the same tokens, so no preset demotes;
+# - a 1-bit coarse tier (demotion) did not clearly beat dropping the same tokens, so no preset
+#   demotes (docs/EVAL.md has the numbers);
 # - post-RoPE keys beat pre-RoPE keys at equal bits on this model;
 # - the full-precision window is a fixed cost per layer, so the higher the ratio, the shorter it is.
 # Each preset's measured ratio and quality are in the README next to the command that measured them.
