@@ -85,7 +85,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     if quick:
-        print(f"this was a quick run; the full evaluation (hours on 2 CPU cores) is:\n  {FULL_EVAL_COMMAND}")
+        print(f"this was a quick run; the README's evaluation (about 75 minutes on 2 CPU cores) is:\n  {FULL_EVAL_COMMAND}")
     return 0
 
 
