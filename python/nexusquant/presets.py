@@ -119,7 +119,8 @@ class CompressionSettings:
 #   that 3-bit keys kept; 2-bit values cost next to nothing (+0.03%), 1-bit values +14%;
 # - a 1-bit coarse tier (demotion) did not clearly beat dropping the same tokens, so no preset
 #   demotes (docs/EVAL.md has the numbers);
-# - post-RoPE keys beat pre-RoPE keys at equal bits on this model;
+# - post-RoPE keys gave lower perplexity than pre-RoPE keys at equal bits on this model (pre-RoPE
+#   kept 2 more of 21 pass keys at `high`; the README reports both);
 # - the full-precision window is a fixed cost per layer, so the higher the ratio, the shorter it is.
 # Each preset's measured ratio and quality are in the README next to the command that measured them.
 PRESETS: dict[str, CompressionSettings] = {
