@@ -39,6 +39,13 @@ fn check_rows(len: usize, row: usize) -> usize {
 /// Panics:
 ///     if the lengths differ or `row` does not divide them (a caller bug, never input data).
 pub fn delta_sub(src: &[u8], dst: &mut [u8], row: usize) {
+    delta_rows(src, dst, row, u8::wrapping_sub);
+}
+
+/// `dst[t] = op(src[t], src[t−1])` per column along tokens, row 0 copied: the one loop behind
+/// [`delta_sub`] and [`delta_xor`] (`op` is a plain function, inlined into each caller).
+#[inline(always)]
+fn delta_rows(src: &[u8], dst: &mut [u8], row: usize, op: fn(u8, u8) -> u8) {
     assert_eq!(src.len(), dst.len());
     let n = check_rows(src.len(), row);
     if n == 0 {
@@ -51,7 +58,21 @@ pub fn delta_sub(src: &[u8], dst: &mut [u8], row: usize) {
         .zip(src.chunks_exact(row))
     {
         for ((o, &c), &p) in d.iter_mut().zip(cur).zip(prev) {
-            *o = c.wrapping_sub(p);
+            *o = op(c, p);
+        }
+    }
+}
+
+/// In place, `buf[t] = op(buf[t], buf[t−1])` per column for t = 1, 2, …: the running inverse
+/// behind [`undelta_sub`] and [`undelta_xor`].
+#[inline(always)]
+fn undelta_rows(buf: &mut [u8], row: usize, op: fn(u8, u8) -> u8) {
+    let n = check_rows(buf.len(), row);
+    for t in 1..n {
+        let (head, tail) = buf.split_at_mut(t * row);
+        let prev = &head[(t - 1) * row..];
+        for (c, &p) in tail[..row].iter_mut().zip(prev) {
+            *c = op(*c, p);
         }
     }
 }
@@ -62,14 +83,7 @@ pub fn delta_sub(src: &[u8], dst: &mut [u8], row: usize) {
 ///     buf: row-major `tokens × row` deltas, overwritten with the original rows.
 ///     row: bytes per row.
 pub fn undelta_sub(buf: &mut [u8], row: usize) {
-    let n = check_rows(buf.len(), row);
-    for t in 1..n {
-        let (head, tail) = buf.split_at_mut(t * row);
-        let prev = &head[(t - 1) * row..];
-        for (c, &p) in tail[..row].iter_mut().zip(prev) {
-            *c = c.wrapping_add(p);
-        }
-    }
+    undelta_rows(buf, row, u8::wrapping_add);
 }
 
 /// XOR delta along tokens: `dst[t] = src[t] ^ src[t−1]` per column, row 0 copied. For bit fields
@@ -80,21 +94,7 @@ pub fn undelta_sub(buf: &mut [u8], row: usize) {
 ///     dst: a buffer of the same length, overwritten.
 ///     row: bytes per row.
 pub fn delta_xor(src: &[u8], dst: &mut [u8], row: usize) {
-    assert_eq!(src.len(), dst.len());
-    let n = check_rows(src.len(), row);
-    if n == 0 {
-        return;
-    }
-    dst[..row].copy_from_slice(&src[..row]);
-    for ((d, cur), prev) in dst[row..]
-        .chunks_exact_mut(row)
-        .zip(src[row..].chunks_exact(row))
-        .zip(src.chunks_exact(row))
-    {
-        for ((o, &c), &p) in d.iter_mut().zip(cur).zip(prev) {
-            *o = c ^ p;
-        }
-    }
+    delta_rows(src, dst, row, |c, p| c ^ p);
 }
 
 /// Inverse of [`delta_xor`], in place.
@@ -103,14 +103,7 @@ pub fn delta_xor(src: &[u8], dst: &mut [u8], row: usize) {
 ///     buf: row-major `tokens × row` XOR deltas, overwritten with the original rows.
 ///     row: bytes per row.
 pub fn undelta_xor(buf: &mut [u8], row: usize) {
-    let n = check_rows(buf.len(), row);
-    for t in 1..n {
-        let (head, tail) = buf.split_at_mut(t * row);
-        let prev = &head[(t - 1) * row..];
-        for (c, &p) in tail[..row].iter_mut().zip(prev) {
-            *c ^= p;
-        }
-    }
+    undelta_rows(buf, row, |c, p| c ^ p);
 }
 
 /// Zigzag map of bytes read as i8: 0, −1, 1, −2, 2 … → 0, 1, 2, 3, 4 …, in place.
