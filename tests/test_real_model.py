@@ -17,6 +17,7 @@ ratio that shrank by a tenth, fails.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 
@@ -43,22 +44,16 @@ MEASURED = {
 
 def _ppl(model, ids, cache, knobs):
     """Prefill ``PREFIX`` tokens, then score the continuation one token per forward."""
-    ctx = nq.nexusquant_evict(model, **knobs) if knobs is not None else None
+    compressing = nq.nexusquant_evict(model, **knobs) if knobs is not None else contextlib.nullcontext()
     nll = []
-    with torch.no_grad():
-        if ctx is not None:
-            ctx.__enter__()
-        try:
-            logits = model(ids[:, :PREFIX], use_cache=True, **with_cache(model, cache)).logits[0, -1]
-            stats = nq.compression_stats(cache) if knobs is not None else None
-            for i in range(CONTINUATION):
-                target = ids[0, PREFIX + i]
-                nll.append(float(torch.nn.functional.cross_entropy(logits[None].float(), target[None])))
-                step = ids[:, PREFIX + i : PREFIX + i + 1]
-                logits = model(step, use_cache=True, **with_cache(model, cache)).logits[0, -1]
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
+    with compressing, torch.no_grad():
+        logits = model(ids[:, :PREFIX], use_cache=True, **with_cache(model, cache)).logits[0, -1]
+        stats = nq.compression_stats(cache) if knobs is not None else None
+        for i in range(CONTINUATION):
+            target = ids[0, PREFIX + i]
+            nll.append(float(torch.nn.functional.cross_entropy(logits[None].float(), target[None])))
+            step = ids[:, PREFIX + i : PREFIX + i + 1]
+            logits = model(step, use_cache=True, **with_cache(model, cache)).logits[0, -1]
     return math.exp(sum(nll) / len(nll)), stats
 
 
