@@ -49,11 +49,19 @@ fn bench(c: &mut Criterion) {
         let mut codes = vec![0u8; n * codec.code_bytes_per_vector()];
         let mut scales = vec![0u16; n];
         g.bench_with_input(BenchmarkId::new("encode", bits), &bits, |b, _| {
-            b.iter(|| codec.encode_into(black_box(&x), &mut codes, &mut scales).unwrap())
+            b.iter(|| {
+                codec
+                    .encode_into(black_box(&x), &mut codes, &mut scales)
+                    .unwrap()
+            })
         });
         let mut out = vec![f16::ZERO; x.len()];
         g.bench_with_input(BenchmarkId::new("decode", bits), &bits, |b, _| {
-            b.iter(|| codec.decode_into(black_box(&codes), &scales, &mut out).unwrap())
+            b.iter(|| {
+                codec
+                    .decode_into(black_box(&codes), &scales, &mut out)
+                    .unwrap()
+            })
         });
     }
 
@@ -63,7 +71,10 @@ fn bench(c: &mut Criterion) {
     let mut yf = vec![0f32; xf.len()];
     g.bench_function("hadamard_forward", |b| {
         b.iter(|| {
-            for (xr, yr) in black_box(&xf).chunks_exact(HEAD_DIM).zip(yf.chunks_exact_mut(HEAD_DIM)) {
+            for (xr, yr) in black_box(&xf)
+                .chunks_exact(HEAD_DIM)
+                .zip(yf.chunks_exact_mut(HEAD_DIM))
+            {
                 rot.forward(xr, yr);
             }
         })
@@ -71,7 +82,10 @@ fn bench(c: &mut Criterion) {
     let mut back = vec![0f32; xf.len()];
     g.bench_function("hadamard_inverse", |b| {
         b.iter(|| {
-            for (yr, br) in yf.chunks_exact_mut(HEAD_DIM).zip(back.chunks_exact_mut(HEAD_DIM)) {
+            for (yr, br) in yf
+                .chunks_exact_mut(HEAD_DIM)
+                .zip(back.chunks_exact_mut(HEAD_DIM))
+            {
                 rot.inverse(black_box(yr), br);
             }
         })

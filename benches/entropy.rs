@@ -30,7 +30,10 @@ fn kv() -> (Vec<f16>, &'static str) {
             let n = STREAMS * TOKENS * HEAD_DIM;
             if data.len() >= 2 * n {
                 return (
-                    data[..2 * n].chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect(),
+                    data[..2 * n]
+                        .chunks_exact(2)
+                        .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                        .collect(),
                     "SmolLM2-135M alice29 k_pre",
                 );
             }
@@ -66,7 +69,12 @@ fn bench(c: &mut Criterion) {
     let enc = codec.encode(&x).unwrap();
     let per_codes = TOKENS * rb;
     let streams: Vec<(&[u8], &[u16])> = (0..STREAMS)
-        .map(|i| (&enc.codes[i * per_codes..(i + 1) * per_codes], &enc.scales[i * TOKENS..(i + 1) * TOKENS]))
+        .map(|i| {
+            (
+                &enc.codes[i * per_codes..(i + 1) * per_codes],
+                &enc.scales[i * TOKENS..(i + 1) * TOKENS],
+            )
+        })
         .collect();
     let raw_bytes = (enc.codes.len() + 2 * enc.scales.len()) as u64;
 
@@ -75,18 +83,44 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     let mut flat = vec![0u8; raw_bytes as usize];
     let src = flat.clone();
-    g.bench_function("memcpy", |b| b.iter(|| flat.copy_from_slice(black_box(&src))));
+    g.bench_function("memcpy", |b| {
+        b.iter(|| flat.copy_from_slice(black_box(&src)))
+    });
     let configs = [
         ("default(planes+auto)", PackOptions::default()),
-        ("planes+rans", PackOptions { coding: PlaneCoding::Whole(Coder::Rans), ..Default::default() }),
-        ("planes+zstd3", PackOptions { coding: PlaneCoding::Whole(Coder::Zstd), ..Default::default() }),
-        ("raw+zstd3", PackOptions { layout: Layout::Raw, coding: PlaneCoding::Whole(Coder::Zstd), ..Default::default() }),
+        (
+            "planes+rans",
+            PackOptions {
+                coding: PlaneCoding::Whole(Coder::Rans),
+                ..Default::default()
+            },
+        ),
+        (
+            "planes+zstd3",
+            PackOptions {
+                coding: PlaneCoding::Whole(Coder::Zstd),
+                ..Default::default()
+            },
+        ),
+        (
+            "raw+zstd3",
+            PackOptions {
+                layout: Layout::Raw,
+                coding: PlaneCoding::Whole(Coder::Zstd),
+                ..Default::default()
+            },
+        ),
     ];
     for (name, opts) in configs {
-        let packed: Vec<Vec<u8>> =
-            streams.iter().map(|(c, s)| entropy::pack_codes(c, rb, s, bits, &opts).unwrap()).collect();
+        let packed: Vec<Vec<u8>> = streams
+            .iter()
+            .map(|(c, s)| entropy::pack_codes(c, rb, s, bits, &opts).unwrap())
+            .collect();
         let size: usize = packed.iter().map(|p| p.len()).sum();
-        eprintln!("{name}: {:.4} bits/dim", 8.0 * size as f64 / (STREAMS * TOKENS * HEAD_DIM) as f64);
+        eprintln!(
+            "{name}: {:.4} bits/dim",
+            8.0 * size as f64 / (STREAMS * TOKENS * HEAD_DIM) as f64
+        );
         g.bench_with_input(BenchmarkId::new("pack", name), &opts, |b, o| {
             b.iter(|| {
                 for (c, s) in &streams {
@@ -110,8 +144,12 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(plane.len() as u64));
     g.sample_size(10);
     let mut dst = vec![0u8; plane.len()];
-    g.bench_function("memcpy", |b| b.iter(|| dst.copy_from_slice(black_box(&plane))));
-    g.bench_function("histogram", |b| b.iter(|| black_box(entropy::histogram(black_box(&plane)))));
+    g.bench_function("memcpy", |b| {
+        b.iter(|| dst.copy_from_slice(black_box(&plane)))
+    });
+    g.bench_function("histogram", |b| {
+        b.iter(|| black_box(entropy::histogram(black_box(&plane))))
+    });
     for coder in [Coder::Rans, Coder::Zstd] {
         let e = entropy::encode(coder, &plane, 3).unwrap();
         g.bench_function(BenchmarkId::new("encode", coder.name()), |b| {
@@ -131,14 +169,26 @@ fn bench(c: &mut Criterion) {
     g.sample_size(20);
     let mut out = vec![0u8; m.len()];
     g.bench_function("memcpy", |b| b.iter(|| out.copy_from_slice(black_box(m))));
-    g.bench_function("delta_sub", |b| b.iter(|| delta::delta_sub(black_box(m), &mut out, rb)));
-    g.bench_function("delta_sub_ref", |b| b.iter(|| black_box(delta::delta_sub_ref(black_box(m), rb))));
-    g.bench_function("undelta_sub", |b| b.iter(|| delta::undelta_sub(black_box(&mut out), rb)));
-    g.bench_function("undelta_sub_ref", |b| b.iter(|| black_box(delta::undelta_sub_ref(black_box(m), rb))));
-    g.bench_function("zigzag8", |b| b.iter(|| delta::zigzag8(black_box(&mut out))));
+    g.bench_function("delta_sub", |b| {
+        b.iter(|| delta::delta_sub(black_box(m), &mut out, rb))
+    });
+    g.bench_function("delta_sub_ref", |b| {
+        b.iter(|| black_box(delta::delta_sub_ref(black_box(m), rb)))
+    });
+    g.bench_function("undelta_sub", |b| {
+        b.iter(|| delta::undelta_sub(black_box(&mut out), rb))
+    });
+    g.bench_function("undelta_sub_ref", |b| {
+        b.iter(|| black_box(delta::undelta_sub_ref(black_box(m), rb)))
+    });
+    g.bench_function("zigzag8", |b| {
+        b.iter(|| delta::zigzag8(black_box(&mut out)))
+    });
     let cols: Vec<usize> = (1..rb).step_by(2).collect();
     let mut p = vec![0u8; m.len() / 2];
-    g.bench_function("gather_columns(half)", |b| b.iter(|| delta::gather_columns(black_box(m), rb, &cols, &mut p)));
+    g.bench_function("gather_columns(half)", |b| {
+        b.iter(|| delta::gather_columns(black_box(m), rb, &cols, &mut p))
+    });
     g.finish();
 }
 

@@ -97,7 +97,9 @@ impl Encoded {
             )));
         }
         if &b[0..4] != ENCODED_MAGIC {
-            return Err(NqError::Corrupt("not an E8 encoding (bad magic bytes)".into()));
+            return Err(NqError::Corrupt(
+                "not an E8 encoding (bad magic bytes)".into(),
+            ));
         }
         if b[4] > ENCODED_VERSION {
             return Err(NqError::UnsupportedVersion(format!(
@@ -106,7 +108,9 @@ impl Encoded {
             )));
         }
         if b[4] == 0 {
-            return Err(NqError::Corrupt("E8 encoding version 0 does not exist".into()));
+            return Err(NqError::Corrupt(
+                "E8 encoding version 0 does not exist".into(),
+            ));
         }
         let bits = b[5];
         let head_dim = u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize;
@@ -139,7 +143,14 @@ impl Encoded {
             .map(|c| u16::from_le_bytes([c[0], c[1]]))
             .collect();
         let codes = b[scales_end..b.len() - 4].to_vec();
-        Ok(Encoded { head_dim, bits, seed, n, codes, scales })
+        Ok(Encoded {
+            head_dim,
+            bits,
+            seed,
+            n,
+            codes,
+            scales,
+        })
     }
 }
 
@@ -163,7 +174,9 @@ impl E8Codec {
     pub fn new(head_dim: usize, bits: u8, seed: u64) -> Result<Self> {
         let b = bits as usize;
         if !(1..=4).contains(&bits) {
-            return Err(NqError::InvalidArgument(format!("bits must be 1, 2, 3 or 4, got {bits}")));
+            return Err(NqError::InvalidArgument(format!(
+                "bits must be 1, 2, 3 or 4, got {bits}"
+            )));
         }
         Self::with_factors(head_dim, bits, seed, SCALE_FACTOR[b], RESIDUAL_RATIO[b])
     }
@@ -182,7 +195,9 @@ impl E8Codec {
             )));
         }
         if !(1..=4).contains(&bits) {
-            return Err(NqError::InvalidArgument(format!("bits must be 1, 2, 3 or 4, got {bits}")));
+            return Err(NqError::InvalidArgument(format!(
+                "bits must be 1, 2, 3 or 4, got {bits}"
+            )));
         }
         if !(scale_factor.is_finite() && scale_factor > 0.0) {
             return Err(NqError::InvalidArgument(format!(
@@ -196,7 +211,14 @@ impl E8Codec {
         }
         let rot = Hadamard::new(head_dim, seed);
         let groups = rot.padded_dim() / 8;
-        Ok(E8Codec { head_dim, bits, rot, groups, scale_factor, residual_ratio })
+        Ok(E8Codec {
+            head_dim,
+            bits,
+            rot,
+            groups,
+            scale_factor,
+            residual_ratio,
+        })
     }
 
     /// The head dimension.
@@ -275,7 +297,11 @@ impl E8Codec {
     /// the SIMD loop can use F16C's: the same round-to-nearest-even, without `half`'s feature
     /// check and call per vector.
     #[inline(always)]
-    pub(crate) fn scale_with(&self, sum: f32, to_f16: impl Fn(f32) -> (u16, f32)) -> Result<(u16, f32)> {
+    pub(crate) fn scale_with(
+        &self,
+        sum: f32,
+        to_f16: impl Fn(f32) -> (u16, f32),
+    ) -> Result<(u16, f32)> {
         let rms = (sum / self.rot.padded_dim() as f32).sqrt();
         let (scale, s) = to_f16(rms * self.scale_factor);
         if !s.is_finite() {
@@ -310,7 +336,8 @@ impl E8Codec {
                 let inv_r = self.inv_residual_ratio();
                 let t = tables();
                 for (gi, chunk) in y.chunks_exact_mut(8).enumerate() {
-                    let c = decode16_with(t, u16::from_le_bytes([codes[2 * gi], codes[2 * gi + 1]]));
+                    let c =
+                        decode16_with(t, u16::from_le_bytes([codes[2 * gi], codes[2 * gi + 1]]));
                     for k in 0..8 {
                         chunk[k] = (chunk[k] - c[k]) * inv_r;
                     }
@@ -328,7 +355,13 @@ impl E8Codec {
 
     /// Decode one vector into the rotated domain (before the inverse rotation), scaled.
     #[inline(always)]
-    pub(crate) fn decode_vector_rotated(&self, t: &E8P16Tables, codes: &[u8], scale: u16, y: &mut [f32]) {
+    pub(crate) fn decode_vector_rotated(
+        &self,
+        t: &E8P16Tables,
+        codes: &[u8],
+        scale: u16,
+        y: &mut [f32],
+    ) {
         let s = f16::from_bits(scale).to_f32();
         let g = self.groups;
         match self.bits {
@@ -342,7 +375,8 @@ impl E8Codec {
             }
             2 => {
                 for gi in 0..g {
-                    let c = decode16_with(t, u16::from_le_bytes([codes[2 * gi], codes[2 * gi + 1]]));
+                    let c =
+                        decode16_with(t, u16::from_le_bytes([codes[2 * gi], codes[2 * gi + 1]]));
                     for k in 0..8 {
                         y[gi * 8 + k] = s * c[k];
                     }
@@ -351,14 +385,15 @@ impl E8Codec {
             _ => {
                 let r = self.residual_ratio;
                 for gi in 0..g {
-                    let c1 = decode16_with(t, u16::from_le_bytes([codes[2 * gi], codes[2 * gi + 1]]));
+                    let c1 =
+                        decode16_with(t, u16::from_le_bytes([codes[2 * gi], codes[2 * gi + 1]]));
                     let c2 = if self.bits == 3 {
                         decode8_with(t, codes[2 * g + gi])
                     } else {
-                        decode16_with(t, u16::from_le_bytes([
-                            codes[2 * g + 2 * gi],
-                            codes[2 * g + 2 * gi + 1],
-                        ]))
+                        decode16_with(
+                            t,
+                            u16::from_le_bytes([codes[2 * g + 2 * gi], codes[2 * g + 2 * gi + 1]]),
+                        )
                     };
                     for k in 0..8 {
                         y[gi * 8 + k] = s * (c1[k] + r * c2[k]);
@@ -376,10 +411,17 @@ impl E8Codec {
     ///     scales: `n` fp16 scales (raw bits), overwritten.
     /// Returns:
     ///     `InvalidData` naming the first vector holding NaN or infinity.
-    pub fn encode_into<T: Element>(&self, x: &[T], codes: &mut [u8], scales: &mut [u16]) -> Result<()> {
+    pub fn encode_into<T: Element>(
+        &self,
+        x: &[T],
+        codes: &mut [u8],
+        scales: &mut [u16],
+    ) -> Result<()> {
         let n = self.check_rows(x.len(), "input")?;
         if codes.len() != n * self.code_bytes_per_vector() || scales.len() != n {
-            return Err(NqError::InvalidArgument("output buffers have the wrong size".into()));
+            return Err(NqError::InvalidArgument(
+                "output buffers have the wrong size".into(),
+            ));
         }
         crate::simd::encode_rows(self, x, codes, scales)
     }
@@ -390,7 +432,12 @@ impl E8Codec {
     ///     codes: `n × code_bytes_per_vector()` bytes.
     ///     scales: `n` fp16 scales.
     ///     out: `n × head_dim` values (f32, f16 or bf16), overwritten.
-    pub fn decode_into<T: Element>(&self, codes: &[u8], scales: &[u16], out: &mut [T]) -> Result<()> {
+    pub fn decode_into<T: Element>(
+        &self,
+        codes: &[u8],
+        scales: &[u16],
+        out: &mut [T],
+    ) -> Result<()> {
         let n = scales.len();
         if codes.len() != n * self.code_bytes_per_vector() || out.len() != n * self.head_dim {
             return Err(NqError::InvalidArgument(format!(
@@ -410,12 +457,19 @@ impl E8Codec {
         let n = scales.len();
         let p = self.rot.padded_dim();
         if codes.len() != n * self.code_bytes_per_vector() || out.len() != n * p {
-            return Err(NqError::InvalidArgument("buffers do not fit the vectors".into()));
+            return Err(NqError::InvalidArgument(
+                "buffers do not fit the vectors".into(),
+            ));
         }
         let cb = self.code_bytes_per_vector();
         let t = tables();
         for i in 0..n {
-            self.decode_vector_rotated(t, &codes[i * cb..(i + 1) * cb], scales[i], &mut out[i * p..(i + 1) * p]);
+            self.decode_vector_rotated(
+                t,
+                &codes[i * cb..(i + 1) * cb],
+                scales[i],
+                &mut out[i * p..(i + 1) * p],
+            );
         }
         Ok(())
     }
@@ -439,7 +493,14 @@ impl E8Codec {
                     crate::simd::encode_rows_at(self, xc, cc, sc, k * rows)
                 })?;
         }
-        Ok(Encoded { head_dim: self.head_dim, bits: self.bits, seed: self.seed(), n, codes, scales })
+        Ok(Encoded {
+            head_dim: self.head_dim,
+            bits: self.bits,
+            seed: self.seed(),
+            n,
+            codes,
+            scales,
+        })
     }
 
     /// Decode an [`Encoded`] made by a codec with the same settings.
@@ -460,10 +521,14 @@ impl E8Codec {
         }
         let cb = self.code_bytes_per_vector();
         if enc.codes.len() != enc.n * cb || enc.scales.len() != enc.n {
-            return Err(NqError::Corrupt("encoding's buffers do not match its vector count".into()));
+            return Err(NqError::Corrupt(
+                "encoding's buffers do not match its vector count".into(),
+            ));
         }
         if out.len() != enc.n * self.head_dim {
-            return Err(NqError::InvalidArgument("output buffer has the wrong size".into()));
+            return Err(NqError::InvalidArgument(
+                "output buffer has the wrong size".into(),
+            ));
         }
         let rows = PARALLEL_ROWS;
         out.par_chunks_mut(rows * self.head_dim)
@@ -558,7 +623,11 @@ mod tests {
     }
 
     fn mse(a: &[f32], b: &[f32]) -> f64 {
-        a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum::<f64>()
+            / a.len() as f64
     }
 
     #[test]
@@ -571,8 +640,14 @@ mod tests {
             let e = mse(&x, &y);
             // Shannon's bound for a unit Gaussian at the code rate: 2^(-2·bits).
             let bound = 2f64.powi(-2 * bits as i32);
-            assert!(e > bound, "bits={bits}: mse {e} below Shannon's bound {bound}?");
-            assert!(e < prev * 0.5, "bits={bits}: mse {e} did not halve from {prev}");
+            assert!(
+                e > bound,
+                "bits={bits}: mse {e} below Shannon's bound {bound}?"
+            );
+            assert!(
+                e < prev * 0.5,
+                "bits={bits}: mse {e} did not halve from {prev}"
+            );
             prev = e;
         }
     }
@@ -590,7 +665,8 @@ mod tests {
                 let mut y = vec![0f32; p];
                 c.rotation().forward(&x[i * dim..(i + 1) * dim], &mut y);
                 let s = half::f16::from_bits(enc.scales[i]).to_f32();
-                let expect_s = half::f16::from_f32((sum_sq(&y) / p as f32).sqrt() * c.scale_factor());
+                let expect_s =
+                    half::f16::from_f32((sum_sq(&y) / p as f32).sqrt() * c.scale_factor());
                 assert_eq!(enc.scales[i], expect_s.to_bits());
                 let z: Vec<f32> = y.iter().map(|v| v * (1.0 / s)).collect();
                 let codes = &enc.codes[i * cb..(i + 1) * cb];
@@ -650,7 +726,8 @@ mod tests {
             let s = scale.to_f32();
             let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
             let z: Vec<f32> = y.iter().map(|v| v * inv).collect();
-            let grp = |v: &[f32], gi: usize| -> [f32; 8] { v[gi * 8..gi * 8 + 8].try_into().unwrap() };
+            let grp =
+                |v: &[f32], gi: usize| -> [f32; 8] { v[gi * 8..gi * 8 + 8].try_into().unwrap() };
             let mut first = Vec::new();
             let mut second = Vec::new();
             let mut resid = vec![0f32; p];
@@ -727,7 +804,10 @@ mod tests {
                 let mut x = gaussian(n * dim, 7 * dim as u64 + bits as u64);
                 // A zero row and a one-hot row: all magnitudes tie.
                 x[..dim].iter_mut().for_each(|v| *v = 0.0);
-                x[dim..2 * dim].iter_mut().enumerate().for_each(|(i, v)| *v = (i == 0) as u8 as f32);
+                x[dim..2 * dim]
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, v)| *v = (i == 0) as u8 as f32);
                 let (want_codes, want_scales) = reference_encode(&c, &x);
                 let enc = c.encode(&x).unwrap();
                 assert_eq!(enc.scales, want_scales, "dim {dim} bits {bits}");
@@ -742,7 +822,14 @@ mod tests {
     #[test]
     fn every_element_type_equals_portable() {
         use half::{bf16, f16};
-        for &(dim, bits) in &[(128usize, 2u8), (64, 3), (100, 4), (80, 1), (8, 2), (256, 2)] {
+        for &(dim, bits) in &[
+            (128usize, 2u8),
+            (64, 3),
+            (100, 4),
+            (80, 1),
+            (8, 2),
+            (256, 2),
+        ] {
             let c = E8Codec::new(dim, bits, 4).unwrap();
             let n = 53;
             let x = gaussian(n * dim, dim as u64);
@@ -796,13 +883,19 @@ mod tests {
             crate::simd::decode_rows(&c, &enc.codes, &scales, &mut a);
             crate::simd::decode_rows_portable(&c, &enc.codes, &scales, &mut b);
             for (x, y) in a.iter().zip(&b) {
-                assert!(x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()), "{x} {y}");
+                assert!(
+                    x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()),
+                    "{x} {y}"
+                );
             }
             let (mut a, mut b) = (vec![f16::ZERO; n * dim], vec![f16::ZERO; n * dim]);
             crate::simd::decode_rows(&c, &enc.codes, &scales, &mut a);
             crate::simd::decode_rows_portable(&c, &enc.codes, &scales, &mut b);
             for (x, y) in a.iter().zip(&b) {
-                assert!(x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()), "{x} {y}");
+                assert!(
+                    x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()),
+                    "{x} {y}"
+                );
             }
             assert!(a[dim..4 * dim].iter().all(|v| !v.is_finite()));
             assert!(a[4 * dim..5 * dim].iter().any(|v| v.is_finite()));
@@ -823,18 +916,27 @@ mod tests {
                 xb[5 * dim + dim / 2] = bad;
                 let (mut codes, mut scales) = (vec![0u8; n * cb], vec![0u16; n]);
                 let e = c.encode_into(&xb, &mut codes, &mut scales).unwrap_err();
-                assert!(matches!(e, NqError::InvalidData(ref m) if m.contains("vector 5")), "{e}");
+                assert!(
+                    matches!(e, NqError::InvalidData(ref m) if m.contains("vector 5")),
+                    "{e}"
+                );
                 assert_eq!(&codes[..5 * cb], &want_codes[..]);
                 assert_eq!(&scales[..5], &want_scales[..]);
                 let xh: Vec<f16> = xb.iter().map(|&v| f16::from_f32(v)).collect();
                 let e = c.encode_into(&xh, &mut codes, &mut scales).unwrap_err();
-                assert!(matches!(e, NqError::InvalidData(ref m) if m.contains("vector 5")), "{e}");
+                assert!(
+                    matches!(e, NqError::InvalidData(ref m) if m.contains("vector 5")),
+                    "{e}"
+                );
             }
             // Finite but too large for an fp16 scale: the scale error, not the NaN one.
             let mut xb = x.clone();
             xb[3 * dim..4 * dim].iter_mut().for_each(|v| *v *= 1e30);
             let e = c.encode(&xb).unwrap_err();
-            assert!(matches!(e, NqError::InvalidData(ref m) if m.contains("RMS")), "{e}");
+            assert!(
+                matches!(e, NqError::InvalidData(ref m) if m.contains("RMS")),
+                "{e}"
+            );
         }
     }
 
@@ -843,12 +945,21 @@ mod tests {
         assert!(E8Codec::new(0, 2, 0).is_err());
         assert!(E8Codec::new(64, 5, 0).is_err());
         let c = E8Codec::new(8, 2, 0).unwrap();
-        assert!(matches!(c.encode::<f32>(&[]), Err(NqError::InvalidArgument(_))));
-        assert!(matches!(c.encode(&[1.0f32; 7]), Err(NqError::InvalidArgument(_))));
+        assert!(matches!(
+            c.encode::<f32>(&[]),
+            Err(NqError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            c.encode(&[1.0f32; 7]),
+            Err(NqError::InvalidArgument(_))
+        ));
         let mut x = vec![1.0f32; 16];
         x[9] = f32::NAN;
         let e = c.encode(&x).unwrap_err();
-        assert!(matches!(e, NqError::InvalidData(ref m) if m.contains("vector 1")), "{e}");
+        assert!(
+            matches!(e, NqError::InvalidData(ref m) if m.contains("vector 1")),
+            "{e}"
+        );
         x[9] = 1e30;
         assert!(matches!(c.encode(&x), Err(NqError::InvalidData(_))));
     }

@@ -26,7 +26,10 @@ use crate::error::{NqError, Result};
 use std::sync::OnceLock;
 
 fn check_rows(len: usize, row: usize) -> usize {
-    assert!(row > 0 && len % row == 0, "buffer of {len} bytes is not whole rows of {row}");
+    assert!(
+        row > 0 && len % row == 0,
+        "buffer of {len} bytes is not whole rows of {row}"
+    );
     len / row
 }
 
@@ -243,7 +246,11 @@ fn pattern_mags() -> &'static [[i8; 8]; 256] {
 pub fn expand16(codes: &[u8], coords: &mut [i8], shifts: &mut [u8]) {
     let mags = pattern_mags();
     let parity = &e8p::tables().parity;
-    for ((cb, co), sh) in codes.chunks_exact(2).zip(coords.chunks_exact_mut(8)).zip(shifts.iter_mut()) {
+    for ((cb, co), sh) in codes
+        .chunks_exact(2)
+        .zip(coords.chunks_exact_mut(8))
+        .zip(shifts.iter_mut())
+    {
         let code = u16::from_le_bytes([cb[0], cb[1]]);
         let idx = (code & 0xFF) as usize;
         let signs = ((code >> 8) & 0x7F) as u32;
@@ -269,7 +276,11 @@ pub fn expand16(codes: &[u8], coords: &mut [i8], shifts: &mut [u8]) {
 pub fn collapse16(coords: &[i8], shifts: &[u8], codes: &mut [u8]) -> Result<()> {
     let index = pattern_index();
     let parity = &e8p::tables().parity;
-    for ((co, &sh), cb) in coords.chunks_exact(8).zip(shifts).zip(codes.chunks_exact_mut(2)) {
+    for ((co, &sh), cb) in coords
+        .chunks_exact(8)
+        .zip(shifts)
+        .zip(codes.chunks_exact_mut(2))
+    {
         let mut key = 0usize;
         let mut negs = 0u32;
         let mut bad = sh > 1;
@@ -282,7 +293,9 @@ pub fn collapse16(coords: &[i8], shifts: &[u8], codes: &mut [u8]) -> Result<()> 
         }
         let idx = index[key];
         if bad || idx == u16::MAX || (negs.count_ones() + parity[idx as usize] as u32) & 1 != 0 {
-            return Err(NqError::Corrupt(format!("lattice coordinates {co:?} are not an E8P16 codeword")));
+            return Err(NqError::Corrupt(format!(
+                "lattice coordinates {co:?} are not an E8P16 codeword"
+            )));
         }
         let code = idx | (((negs & 0x7F) as u16) << 8) | ((sh as u16) << 15);
         cb.copy_from_slice(&code.to_le_bytes());
@@ -297,7 +310,11 @@ pub fn collapse16(coords: &[i8], shifts: &[u8], codes: &mut [u8]) -> Result<()> 
 ///     coords: `8 × groups` i8 values, overwritten.
 ///     shifts: `groups` bytes, overwritten with the shift bit.
 pub fn expand8(codes: &[u8], coords: &mut [i8], shifts: &mut [u8]) {
-    for ((&code, co), sh) in codes.iter().zip(coords.chunks_exact_mut(8)).zip(shifts.iter_mut()) {
+    for ((&code, co), sh) in codes
+        .iter()
+        .zip(coords.chunks_exact_mut(8))
+        .zip(shifts.iter_mut())
+    {
         let signs = (code & 0x7F) as u32;
         let negs = signs | ((signs.count_ones() & 1) << 7);
         for c in 0..8 {
@@ -324,7 +341,9 @@ pub fn collapse8(coords: &[i8], shifts: &[u8], codes: &mut [u8]) -> Result<()> {
             negs |= ((co[c] < 0) as u32) << c;
         }
         if bad || negs.count_ones() & 1 != 0 {
-            return Err(NqError::Corrupt(format!("lattice coordinates {co:?} are not an E8P8 codeword")));
+            return Err(NqError::Corrupt(format!(
+                "lattice coordinates {co:?} are not an E8P8 codeword"
+            )));
         }
         *cb = (negs & 0x7F) as u8 | (sh << 7);
     }

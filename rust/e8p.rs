@@ -23,15 +23,24 @@ use std::sync::OnceLock;
 
 /// The nine permutation classes of patterns, as (number of 5⁄2 entries, number of 3⁄2 entries);
 /// the rest are ½. Pattern indices are assigned class by class in this order.
-pub const PATTERN_TYPES: [(u32, u32); 9] =
-    [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 0), (1, 1), (2, 0), (0, 8)];
+pub const PATTERN_TYPES: [(u32, u32); 9] = [
+    (0, 0),
+    (0, 1),
+    (0, 2),
+    (0, 3),
+    (0, 4),
+    (1, 0),
+    (1, 1),
+    (2, 0),
+    (0, 8),
+];
 
 struct TypeConsts {
-    n_big: u32,   // n5 + n3: how many entries exceed ½
-    n5: u32,      // how many entries are 5⁄2
-    norm2: f32,   // squared norm of the pattern
-    parity: u32,  // (sum of the pattern) mod 2 = required number of negative signs mod 2
-    amin: f32,    // smallest entry
+    n_big: u32,  // n5 + n3: how many entries exceed ½
+    n5: u32,     // how many entries are 5⁄2
+    norm2: f32,  // squared norm of the pattern
+    parity: u32, // (sum of the pattern) mod 2 = required number of negative signs mod 2
+    amin: f32,   // smallest entry
 }
 
 const fn type_consts(t: usize) -> TypeConsts {
@@ -46,7 +55,13 @@ const fn type_consts(t: usize) -> TypeConsts {
         n5,
         norm2: norm2_q as f32 / 4.0,
         parity: sum % 2,
-        amin: if n1 > 0 { 0.5 } else if n3 > 0 { 1.5 } else { 2.5 },
+        amin: if n1 > 0 {
+            0.5
+        } else if n3 > 0 {
+            1.5
+        } else {
+            2.5
+        },
     }
 }
 
@@ -124,12 +139,23 @@ pub fn tables() -> &'static E8P16Tables {
         });
         let sign_masks = std::array::from_fn(|s: usize| {
             Row8(std::array::from_fn(|c| {
-                let neg = if c < 7 { (s >> c) & 1 } else { (s.count_ones() & 1) as usize };
+                let neg = if c < 7 {
+                    (s >> c) & 1
+                } else {
+                    (s.count_ones() & 1) as usize
+                };
                 (neg as u32) << 31
             }))
         });
         let cw8 = std::array::from_fn(|code| Row8(decode8(code as u8)));
-        E8P16Tables { abs, parity, key_to_index, abs_par, sign_masks, cw8 }
+        E8P16Tables {
+            abs,
+            parity,
+            key_to_index,
+            abs_par,
+            sign_masks,
+            cw8,
+        }
     })
 }
 
@@ -364,7 +390,12 @@ pub(crate) mod avx2 {
     #[target_feature(enable = "avx2")]
     pub(crate) unsafe fn decode16(t: &E8P16Tables, code: u16) -> __m256 {
         let a = _mm256_load_si256(t.abs_par[(code & 0xFF) as usize].0.as_ptr().cast());
-        let m = _mm256_load_si256(t.sign_masks[((code >> 8) & 0x7F) as usize].0.as_ptr().cast());
+        let m = _mm256_load_si256(
+            t.sign_masks[((code >> 8) & 0x7F) as usize]
+                .0
+                .as_ptr()
+                .cast(),
+        );
         const SHIFT: [f32; 2] = [0.25, -0.25];
         let shift = _mm256_broadcast_ss(&SHIFT[(code >> 15) as usize]);
         _mm256_add_ps(_mm256_castsi256_ps(_mm256_xor_si256(a, m)), shift)
@@ -436,12 +467,25 @@ pub(crate) mod avx2 {
                 let ($x, $y) = (hi, lo);
             };
         }
-        cx!(a0, a2); cx!(a1, a3); cx!(a4, a6); cx!(a5, a7);
-        cx!(a0, a4); cx!(a1, a5); cx!(a2, a6); cx!(a3, a7);
-        cx!(a0, a1); cx!(a2, a3); cx!(a4, a5); cx!(a6, a7);
-        cx!(a2, a4); cx!(a3, a5);
-        cx!(a1, a4); cx!(a3, a6);
-        cx!(a1, a2); cx!(a3, a4); cx!(a5, a6);
+        cx!(a0, a2);
+        cx!(a1, a3);
+        cx!(a4, a6);
+        cx!(a5, a7);
+        cx!(a0, a4);
+        cx!(a1, a5);
+        cx!(a2, a6);
+        cx!(a3, a7);
+        cx!(a0, a1);
+        cx!(a2, a3);
+        cx!(a4, a5);
+        cx!(a6, a7);
+        cx!(a2, a4);
+        cx!(a3, a5);
+        cx!(a1, a4);
+        cx!(a3, a6);
+        cx!(a1, a2);
+        cx!(a3, a4);
+        cx!(a5, a6);
         [a0, a1, a2, a3, a4, a5, a6, a7]
     }
 
@@ -454,7 +498,10 @@ pub(crate) mod avx2 {
     #[target_feature(enable = "avx2")]
     unsafe fn first_min(a: (__m256, __m256i), b: (__m256, __m256i)) -> (__m256, __m256i) {
         let lt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(b.0, a.0));
-        (_mm256_min_ps(b.0, a.0), _mm256_max_epi32(a.1, _mm256_and_si256(lt, b.1)))
+        (
+            _mm256_min_ps(b.0, a.0),
+            _mm256_max_epi32(a.1, _mm256_and_si256(lt, b.1)),
+        )
     }
 
     /// What one shift of [`encode16`] leaves for the rest.
@@ -557,7 +604,12 @@ pub(crate) mod avx2 {
         let m03 = first_min(m01, m23);
         let m47 = first_min(m45, m67);
         let best = first_min(first_min(m03, m47), cand[8]);
-        ShiftPass { best, order: [s[0], s[1], s[2], s[3], s[7]], odd: par, ties }
+        ShiftPass {
+            best,
+            order: [s[0], s[1], s[2], s[3], s[7]],
+            odd: par,
+            ties,
+        }
     }
 
     /// Nearest E8P16 codes of eight groups: [`super::encode16_lanes`] with `L = 8`.
@@ -605,7 +657,10 @@ pub(crate) mod avx2 {
             _mm256_and_si256(is8, _mm256_set1_epi32(TYPES[8].n_big as i32)),
         );
         let n5 = _mm256_permutevar8x32_epi32(tab(|t| TYPES[t].n5 as i32), ty);
-        let tpar = _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(tab(|t| TYPES[t].parity as i32) , ty));
+        let tpar = _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(
+            tab(|t| TYPES[t].parity as i32),
+            ty,
+        ));
         let mut sk = [zero; 5];
         for (k, v) in sk.iter_mut().enumerate() {
             *v = _mm256_blendv_ps(order[0][k], order[1][k], s1f);
@@ -617,7 +672,11 @@ pub(crate) mod avx2 {
         let mut thr5 = thr_big;
         for (k, &v) in sk[..4].iter().enumerate() {
             let n = _mm256_set1_epi32(k as i32 + 1);
-            thr_big = _mm256_blendv_ps(thr_big, v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(n_big, n)));
+            thr_big = _mm256_blendv_ps(
+                thr_big,
+                v,
+                _mm256_castsi256_ps(_mm256_cmpeq_epi32(n_big, n)),
+            );
             if k < 2 {
                 thr5 = _mm256_blendv_ps(thr5, v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(n5, n)));
             }
@@ -723,7 +782,11 @@ pub(crate) mod avx2 {
                 for k in 0..3 {
                     let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(k as i32 + 2), r[c]);
                     let term = _mm256_and_ps(_mm256_castsi256_ps(m), v);
-                    top[k] = if c == 0 { term } else { _mm256_add_ps(top[k], term) };
+                    top[k] = if c == 0 {
+                        term
+                    } else {
+                        _mm256_add_ps(top[k], term)
+                    };
                 }
                 if c > 0 {
                     top0 = _mm256_max_ps(top0, v);
@@ -754,7 +817,11 @@ pub(crate) mod avx2 {
                     dot = _mm256_add_ps(dot, s);
                 }
                 let pen = _mm256_mul_ps(fu, _mm256_set1_ps(tc.amin));
-                let pen = if tc.parity == 0 { _mm256_and_ps(oddf, pen) } else { _mm256_andnot_ps(oddf, pen) };
+                let pen = if tc.parity == 0 {
+                    _mm256_and_ps(oddf, pen)
+                } else {
+                    _mm256_andnot_ps(oddf, pen)
+                };
                 let d = _mm256_add_ps(
                     _mm256_sub_ps(
                         _mm256_add_ps(sq, _mm256_set1_ps(tc.norm2)),
@@ -874,9 +941,13 @@ pub(crate) mod avx2 {
         }
         // Lowest set bit: the first coordinate at the minimum; flipped where the parity is odd.
         let first = _mm256_and_si256(at_min, _mm256_sub_epi32(_mm256_setzero_si256(), at_min));
-        let odd = _mm256_srai_epi32::<31>(_mm256_castps_si256(_mm256_blendv_ps(pars[0], pars[1], s1)));
+        let odd =
+            _mm256_srai_epi32::<31>(_mm256_castps_si256(_mm256_blendv_ps(pars[0], pars[1], s1)));
         let code = _mm256_or_si256(
-            _mm256_and_si256(_mm256_xor_si256(negs, _mm256_and_si256(odd, first)), _mm256_set1_epi32(0x7F)),
+            _mm256_and_si256(
+                _mm256_xor_si256(negs, _mm256_and_si256(odd, first)),
+                _mm256_set1_epi32(0x7F),
+            ),
             _mm256_and_si256(_mm256_castps_si256(s1), _mm256_set1_epi32(0x80)),
         );
         // Lanes to bytes: 32 → 16 bits within each half, 16 → 8, then one dword per half.
@@ -1046,7 +1117,8 @@ mod tests {
             let t = tables();
             // SAFETY: AVX2 is present (checked above).
             let (c16, sorted, ranked, c8) = unsafe {
-                let rows: [__m256; 8] = std::array::from_fn(|l| _mm256_loadu_ps(g[l * 8..].as_ptr()));
+                let rows: [__m256; 8] =
+                    std::array::from_fn(|l| _mm256_loadu_ps(g[l * 8..].as_ptr()));
                 let soa = avx2::transpose8(&rows);
                 (
                     avx2::encode16(t, &soa),
@@ -1079,7 +1151,9 @@ mod tests {
             if std::is_x86_feature_detected!("avx2") {
                 let mut got = [0f32; 8];
                 // SAFETY: AVX2 is present (checked above).
-                unsafe { std::arch::x86_64::_mm256_storeu_ps(got.as_mut_ptr(), avx2::decode16(t, code)) };
+                unsafe {
+                    std::arch::x86_64::_mm256_storeu_ps(got.as_mut_ptr(), avx2::decode16(t, code))
+                };
                 assert_eq!(got, decode16(code));
             }
         }
@@ -1092,7 +1166,16 @@ mod tests {
     fn avx2_equals_scalar_on_a_top_tie() {
         // The two largest magnitudes tie (2.0855 after the +¼ shift) and the best type, (1,1),
         // gives only one of them the 5⁄2: the reference takes the lower index.
-        let lane = [2.3355403f32, 2.3355403, 1.2643219, -0.6593215, 1.1479894, -0.63600844, -0.48799145, 0.69615555];
+        let lane = [
+            2.3355403f32,
+            2.3355403,
+            1.2643219,
+            -0.6593215,
+            1.1479894,
+            -0.63600844,
+            -0.48799145,
+            0.69615555,
+        ];
         let mut g = Vec::new();
         for l in 0..8 {
             let mut v = lane;

@@ -69,7 +69,9 @@ impl Coder {
             "raw" => Ok(Coder::Raw),
             "zstd" => Ok(Coder::Zstd),
             "rans" => Ok(Coder::Rans),
-            n => Err(NqError::InvalidArgument(format!("unknown coder {n:?}: use raw, zstd or rans"))),
+            n => Err(NqError::InvalidArgument(format!(
+                "unknown coder {n:?}: use raw, zstd or rans"
+            ))),
         }
     }
 
@@ -109,7 +111,9 @@ pub fn max_decoded_len(coder: Coder, stored_len: u64) -> u64 {
     match coder {
         Coder::Raw => stored_len,
         Coder::Zstd => stored_len.saturating_mul(MAX_EXPANSION),
-        Coder::Rans => stored_len.saturating_mul(MAX_EXPANSION).saturating_add(RANS_SLACK),
+        Coder::Rans => stored_len
+            .saturating_mul(MAX_EXPANSION)
+            .saturating_add(RANS_SLACK),
     }
 }
 
@@ -148,7 +152,8 @@ pub fn decode(coder: Coder, data: &[u8], expected_len: usize, cap: usize) -> Res
         Coder::Raw => {}
         Coder::Zstd => {
             // Our zstd blocks are exactly one frame that records its content size.
-            let one_frame = zstd::zstd_safe::find_frame_compressed_size(data).ok() == Some(data.len());
+            let one_frame =
+                zstd::zstd_safe::find_frame_compressed_size(data).ok() == Some(data.len());
             let size = zstd::zstd_safe::get_frame_content_size(data).ok().flatten();
             if !one_frame || size != Some(expected_len as u64) {
                 return Err(NqError::Corrupt(format!(
@@ -159,7 +164,9 @@ pub fn decode(coder: Coder, data: &[u8], expected_len: usize, cap: usize) -> Res
         Coder::Rans => {
             let n = get_varint(data, &mut 0, "rANS symbol count")?;
             if n != expected_len as u64 {
-                return Err(NqError::Corrupt(format!("rANS block holds {n} symbols, expected {expected_len}")));
+                return Err(NqError::Corrupt(format!(
+                    "rANS block holds {n} symbols, expected {expected_len}"
+                )));
             }
         }
     }
@@ -177,7 +184,12 @@ pub fn decode(coder: Coder, data: &[u8], expected_len: usize, cap: usize) -> Res
 ///     cap: the caller's limit.
 /// Returns:
 ///     `Corrupt` naming the violated bound.
-pub fn check_decoded_len(coder: Coder, stored_len: usize, expected_len: usize, cap: usize) -> Result<()> {
+pub fn check_decoded_len(
+    coder: Coder,
+    stored_len: usize,
+    expected_len: usize,
+    cap: usize,
+) -> Result<()> {
     if expected_len > cap {
         return Err(NqError::Corrupt(format!(
             "a {} block claims {expected_len} decoded bytes, more than the limit of {cap}",
@@ -396,7 +408,15 @@ fn plan(hist: &[u64; 256]) -> (RansPlan, f64) {
         f[s] = (1 << sb) - 1;
         f[(s + 1) & 255] = 1;
         let payload = n as f64 * (sb as f64 - log2[f[s] as usize] as f64 / 65536.0);
-        return (RansPlan { sb, egk: 0, f, table_len: 2 + 2 + 1 }, payload);
+        return (
+            RansPlan {
+                sb,
+                egk: 0,
+                f,
+                table_len: 2 + 2 + 1,
+            },
+            payload,
+        );
     }
     let imax = (0..k).max_by_key(|&i| counts[i]).unwrap();
     let mut fk = [0u32; 256];
@@ -417,7 +437,15 @@ fn plan(hist: &[u64; 256]) -> (RansPlan, f64) {
         let mean = (m as usize / k).max(1);
         let centre = (usize::BITS - 1 - mean.leading_zeros()).min(sb - 1);
         let (egk, eg) = (centre.saturating_sub(2)..=centre)
-            .map(|egk| (egk, fk[..k - 1].iter().map(|&v| eg_bits(v - 1, egk) as usize).sum::<usize>()))
+            .map(|egk| {
+                (
+                    egk,
+                    fk[..k - 1]
+                        .iter()
+                        .map(|&v| eg_bits(v - 1, egk) as usize)
+                        .sum::<usize>(),
+                )
+            })
             .min_by_key(|&(_, b)| b)
             .unwrap();
         let table_len = 2 + if k < 32 { k } else { 32 } + eg.div_ceil(8);
@@ -437,12 +465,21 @@ fn plan(hist: &[u64; 256]) -> (RansPlan, f64) {
         }
         prev = c;
     }
-    let (sb, egk, table_len, total, fk) = best.expect("at least the 12-bit precision is always tried");
+    let (sb, egk, table_len, total, fk) =
+        best.expect("at least the 12-bit precision is always tried");
     let mut f = [0u32; 256];
     for i in 0..k {
         f[syms[i] as usize] = fk[i];
     }
-    (RansPlan { sb, egk, f, table_len }, total - table_len as f64 * 8.0)
+    (
+        RansPlan {
+            sb,
+            egk,
+            f,
+            table_len,
+        },
+        total - table_len as f64 * 8.0,
+    )
 }
 
 /// log2 of 0..=4096 in 16.16 fixed point (entry 0 unused), for cost estimates without a libm call
@@ -530,7 +567,11 @@ fn write_table(p: &RansPlan, out: &mut Vec<u8>) {
         }
         out.extend_from_slice(&set);
     }
-    let mut w = BitWriter { out: Vec::new(), acc: 0, n: 0 };
+    let mut w = BitWriter {
+        out: Vec::new(),
+        acc: 0,
+        n: 0,
+    };
     for &s in &present[..k - 1] {
         let v = p.f[s] - 1;
         let wv = v + (1 << p.egk);
@@ -546,7 +587,9 @@ fn read_table(data: &[u8], pos: &mut usize) -> Result<(u32, [u32; 256])> {
     let head = data.get(*pos..*pos + 2).ok_or_else(trunc)?;
     let (sb, egk) = ((head[0] & 15) as u32, (head[0] >> 4) as u32);
     if !(RANS_MIN_SCALE_BITS..=RANS_MAX_SCALE_BITS).contains(&sb) || egk >= sb {
-        return Err(NqError::Corrupt(format!("rANS table has precision {sb} and code order {egk}")));
+        return Err(NqError::Corrupt(format!(
+            "rANS table has precision {sb} and code order {egk}"
+        )));
     }
     let m = 1u32 << sb;
     let k = head[1] as usize + 1;
@@ -555,7 +598,9 @@ fn read_table(data: &[u8], pos: &mut usize) -> Result<(u32, [u32; 256])> {
     if k < 32 {
         let syms = data.get(*pos..*pos + k).ok_or_else(trunc)?;
         if syms.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(NqError::Corrupt("rANS symbol list is not strictly increasing".into()));
+            return Err(NqError::Corrupt(
+                "rANS symbol list is not strictly increasing".into(),
+            ));
         }
         present.extend(syms.iter().map(|&s| s as usize));
         *pos += k;
@@ -571,11 +616,16 @@ fn read_table(data: &[u8], pos: &mut usize) -> Result<(u32, [u32; 256])> {
         *pos += 32;
     }
     if k < 2 || k > m as usize {
-        return Err(NqError::Corrupt(format!("rANS table holds {k} symbols at precision {sb}")));
+        return Err(NqError::Corrupt(format!(
+            "rANS table holds {k} symbols at precision {sb}"
+        )));
     }
     let mut f = [0u32; 256];
     let mut sum = 0u32;
-    let mut r = BitReader { data: &data[*pos..], bit: 0 };
+    let mut r = BitReader {
+        data: &data[*pos..],
+        bit: 0,
+    };
     for &s in &present[..k - 1] {
         let v = r.eg(egk)? + 1;
         if v >= m || sum + v >= m {
@@ -603,7 +653,10 @@ pub fn rans_estimate(hist: &[u64; 256]) -> usize {
     }
     let (p, payload) = plan(hist);
     // Each state flushes 4 bytes; its final value carries up to 16 bits of the data.
-    varint_len(n) + p.table_len + 4 * RANS_STATES + ((payload / 8.0).ceil() as usize).saturating_sub(RANS_STATES)
+    varint_len(n)
+        + p.table_len
+        + 4 * RANS_STATES
+        + ((payload / 8.0).ceil() as usize).saturating_sub(RANS_STATES)
 }
 
 /// Encode a block with the order-0 rANS coder.
@@ -650,7 +703,13 @@ fn rans_encode_with(data: &[u8], p: &RansPlan) -> Vec<u8> {
             let l = 32 - (f - 1).leading_zeros();
             let rcp = (1u128 << (32 + l)).div_ceil(f as u128);
             // Emit when x ≥ ((L >> sb) << 16) · f; f < 2^sb keeps that in u32.
-            sym[s] = Sym { rcp: rcp as u64, xmax: ((RANS_L >> sb) << 16) * f, freq: f, start: acc, shift: 32 + l };
+            sym[s] = Sym {
+                rcp: rcp as u64,
+                xmax: ((RANS_L >> sb) << 16) * f,
+                freq: f,
+                start: acc,
+                shift: 32 + l,
+            };
         }
         acc += f;
     }
@@ -709,7 +768,9 @@ pub fn rans_decode_into(data: &[u8], out: &mut [u8]) -> Result<()> {
     }
     if n == 0 {
         if pos != data.len() {
-            return Err(NqError::Corrupt("empty rANS block has trailing bytes".into()));
+            return Err(NqError::Corrupt(
+                "empty rANS block has trailing bytes".into(),
+            ));
         }
         return Ok(());
     }
@@ -740,7 +801,9 @@ pub fn rans_decode_into(data: &[u8], out: &mut [u8]) -> Result<()> {
     }
     let words = &data[pos + 4 * RANS_STATES..];
     if words.len() % 2 != 0 {
-        return Err(NqError::Corrupt("rANS payload has an odd number of bytes".into()));
+        return Err(NqError::Corrupt(
+            "rANS payload has an odd number of bytes".into(),
+        ));
     }
     let mut wp = 0usize;
     let mask = (m - 1) as u32;
@@ -781,7 +844,9 @@ pub fn rans_decode_into(data: &[u8], out: &mut [u8]) -> Result<()> {
         return Err(NqError::Corrupt("rANS payload is truncated".into()));
     }
     if wp != words.len() || x.iter().any(|&s| s != RANS_L) {
-        return Err(NqError::Corrupt("rANS block does not end where its encoder ended (damaged payload)".into()));
+        return Err(NqError::Corrupt(
+            "rANS block does not end where its encoder ended (damaged payload)".into(),
+        ));
     }
     Ok(())
 }
@@ -827,7 +892,9 @@ impl Layout {
             "raw" => Ok(Layout::Raw),
             "planes" => Ok(Layout::Planes),
             "lattice" => Ok(Layout::Lattice),
-            n => Err(NqError::InvalidArgument(format!("unknown layout {n:?}: use raw, planes or lattice"))),
+            n => Err(NqError::InvalidArgument(format!(
+                "unknown layout {n:?}: use raw, planes or lattice"
+            ))),
         }
     }
 
@@ -1015,7 +1082,10 @@ pub struct Unpacked {
 /// low bytes) then sign/shift bytes (E8P16 high bytes, or the E8P8 byte).
 fn byte_plane_columns(bits: u8, g: usize) -> Vec<Vec<usize>> {
     let p16 = |base: usize| -> [Vec<usize>; 2] {
-        [(0..g).map(|i| base + 2 * i).collect(), (0..g).map(|i| base + 2 * i + 1).collect()]
+        [
+            (0..g).map(|i| base + 2 * i).collect(),
+            (0..g).map(|i| base + 2 * i + 1).collect(),
+        ]
     };
     let p8 = |base: usize| -> Vec<usize> { (base..base + g).collect() };
     match bits {
@@ -1065,23 +1135,40 @@ struct CodedPlane {
 impl CodedPlane {
     fn size(&self) -> usize {
         2 + varint_len(self.parts.len() as u64)
-            + self.parts.iter().map(|p| p.len() + varint_len(p.len() as u64)).sum::<usize>()
+            + self
+                .parts
+                .iter()
+                .map(|p| p.len() + varint_len(p.len() as u64))
+                .sum::<usize>()
     }
 }
 
 /// Code a plane of `cols` columns (column-major, `rows` each) with a fixed coding.
-fn code_fixed(plane: &[u8], rows: usize, cols: usize, coding: PlaneCoding, level: i32) -> Result<CodedPlane> {
+fn code_fixed(
+    plane: &[u8],
+    rows: usize,
+    cols: usize,
+    coding: PlaneCoding,
+    level: i32,
+) -> Result<CodedPlane> {
     let (coder, split) = match coding {
         PlaneCoding::Whole(c) => (c, false),
         PlaneCoding::Columns(c) => (c, rows > 0 && cols > 1),
         _ => unreachable!("only fixed codings here"),
     };
     let parts = if split {
-        plane.chunks_exact(rows).map(|col| encode(coder, col, level)).collect::<Result<_>>()?
+        plane
+            .chunks_exact(rows)
+            .map(|col| encode(coder, col, level))
+            .collect::<Result<_>>()?
     } else {
         vec![encode(coder, plane, level)?]
     };
-    Ok(CodedPlane { coder, delta: false, parts })
+    Ok(CodedPlane {
+        coder,
+        delta: false,
+        parts,
+    })
 }
 
 /// Auto's estimate for a plane: the cheapest of raw, rANS whole, rANS per column, from
@@ -1099,7 +1186,9 @@ fn auto_estimate(plane: &[u8], rows: usize, cols: usize) -> (usize, AutoChoice) 
     }
     let est = |h: &[u64; 256], n: usize| -> (RansPlan, usize) {
         let (p, payload) = plan(h);
-        let size = varint_len(n as u64) + p.table_len + 4 * RANS_STATES
+        let size = varint_len(n as u64)
+            + p.table_len
+            + 4 * RANS_STATES
             + ((payload / 8.0).ceil() as usize).saturating_sub(RANS_STATES);
         (p, size + varint_len(size as u64))
     };
@@ -1133,19 +1222,36 @@ fn auto_estimate(plane: &[u8], rows: usize, cols: usize) -> (usize, AutoChoice) 
 
 fn code_auto(plane: &[u8], rows: usize, choice: &AutoChoice) -> CodedPlane {
     match choice {
-        AutoChoice::Raw => CodedPlane { coder: Coder::Raw, delta: false, parts: vec![plane.to_vec()] },
-        AutoChoice::Whole(p) => CodedPlane { coder: Coder::Rans, delta: false, parts: vec![rans_encode_with(plane, p)] },
+        AutoChoice::Raw => CodedPlane {
+            coder: Coder::Raw,
+            delta: false,
+            parts: vec![plane.to_vec()],
+        },
+        AutoChoice::Whole(p) => CodedPlane {
+            coder: Coder::Rans,
+            delta: false,
+            parts: vec![rans_encode_with(plane, p)],
+        },
         AutoChoice::Columns(ps) => CodedPlane {
             coder: Coder::Rans,
             delta: false,
-            parts: plane.chunks_exact(rows).zip(ps).map(|(c, p)| rans_encode_with(c, p)).collect(),
+            parts: plane
+                .chunks_exact(rows)
+                .zip(ps)
+                .map(|(c, p)| rans_encode_with(c, p))
+                .collect(),
         },
     }
 }
 
 /// Code one plane given its variants (without and with the delta along tokens, where built),
 /// keeping the smallest candidate the options allow.
-fn code_plane(variants: &[(bool, &[u8])], rows: usize, cols: usize, opts: &PackOptions) -> Result<CodedPlane> {
+fn code_plane(
+    variants: &[(bool, &[u8])],
+    rows: usize,
+    cols: usize,
+    opts: &PackOptions,
+) -> Result<CodedPlane> {
     let mut best: Option<CodedPlane> = None;
     let mut keep = |c: CodedPlane| {
         if best.as_ref().map_or(true, |b| c.size() < b.size()) {
@@ -1175,7 +1281,13 @@ fn code_plane(variants: &[(bool, &[u8])], rows: usize, cols: usize, opts: &PackO
             keep(c);
             if opts.coding == PlaneCoding::Best {
                 for &(delta, p) in variants {
-                    let mut c = code_fixed(p, rows, cols, PlaneCoding::Whole(Coder::Zstd), opts.zstd_level)?;
+                    let mut c = code_fixed(
+                        p,
+                        rows,
+                        cols,
+                        PlaneCoding::Whole(Coder::Zstd),
+                        opts.zstd_level,
+                    )?;
                     c.delta = delta;
                     keep(c);
                 }
@@ -1203,9 +1315,17 @@ fn code_plane(variants: &[(bool, &[u8])], rows: usize, cols: usize, opts: &PackO
 ///     opts: layout, coders and deltas.
 /// Returns:
 ///     the packed bytes, or `InvalidArgument` for inconsistent sizes.
-pub fn pack_codes(codes: &[u8], row_bytes: usize, scales: &[u16], bits: u8, opts: &PackOptions) -> Result<Vec<u8>> {
+pub fn pack_codes(
+    codes: &[u8],
+    row_bytes: usize,
+    scales: &[u16],
+    bits: u8,
+    opts: &PackOptions,
+) -> Result<Vec<u8>> {
     if !(1..=4).contains(&bits) {
-        return Err(NqError::InvalidArgument(format!("bits must be 1, 2, 3 or 4, got {bits}")));
+        return Err(NqError::InvalidArgument(format!(
+            "bits must be 1, 2, 3 or 4, got {bits}"
+        )));
     }
     if row_bytes == 0 || row_bytes % bits as usize != 0 || row_bytes > MAX_ROW_BYTES {
         return Err(NqError::InvalidArgument(format!(
@@ -1230,7 +1350,11 @@ pub fn pack_codes(codes: &[u8], row_bytes: usize, scales: &[u16], bits: u8, opts
         return Ok(with);
     }
     let without = pack_inner(codes, row_bytes, scales, bits, opts, None)?;
-    Ok(if with.len() < without.len() { with } else { without })
+    Ok(if with.len() < without.len() {
+        with
+    } else {
+        without
+    })
 }
 
 /// Distinct rows (codes + scale) in order of first appearance, and per row a reference value:
@@ -1279,7 +1403,9 @@ fn undedup_indices(refs: &[u32]) -> Result<(usize, Vec<u32>)> {
             let z = (r - 1) as i64;
             let i = prev + 1 + ((z >> 1) ^ -(z & 1));
             if i < 0 || i >= distinct {
-                return Err(NqError::Corrupt(format!("a repeated row refers to row {i} of {distinct} distinct rows")));
+                return Err(NqError::Corrupt(format!(
+                    "a repeated row refers to row {i} of {distinct} distinct rows"
+                )));
             }
             i
         };
@@ -1311,7 +1437,10 @@ fn pack_inner(
         // The references first (the decoder needs them to size the other planes): four byte
         // planes of the u32 values, low byte first.
         flags |= FLAG_DEDUP;
-        let opts_r = PackOptions { token_delta: Choice::Off, ..*opts };
+        let opts_r = PackOptions {
+            token_delta: Choice::Off,
+            ..*opts
+        };
         for k in 0..4 {
             let b: Vec<u8> = refs.iter().map(|r| (r >> (8 * k)) as u8).collect();
             coded.push(code_plane(&[(false, &b)], refs.len(), 1, &opts_r)?);
@@ -1389,9 +1518,14 @@ fn pack_inner(
 
     for (cols, vars) in &planes {
         let v: Vec<(bool, &[u8])> = vars.iter().map(|(d, p)| (*d, p.as_slice())).collect();
-        let opts_here = if layout == Layout::Raw && matches!(opts.coding, PlaneCoding::Auto | PlaneCoding::Best) {
+        let opts_here = if layout == Layout::Raw
+            && matches!(opts.coding, PlaneCoding::Auto | PlaneCoding::Best)
+        {
             // One block of mixed bytes: zstd (measured below rANS's order-0 model on it).
-            PackOptions { coding: PlaneCoding::Whole(Coder::Zstd), ..*opts }
+            PackOptions {
+                coding: PlaneCoding::Whole(Coder::Zstd),
+                ..*opts
+            }
         } else {
             *opts
         };
@@ -1410,10 +1544,16 @@ fn pack_inner(
             };
             let lo: Vec<u8> = s.iter().map(|v| *v as u8).collect();
             let hi: Vec<u8> = s.iter().map(|v| (*v >> 8) as u8).collect();
-            let opts_s = PackOptions { token_delta: Choice::Off, ..*opts };
+            let opts_s = PackOptions {
+                token_delta: Choice::Off,
+                ..*opts
+            };
             let a = code_plane(&[(false, &lo)], rows, 1, &opts_s)?;
             let b = code_plane(&[(false, &hi)], rows, 1, &opts_s)?;
-            if best.as_ref().map_or(true, |(_, x, y)| a.size() + b.size() < x.size() + y.size()) {
+            if best
+                .as_ref()
+                .map_or(true, |(_, x, y)| a.size() + b.size() < x.size() + y.size())
+            {
                 best = Some((flag, a, b));
             }
         }
@@ -1425,7 +1565,8 @@ fn pack_inner(
         coded.push(b);
     }
 
-    let mut out = Vec::with_capacity(PACK_HEADER + coded.iter().map(|c| c.size()).sum::<usize>() + 4);
+    let mut out =
+        Vec::with_capacity(PACK_HEADER + coded.iter().map(|c| c.size()).sum::<usize>() + 4);
     out.extend_from_slice(PACK_MAGIC);
     out.extend_from_slice(&[PACK_VERSION, bits, layout as u8, flags]);
     out.extend_from_slice(&(refs.map_or(rows, |r| r.len()) as u64).to_le_bytes());
@@ -1479,10 +1620,15 @@ pub struct PackedInfo {
 ///     its bit width, rows, row bytes and layout, or `Corrupt` / `UnsupportedVersion`.
 pub fn packed_info(data: &[u8]) -> Result<PackedInfo> {
     if data.len() < 4 || &data[..4] != PACK_MAGIC {
-        return Err(NqError::Corrupt("not a packed code stream (bad magic bytes)".into()));
+        return Err(NqError::Corrupt(
+            "not a packed code stream (bad magic bytes)".into(),
+        ));
     }
     if data.len() < PACK_HEADER + 4 {
-        return Err(NqError::Corrupt(format!("{} bytes is too short for a packed code stream", data.len())));
+        return Err(NqError::Corrupt(format!(
+            "{} bytes is too short for a packed code stream",
+            data.len()
+        )));
     }
     let version = data[4];
     if version > PACK_VERSION {
@@ -1491,23 +1637,36 @@ pub fn packed_info(data: &[u8]) -> Result<PackedInfo> {
         )));
     }
     if version == 0 {
-        return Err(NqError::Corrupt("packed code stream version 0 does not exist".into()));
+        return Err(NqError::Corrupt(
+            "packed code stream version 0 does not exist".into(),
+        ));
     }
     let body = &data[..data.len() - 4];
     let crc = u32::from_le_bytes(data[data.len() - 4..].try_into().unwrap());
     if crc32fast::hash(body) != crc {
-        return Err(NqError::Corrupt("packed code stream checksum mismatch (the data is damaged)".into()));
+        return Err(NqError::Corrupt(
+            "packed code stream checksum mismatch (the data is damaged)".into(),
+        ));
     }
     let bits = data[5];
     let layout = Layout::from_u8(data[6])?;
     let rows = u64::from_le_bytes(data[8..16].try_into().unwrap());
     let row_bytes = u32::from_le_bytes(data[16..20].try_into().unwrap()) as usize;
-    if !(1..=4).contains(&bits) || row_bytes == 0 || row_bytes % bits as usize != 0 || row_bytes > MAX_ROW_BYTES {
+    if !(1..=4).contains(&bits)
+        || row_bytes == 0
+        || row_bytes % bits as usize != 0
+        || row_bytes > MAX_ROW_BYTES
+    {
         return Err(NqError::Corrupt(format!(
             "packed code stream header holds bits={bits}, row_bytes={row_bytes}"
         )));
     }
-    Ok(PackedInfo { bits, rows, row_bytes, layout })
+    Ok(PackedInfo {
+        bits,
+        rows,
+        row_bytes,
+        layout,
+    })
 }
 
 /// Unpack a stream written by [`pack_codes`].
@@ -1521,11 +1680,18 @@ pub fn packed_info(data: &[u8]) -> Result<PackedInfo> {
 ///     the codes and scales, or `Corrupt` (damaged, truncated or foreign bytes, a size over the
 ///     limit) or `UnsupportedVersion`.
 pub fn unpack_codes(data: &[u8], max_decoded: usize) -> Result<Unpacked> {
-    let PackedInfo { bits, rows, row_bytes, layout } = packed_info(data)?;
+    let PackedInfo {
+        bits,
+        rows,
+        row_bytes,
+        layout,
+    } = packed_info(data)?;
     let body = &data[..data.len() - 4];
     let flags = data[7];
     if flags & !(FLAG_SCALE_DELTA | FLAG_DEDUP) != 0 || (layout == Layout::Raw && flags != 0) {
-        return Err(NqError::Corrupt(format!("packed code stream has unknown flags {flags:#x}")));
+        return Err(NqError::Corrupt(format!(
+            "packed code stream has unknown flags {flags:#x}"
+        )));
     }
     let total = (rows as u128) * (row_bytes as u128 + 2);
     if total > max_decoded as u128 {
@@ -1538,7 +1704,10 @@ pub fn unpack_codes(data: &[u8], max_decoded: usize) -> Result<Unpacked> {
     let n_refs = if flags & FLAG_DEDUP != 0 { 4 } else { 0 };
     // Column counts of all planes: the reference planes (one column of total_rows), then the
     // layout's planes (of the distinct rows, which the references tell).
-    let cols: Vec<usize> = std::iter::repeat(1).take(n_refs).chain(plane_cols(layout, bits, g, row_bytes)).collect();
+    let cols: Vec<usize> = std::iter::repeat(1)
+        .take(n_refs)
+        .chain(plane_cols(layout, bits, g, row_bytes))
+        .collect();
     let nplanes = data[20] as usize;
     if nplanes != cols.len() || data[21..24] != [0, 0, 0] {
         return Err(NqError::Corrupt(format!(
@@ -1546,7 +1715,11 @@ pub fn unpack_codes(data: &[u8], max_decoded: usize) -> Result<Unpacked> {
             cols.len()
         )));
     }
-    let code_planes = if layout == Layout::Raw { n_refs..n_refs + 1 } else { n_refs..nplanes - 2 };
+    let code_planes = if layout == Layout::Raw {
+        n_refs..n_refs + 1
+    } else {
+        n_refs..nplanes - 2
+    };
     // Plane directory.
     let mut pos = PACK_HEADER;
     let mut dir: Vec<(Coder, bool, Vec<usize>)> = Vec::with_capacity(nplanes);
@@ -1559,19 +1732,27 @@ pub fn unpack_codes(data: &[u8], max_decoded: usize) -> Result<Unpacked> {
         let delta = match head[1] {
             0 => false,
             1 if code_planes.contains(&i) && layout != Layout::Raw => true,
-            t => return Err(NqError::Corrupt(format!("packed plane {i} has transform {t}"))),
+            t => {
+                return Err(NqError::Corrupt(format!(
+                    "packed plane {i} has transform {t}"
+                )))
+            }
         };
         // The raw layout's one plane is never split.
         let ncols = if layout == Layout::Raw { 1 } else { c };
         let parts = get_varint(body, &mut pos, "packed plane part count")?;
         if parts != 1 && parts != ncols as u64 {
-            return Err(NqError::Corrupt(format!("packed plane {i} has {parts} parts; it has {ncols} columns")));
+            return Err(NqError::Corrupt(format!(
+                "packed plane {i} has {parts} parts; it has {ncols} columns"
+            )));
         }
         let mut lens = Vec::with_capacity(parts as usize);
         for _ in 0..parts {
             let l = get_varint(body, &mut pos, "packed part length")?;
             if l > body.len() as u64 {
-                return Err(NqError::Corrupt("packed part is longer than the stream".into()));
+                return Err(NqError::Corrupt(
+                    "packed part is longer than the stream".into(),
+                ));
             }
             stored_total += l as u128;
             lens.push(l as usize);
@@ -1597,16 +1778,26 @@ pub fn unpack_codes(data: &[u8], max_decoded: usize) -> Result<Unpacked> {
             rows = distinct;
             index = Some(idx);
         }
-        let plane_len = if layout == Layout::Raw { rows * (row_bytes + 2) } else { rows * c };
+        let plane_len = if layout == Layout::Raw {
+            rows * (row_bytes + 2)
+        } else {
+            rows * c
+        };
         if lens.len() > 1 && rows == 0 {
-            return Err(NqError::Corrupt(format!("packed plane {i} is split but has no rows")));
+            return Err(NqError::Corrupt(format!(
+                "packed plane {i} is split but has no rows"
+            )));
         }
         let part_len = plane_len / lens.len();
         for &l in lens {
             check_decoded_len(*coder, l, part_len, max_decoded)?;
         }
         let mut p = vec![0u8; plane_len];
-        let outs: Vec<&mut [u8]> = if part_len == 0 { vec![&mut p[..]] } else { p.chunks_exact_mut(part_len).collect() };
+        let outs: Vec<&mut [u8]> = if part_len == 0 {
+            vec![&mut p[..]]
+        } else {
+            p.chunks_exact_mut(part_len).collect()
+        };
         for (o, &l) in outs.into_iter().zip(lens) {
             decode_into(*coder, &body[pos..pos + l], o)?;
             pos += l;
@@ -1626,7 +1817,12 @@ pub fn unpack_codes(data: &[u8], max_decoded: usize) -> Result<Unpacked> {
                 codes.extend_from_slice(&u.codes[i * row_bytes..(i + 1) * row_bytes]);
                 scales.push(u.scales[i]);
             }
-            Unpacked { bits, row_bytes, codes, scales }
+            Unpacked {
+                bits,
+                row_bytes,
+                codes,
+                scales,
+            }
         }
     })
 }
@@ -1652,14 +1848,25 @@ fn rebuild(
             for (s, b) in scales.iter_mut().zip(p[rows * row_bytes..].chunks_exact(2)) {
                 *s = u16::from_le_bytes([b[0], b[1]]);
             }
-            return Ok(Unpacked { bits, row_bytes, codes, scales });
+            return Ok(Unpacked {
+                bits,
+                row_bytes,
+                codes,
+                scales,
+            });
         }
         Layout::Planes => {
             // Planes stored as deltas go to their own matrix, undone row-wise (vectorised) and
             // merged: their columns are zero in `codes` and the others zero in `d`.
             let mut d: Option<Vec<u8>> = None;
-            for ((cols, p), (_, delta, _)) in byte_plane_columns(bits, g).iter().zip(planes).zip(dir) {
-                let target = if *delta { d.get_or_insert_with(|| vec![0u8; rows * row_bytes]) } else { &mut codes };
+            for ((cols, p), (_, delta, _)) in
+                byte_plane_columns(bits, g).iter().zip(planes).zip(dir)
+            {
+                let target = if *delta {
+                    d.get_or_insert_with(|| vec![0u8; rows * row_bytes])
+                } else {
+                    &mut codes
+                };
                 delta::scatter_columns(p, row_bytes, cols, target);
             }
             if let Some(mut d) = d {
@@ -1673,9 +1880,19 @@ fn rebuild(
             for (k, (is16, off)) in stages(bits, g).into_iter().enumerate() {
                 let w = if is16 { 2 * g } else { g };
                 let mut coords = vec![0u8; rows * 8 * g];
-                delta::scatter_columns(&planes[2 * k], 8 * g, &(0..8 * g).collect::<Vec<_>>(), &mut coords);
+                delta::scatter_columns(
+                    &planes[2 * k],
+                    8 * g,
+                    &(0..8 * g).collect::<Vec<_>>(),
+                    &mut coords,
+                );
                 let mut shifts = vec![0u8; rows * g];
-                delta::scatter_columns(&planes[2 * k + 1], g, &(0..g).collect::<Vec<_>>(), &mut shifts);
+                delta::scatter_columns(
+                    &planes[2 * k + 1],
+                    g,
+                    &(0..g).collect::<Vec<_>>(),
+                    &mut shifts,
+                );
                 delta::unzigzag8(&mut coords);
                 if dir[2 * k].1 {
                     delta::undelta_sub(&mut coords, 8 * g);
@@ -1703,7 +1920,12 @@ fn rebuild(
     if flags & FLAG_SCALE_DELTA != 0 {
         delta::undelta_zigzag16(&mut scales);
     }
-    Ok(Unpacked { bits, row_bytes, codes, scales })
+    Ok(Unpacked {
+        bits,
+        row_bytes,
+        codes,
+        scales,
+    })
 }
 
 #[cfg(test)]
@@ -1725,7 +1947,9 @@ mod tests {
     /// Skewed bytes: geometric-ish, like code planes.
     fn skewed(n: usize, seed: u64) -> Vec<u8> {
         let mut r = xorshift(seed);
-        (0..n).map(|_| (r().trailing_zeros() * 7 % 256) as u8).collect()
+        (0..n)
+            .map(|_| (r().trailing_zeros() * 7 % 256) as u8)
+            .collect()
     }
 
     fn real_codes(bits: u8, rows: usize, seed: u64) -> (Vec<u8>, Vec<u16>, usize) {
@@ -1762,7 +1986,14 @@ mod tests {
                 for token_delta in [Choice::Off, Choice::On, Choice::Auto] {
                     for scale_delta in [Choice::Off, Choice::On] {
                         for dedup_rows in [Choice::Off, Choice::On] {
-                            v.push(PackOptions { layout, coding, token_delta, scale_delta, dedup_rows, zstd_level: 1 });
+                            v.push(PackOptions {
+                                layout,
+                                coding,
+                                token_delta,
+                                scale_delta,
+                                dedup_rows,
+                                zstd_level: 1,
+                            });
                         }
                     }
                 }
@@ -1780,7 +2011,9 @@ mod tests {
             vec![0, 255],
             vec![255; 100_000],
             (0..=255u8).collect(),
-            (0..100_003u32).map(|i| (i.wrapping_mul(2654435761u32) >> 24) as u8).collect(),
+            (0..100_003u32)
+                .map(|i| (i.wrapping_mul(2654435761u32) >> 24) as u8)
+                .collect(),
             skewed(65_537, 3),
         ];
         for c in cases {
@@ -1788,7 +2021,11 @@ mod tests {
             let d = decode(Coder::Rans, &e, c.len(), usize::MAX).unwrap();
             assert_eq!(d, c);
             let est = rans_estimate(&histogram(&c));
-            assert!((est as i64 - e.len() as i64).abs() <= 12, "estimate {est}, real {}", e.len());
+            assert!(
+                (est as i64 - e.len() as i64).abs() <= 12,
+                "estimate {est}, real {}",
+                e.len()
+            );
         }
     }
 
@@ -1798,9 +2035,23 @@ mod tests {
         for f in 1u32..4096 {
             let l = 32 - (f - 1).leading_zeros();
             let m = (1u128 << (32 + l)).div_ceil(f as u128) as u64;
-            let edge = [0u32, 1, f - 1, f, f + 1, u32::MAX, u32::MAX - 1, (u32::MAX / f) * f, (u32::MAX / f) * f - 1];
+            let edge = [
+                0u32,
+                1,
+                f - 1,
+                f,
+                f + 1,
+                u32::MAX,
+                u32::MAX - 1,
+                (u32::MAX / f) * f,
+                (u32::MAX / f) * f - 1,
+            ];
             for x in edge.into_iter().chain((0..64).map(|_| r() as u32)) {
-                assert_eq!(((x as u128 * m as u128) >> (32 + l)) as u32, x / f, "x={x} f={f}");
+                assert_eq!(
+                    ((x as u128 * m as u128) >> (32 + l)) as u32,
+                    x / f,
+                    "x={x} f={f}"
+                );
             }
         }
     }
@@ -1810,9 +2061,18 @@ mod tests {
         let c = skewed(1 << 20, 9);
         let h = histogram(&c);
         let n = c.len() as f64;
-        let ent: f64 = h.iter().filter(|&&v| v > 0).map(|&v| -(v as f64) * (v as f64 / n).log2()).sum::<f64>() / 8.0;
+        let ent: f64 = h
+            .iter()
+            .filter(|&&v| v > 0)
+            .map(|&v| -(v as f64) * (v as f64 / n).log2())
+            .sum::<f64>()
+            / 8.0;
         let e = rans_encode(&c);
-        assert!((e.len() as f64) < ent * 1.005 + 64.0, "{} vs entropy {ent}", e.len());
+        assert!(
+            (e.len() as f64) < ent * 1.005 + 64.0,
+            "{} vs entropy {ent}",
+            e.len()
+        );
     }
 
     #[test]
@@ -1821,9 +2081,18 @@ mod tests {
         for coder in [Coder::Raw, Coder::Zstd, Coder::Rans] {
             let e = encode(coder, &data, 3).unwrap();
             // A claimed length of 2^60 fails on the bound, long before any allocation.
-            assert!(matches!(decode(coder, &e, 1 << 60, usize::MAX), Err(NqError::Corrupt(_))));
-            assert!(matches!(decode(coder, &e, 1000, 999), Err(NqError::Corrupt(_))));
-            assert!(matches!(decode(coder, &e, 999, usize::MAX), Err(NqError::Corrupt(_))));
+            assert!(matches!(
+                decode(coder, &e, 1 << 60, usize::MAX),
+                Err(NqError::Corrupt(_))
+            ));
+            assert!(matches!(
+                decode(coder, &e, 1000, 999),
+                Err(NqError::Corrupt(_))
+            ));
+            assert!(matches!(
+                decode(coder, &e, 999, usize::MAX),
+                Err(NqError::Corrupt(_))
+            ));
             assert_eq!(decode(coder, &e, 1000, 1000).unwrap(), data);
         }
         assert!(Coder::from_tag(3).is_err());
@@ -1835,7 +2104,10 @@ mod tests {
         for coder in [Coder::Zstd, Coder::Rans] {
             let e = encode(coder, &data, 3).unwrap();
             for cut in 0..e.len() {
-                assert!(decode(coder, &e[..cut], data.len(), usize::MAX).is_err(), "{coder:?} cut {cut}");
+                assert!(
+                    decode(coder, &e[..cut], data.len(), usize::MAX).is_err(),
+                    "{coder:?} cut {cut}"
+                );
             }
             let mut caught = 0;
             let mut total = 0;
@@ -1883,7 +2155,12 @@ mod tests {
         s2.extend_from_slice(&scales[..256]);
         let half = pack_codes(&c2[..256 * rb], rb, &s2[..256], 2, &PackOptions::default()).unwrap();
         let full = pack_codes(&c2, rb, &s2, 2, &PackOptions::default()).unwrap();
-        assert!(full.len() < half.len() + 256, "{} vs {}", full.len(), half.len());
+        assert!(
+            full.len() < half.len() + 256,
+            "{} vs {}",
+            full.len(),
+            half.len()
+        );
         let u = unpack_codes(&full, DEFAULT_MAX_UNPACKED).unwrap();
         assert_eq!((u.codes, u.scales), (c2, s2));
         // References to rows that do not exist yet are refused.
@@ -1906,16 +2183,30 @@ mod tests {
     fn default_packs_smaller_than_raw() {
         let (codes, scales, rb) = real_codes(2, 2048, 5);
         let p = pack_codes(&codes, rb, &scales, 2, &PackOptions::default()).unwrap();
-        assert!(p.len() < codes.len() + 2 * scales.len(), "{} bytes", p.len());
+        assert!(
+            p.len() < codes.len() + 2 * scales.len(),
+            "{} bytes",
+            p.len()
+        );
     }
 
     #[test]
     fn packed_damage_is_always_an_error() {
         let (codes, scales, rb) = real_codes(2, 64, 7);
-        for opts in [PackOptions::default(), PackOptions { layout: Layout::Lattice, token_delta: Choice::On, ..Default::default() }] {
+        for opts in [
+            PackOptions::default(),
+            PackOptions {
+                layout: Layout::Lattice,
+                token_delta: Choice::On,
+                ..Default::default()
+            },
+        ] {
             let p = pack_codes(&codes, rb, &scales, 2, &opts).unwrap();
             for cut in 0..p.len() {
-                assert!(matches!(unpack_codes(&p[..cut], DEFAULT_MAX_UNPACKED), Err(NqError::Corrupt(_))));
+                assert!(matches!(
+                    unpack_codes(&p[..cut], DEFAULT_MAX_UNPACKED),
+                    Err(NqError::Corrupt(_))
+                ));
             }
             for i in 0..p.len() {
                 for bit in 0..8 {
@@ -1925,7 +2216,10 @@ mod tests {
                     // The CRC catches every single flip, except in the version byte where a
                     // higher version is reported as such.
                     assert!(
-                        matches!(r, Err(NqError::Corrupt(_)) | Err(NqError::UnsupportedVersion(_))),
+                        matches!(
+                            r,
+                            Err(NqError::Corrupt(_)) | Err(NqError::UnsupportedVersion(_))
+                        ),
                         "byte {i} bit {bit}: {r:?}"
                     );
                 }
@@ -1942,7 +2236,10 @@ mod tests {
         p.extend_from_slice(&[3, 0, 0, 0]);
         let crc = crc32fast::hash(&p);
         p.extend_from_slice(&crc.to_le_bytes());
-        assert!(matches!(unpack_codes(&p, DEFAULT_MAX_UNPACKED), Err(NqError::Corrupt(_))));
+        assert!(matches!(
+            unpack_codes(&p, DEFAULT_MAX_UNPACKED),
+            Err(NqError::Corrupt(_))
+        ));
         assert!(pack_codes(&[], MAX_ROW_BYTES + 4, &[], 4, &PackOptions::default()).is_err());
     }
 
@@ -1955,12 +2252,21 @@ mod tests {
         let n = p.len();
         let crc = crc32fast::hash(&p[..n - 4]);
         p[n - 4..].copy_from_slice(&crc.to_le_bytes());
-        assert!(matches!(unpack_codes(&p, DEFAULT_MAX_UNPACKED), Err(NqError::Corrupt(_))));
-        assert!(matches!(unpack_codes(&p, usize::MAX), Err(NqError::Corrupt(_))));
+        assert!(matches!(
+            unpack_codes(&p, DEFAULT_MAX_UNPACKED),
+            Err(NqError::Corrupt(_))
+        ));
+        assert!(matches!(
+            unpack_codes(&p, usize::MAX),
+            Err(NqError::Corrupt(_))
+        ));
         // A newer version says so.
         let mut q = pack_codes(&codes, rb, &scales, 1, &PackOptions::default()).unwrap();
         q[4] = 9;
-        assert!(matches!(unpack_codes(&q, DEFAULT_MAX_UNPACKED), Err(NqError::UnsupportedVersion(_))));
+        assert!(matches!(
+            unpack_codes(&q, DEFAULT_MAX_UNPACKED),
+            Err(NqError::UnsupportedVersion(_))
+        ));
     }
 
     proptest! {

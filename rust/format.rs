@@ -39,7 +39,9 @@ fn corrupt(msg: impl Into<String>) -> NqError {
 }
 
 fn kind_str(k: &[u8; 4]) -> String {
-    k.iter().map(|&b| if b.is_ascii_graphic() { b as char } else { '?' }).collect()
+    k.iter()
+        .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' })
+        .collect()
 }
 
 /// Whether 4 bytes are a valid section kind: ASCII capital letters and digits.
@@ -49,7 +51,8 @@ fn kind_str(k: &[u8; 4]) -> String {
 /// Returns:
 ///     true for kinds such as `META`, `TOKN`, `LAYR`.
 pub fn is_valid_kind(k: &[u8; 4]) -> bool {
-    k.iter().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    k.iter()
+        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
 // =============================================================================================
@@ -107,7 +110,9 @@ impl FileHeader {
         let crc = u32::from_le_bytes(b[60..64].try_into().unwrap());
         let version = u16::from_le_bytes(b[8..10].try_into().unwrap());
         if crc32fast::hash(&b[..60]) != crc {
-            return Err(corrupt("file header checksum mismatch (the header is damaged)"));
+            return Err(corrupt(
+                "file header checksum mismatch (the header is damaged)",
+            ));
         }
         // Checked after the CRC, so a damaged version field reads as damage, not as a new version.
         if version > VERSION {
@@ -122,7 +127,9 @@ impl FileHeader {
         let section_count = u32::from_le_bytes(b[12..16].try_into().unwrap());
         let total_len = u64::from_le_bytes(b[16..24].try_into().unwrap());
         if flags != 0 {
-            return Err(corrupt(format!("file header has unknown flags {flags:#06x}")));
+            return Err(corrupt(format!(
+                "file header has unknown flags {flags:#06x}"
+            )));
         }
         if b[24..60].iter().any(|&v| v != 0) {
             return Err(corrupt("file header's reserved bytes are not zero"));
@@ -133,7 +140,9 @@ impl FileHeader {
             )));
         }
         if section_count == 0 || section_count > MAX_SECTIONS {
-            return Err(corrupt(format!("file header declares {section_count} sections")));
+            return Err(corrupt(format!(
+                "file header declares {section_count} sections"
+            )));
         }
         let min_len = FILE_HEADER_LEN as u64 + section_count as u64 * SECTION_HEADER_LEN as u64;
         if min_len > real_len {
@@ -141,7 +150,12 @@ impl FileHeader {
                 "file header declares {section_count} sections, which cannot fit in {real_len} bytes"
             )));
         }
-        Ok(FileHeader { version, flags, section_count, total_len })
+        Ok(FileHeader {
+            version,
+            flags,
+            section_count,
+            total_len,
+        })
     }
 }
 
@@ -190,20 +204,32 @@ impl SectionHeader {
     ///     max_decoded: the largest decoded payload the reader accepts.
     /// Returns:
     ///     the header, or `Corrupt` naming the section and the problem.
-    pub fn parse(b: &[u8; SECTION_HEADER_LEN], index: u32, remaining: u64, max_decoded: u64) -> Result<SectionHeader> {
+    pub fn parse(
+        b: &[u8; SECTION_HEADER_LEN],
+        index: u32,
+        remaining: u64,
+        max_decoded: u64,
+    ) -> Result<SectionHeader> {
         let crc = u32::from_le_bytes(b[28..32].try_into().unwrap());
         if crc32fast::hash(&b[..28]) != crc {
-            return Err(corrupt(format!("section {index}: header checksum mismatch (the header is damaged)")));
+            return Err(corrupt(format!(
+                "section {index}: header checksum mismatch (the header is damaged)"
+            )));
         }
         let kind: [u8; 4] = b[0..4].try_into().unwrap();
         let name = kind_str(&kind);
         if !is_valid_kind(&kind) {
-            return Err(corrupt(format!("section {index}: kind {name:?} is not 4 ASCII capitals or digits")));
+            return Err(corrupt(format!(
+                "section {index}: kind {name:?} is not 4 ASCII capitals or digits"
+            )));
         }
-        let coder = Coder::from_tag(b[4]).map_err(|e| corrupt(format!("section {index} ({name}): {e}")))?;
+        let coder =
+            Coder::from_tag(b[4]).map_err(|e| corrupt(format!("section {index} ({name}): {e}")))?;
         let flags = b[5];
         if flags != 0 || b[6] != 0 || b[7] != 0 {
-            return Err(corrupt(format!("section {index} ({name}): unknown flags or nonzero reserved bytes")));
+            return Err(corrupt(format!(
+                "section {index} ({name}): unknown flags or nonzero reserved bytes"
+            )));
         }
         let stored_len = u64::from_le_bytes(b[8..16].try_into().unwrap());
         let decoded_len = u64::from_le_bytes(b[16..24].try_into().unwrap());
@@ -225,7 +251,14 @@ impl SectionHeader {
                 coder.name()
             )));
         }
-        Ok(SectionHeader { kind, coder, flags, stored_len, decoded_len, payload_crc })
+        Ok(SectionHeader {
+            kind,
+            coder,
+            flags,
+            stored_len,
+            decoded_len,
+            payload_crc,
+        })
     }
 }
 
@@ -292,7 +325,10 @@ impl DType {
     /// Returns:
     ///     the dtype, or `Corrupt`.
     pub fn from_u8(v: u8) -> Result<DType> {
-        DTYPES.get(v as usize).map(|d| d.0).ok_or_else(|| corrupt(format!("unknown array dtype code {v}")))
+        DTYPES
+            .get(v as usize)
+            .map(|d| d.0)
+            .ok_or_else(|| corrupt(format!("unknown array dtype code {v}")))
     }
 
     /// The dtype of a numpy-style name ("float16", "uint8", …, "bytes", "bfloat16").
@@ -360,9 +396,15 @@ pub fn encode_arrays(arrays: &[ArrayRef<'_>]) -> Result<Vec<u8>> {
             )));
         }
         if a.shape.len() > MAX_NDIM {
-            return Err(NqError::InvalidArgument(format!("array {:?} has more than {MAX_NDIM} dimensions", a.name)));
+            return Err(NqError::InvalidArgument(format!(
+                "array {:?} has more than {MAX_NDIM} dimensions",
+                a.name
+            )));
         }
-        let n = a.shape.iter().try_fold(a.dtype.itemsize() as u64, |p, &d| p.checked_mul(d));
+        let n = a
+            .shape
+            .iter()
+            .try_fold(a.dtype.itemsize() as u64, |p, &d| p.checked_mul(d));
         if n != Some(a.data.len() as u64) {
             return Err(NqError::InvalidArgument(format!(
                 "array {:?}: {} bytes do not match shape {:?} of {}",
@@ -401,7 +443,11 @@ pub fn decode_arrays(payload: &[u8]) -> Result<Vec<ArrayRef<'_>>> {
     let mut p = 0usize;
     let take = |p: &mut usize, n: usize| -> Result<&[u8]> {
         let s = payload
-            .get(*p..p.checked_add(n).ok_or_else(|| corrupt("array directory is truncated"))?)
+            .get(
+                *p..p
+                    .checked_add(n)
+                    .ok_or_else(|| corrupt("array directory is truncated"))?,
+            )
             .ok_or_else(|| corrupt("array directory is truncated"))?;
         *p += n;
         Ok(s)
@@ -410,7 +456,10 @@ pub fn decode_arrays(payload: &[u8]) -> Result<Vec<ArrayRef<'_>>> {
     // Every entry takes at least 22 bytes, so the count is bounded by the payload before any
     // allocation that depends on it.
     if count > payload.len() / 22 {
-        return Err(corrupt(format!("array directory claims {count} arrays in {} bytes", payload.len())));
+        return Err(corrupt(format!(
+            "array directory claims {count} arrays in {} bytes",
+            payload.len()
+        )));
     }
     let mut entries = Vec::with_capacity(count);
     let mut names = std::collections::HashSet::new();
@@ -436,9 +485,14 @@ pub fn decode_arrays(payload: &[u8]) -> Result<Vec<ArrayRef<'_>>> {
         }
         let offset = u64::from_le_bytes(take(&mut p, 8)?.try_into().unwrap());
         let len = u64::from_le_bytes(take(&mut p, 8)?.try_into().unwrap());
-        let n = shape.iter().try_fold(dtype.itemsize() as u64, |a, &d| a.checked_mul(d));
+        let n = shape
+            .iter()
+            .try_fold(dtype.itemsize() as u64, |a, &d| a.checked_mul(d));
         if n != Some(len) {
-            return Err(corrupt(format!("array {name:?}: {len} bytes do not match shape {shape:?} of {}", dtype.name())));
+            return Err(corrupt(format!(
+                "array {name:?}: {len} bytes do not match shape {shape:?} of {}",
+                dtype.name()
+            )));
         }
         entries.push((name, dtype, shape, offset, len));
     }
@@ -446,13 +500,22 @@ pub fn decode_arrays(payload: &[u8]) -> Result<Vec<ArrayRef<'_>>> {
     let mut expect = 0u64;
     let mut out = Vec::with_capacity(count);
     for (name, dtype, shape, offset, len) in entries {
-        if offset != expect || offset.checked_add(len).map_or(true, |e| e > data.len() as u64) {
+        if offset != expect
+            || offset
+                .checked_add(len)
+                .map_or(true, |e| e > data.len() as u64)
+        {
             return Err(corrupt(format!(
                 "array {name:?}: bytes at offset {offset}, length {len} are out of place in a data area of {} bytes",
                 data.len()
             )));
         }
-        out.push(ArrayRef { name, dtype, shape, data: &data[offset as usize..(offset + len) as usize] });
+        out.push(ArrayRef {
+            name,
+            dtype,
+            shape,
+            data: &data[offset as usize..(offset + len) as usize],
+        });
         expect = offset + len;
     }
     if expect != data.len() as u64 {
@@ -490,9 +553,9 @@ impl NqkvWriter {
     /// Returns:
     ///     the writer, or `Io`.
     pub fn create(path: &Path, zstd_level: i32) -> Result<NqkvWriter> {
-        let name = path
-            .file_name()
-            .ok_or_else(|| NqError::InvalidArgument(format!("{} is not a file path", path.display())))?;
+        let name = path.file_name().ok_or_else(|| {
+            NqError::InvalidArgument(format!("{} is not a file path", path.display()))
+        })?;
         let dir = parent_dir(path);
         let mut tmp = None;
         // A unique name; create_new never clobbers another writer's temporary file.
@@ -502,20 +565,38 @@ impl NqkvWriter {
                 .map(|d| d.subsec_nanos())
                 .unwrap_or(0)
                 ^ attempt.wrapping_mul(0x9E37_79B9);
-            let t = dir.join(format!(".{}.{}-{nonce:08x}.tmp", name.to_string_lossy(), std::process::id()));
+            let t = dir.join(format!(
+                ".{}.{}-{nonce:08x}.tmp",
+                name.to_string_lossy(),
+                std::process::id()
+            ));
             match OpenOptions::new().write(true).create_new(true).open(&t) {
                 Ok(f) => {
                     tmp = Some((f, t));
                     break;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(NqError::Io(format!("cannot create a temporary file in {}: {e}", dir.display()))),
+                Err(e) => {
+                    return Err(NqError::Io(format!(
+                        "cannot create a temporary file in {}: {e}",
+                        dir.display()
+                    )))
+                }
             }
         }
-        let (mut file, tmp) = tmp.ok_or_else(|| NqError::Io("cannot find a free temporary file name".into()))?;
-        let mut w = NqkvWriter { file: None, tmp, path: path.to_path_buf(), sections: 0, len: 0, zstd_level };
+        let (mut file, tmp) =
+            tmp.ok_or_else(|| NqError::Io("cannot find a free temporary file name".into()))?;
+        let mut w = NqkvWriter {
+            file: None,
+            tmp,
+            path: path.to_path_buf(),
+            sections: 0,
+            len: 0,
+            zstd_level,
+        };
         // The header is written last, when the section count and length are known.
-        file.write_all(&[0u8; FILE_HEADER_LEN]).map_err(|e| w.io("write", e))?;
+        file.write_all(&[0u8; FILE_HEADER_LEN])
+            .map_err(|e| w.io("write", e))?;
         w.file = Some(file);
         w.len = FILE_HEADER_LEN as u64;
         Ok(w)
@@ -541,14 +622,18 @@ impl NqkvWriter {
             )));
         }
         if (self.sections == 0) != (kind == KIND_META) {
-            return Err(NqError::InvalidArgument("META must be the first section, and only the first".into()));
+            return Err(NqError::InvalidArgument(
+                "META must be the first section, and only the first".into(),
+            ));
         }
         check_payload(&kind, payload).map_err(|e| match e {
             NqError::Corrupt(m) => NqError::InvalidArgument(m),
             e => e,
         })?;
         if self.sections >= MAX_SECTIONS {
-            return Err(NqError::InvalidArgument(format!("a file holds at most {MAX_SECTIONS} sections")));
+            return Err(NqError::InvalidArgument(format!(
+                "a file holds at most {MAX_SECTIONS} sections"
+            )));
         }
         let mut stored = entropy::encode(coder, payload, self.zstd_level)?;
         let mut coder = coder;
@@ -565,8 +650,14 @@ impl NqkvWriter {
             decoded_len: payload.len() as u64,
             payload_crc: crc32fast::hash(&stored),
         };
-        let file = self.file.as_mut().ok_or_else(|| NqError::InvalidArgument("writer is finished or failed".into()))?;
-        if let Err(e) = file.write_all(&h.to_bytes()).and_then(|_| file.write_all(&stored)) {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| NqError::InvalidArgument("writer is finished or failed".into()))?;
+        if let Err(e) = file
+            .write_all(&h.to_bytes())
+            .and_then(|_| file.write_all(&stored))
+        {
             // A partial section cannot be taken back: the writer is dead, the temporary file goes.
             self.file = None;
             return Err(self.io("write", e));
@@ -582,18 +673,33 @@ impl NqkvWriter {
     ///     the file's length in bytes, or `InvalidArgument` (no sections) / `Io`.
     pub fn finish(mut self) -> Result<u64> {
         if self.sections == 0 {
-            return Err(NqError::InvalidArgument("an .nqkv file needs at least a META section".into()));
+            return Err(NqError::InvalidArgument(
+                "an .nqkv file needs at least a META section".into(),
+            ));
         }
-        let mut file = self.file.take().ok_or_else(|| NqError::InvalidArgument("writer is finished".into()))?;
-        let h = FileHeader { version: VERSION, flags: 0, section_count: self.sections, total_len: self.len };
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| NqError::InvalidArgument("writer is finished".into()))?;
+        let h = FileHeader {
+            version: VERSION,
+            flags: 0,
+            section_count: self.sections,
+            total_len: self.len,
+        };
         let r = file
             .seek(SeekFrom::Start(0))
             .and_then(|_| file.write_all(&h.to_bytes()))
             .and_then(|_| file.sync_all());
         r.map_err(|e| self.io("finish", e))?;
         drop(file);
-        std::fs::rename(&self.tmp, &self.path)
-            .map_err(|e| NqError::Io(format!("rename {} to {}: {e}", self.tmp.display(), self.path.display())))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| {
+            NqError::Io(format!(
+                "rename {} to {}: {e}",
+                self.tmp.display(),
+                self.path.display()
+            ))
+        })?;
         self.tmp = PathBuf::new();
         // The rename is durable only once the directory entry is on disk.
         #[cfg(unix)]
@@ -631,7 +737,11 @@ fn parent_dir(path: &Path) -> PathBuf {
 ///     zstd_level: level for zstd-coded sections.
 /// Returns:
 ///     the file's length, or the first error (the target is then untouched).
-pub fn write_nqkv(path: &Path, sections: &[([u8; 4], Coder, &[u8])], zstd_level: i32) -> Result<u64> {
+pub fn write_nqkv(
+    path: &Path,
+    sections: &[([u8; 4], Coder, &[u8])],
+    zstd_level: i32,
+) -> Result<u64> {
     let mut w = NqkvWriter::create(path, zstd_level)?;
     for (kind, coder, payload) in sections {
         w.add_section(*kind, *coder, payload)?;
@@ -646,7 +756,10 @@ fn check_payload(kind: &[u8; 4], payload: &[u8]) -> Result<()> {
             std::str::from_utf8(payload).map_err(|e| corrupt(format!("META is not UTF-8: {e}")))?;
         }
         KIND_TOKENS if payload.len() % 4 != 0 => {
-            return Err(corrupt(format!("TOKN holds {} bytes, not a whole number of u32 ids", payload.len())));
+            return Err(corrupt(format!(
+                "TOKN holds {} bytes, not a whole number of u32 ids",
+                payload.len()
+            )));
         }
         KIND_LAYER => {
             decode_arrays(payload)?;
@@ -698,13 +811,23 @@ impl NqkvReader<BufReader<File>> {
     ///     the reader, `Io` when the file cannot be opened or is not a regular file, or the
     ///     header's `Corrupt` / `UnsupportedVersion`.
     pub fn open(path: &Path, max_section_bytes: u64) -> Result<Self> {
-        let file = File::open(path).map_err(|e| NqError::Io(format!("open {}: {e}", path.display())))?;
-        let meta = file.metadata().map_err(|e| NqError::Io(format!("stat {}: {e}", path.display())))?;
+        let file =
+            File::open(path).map_err(|e| NqError::Io(format!("open {}: {e}", path.display())))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| NqError::Io(format!("stat {}: {e}", path.display())))?;
         // A FIFO or a device would block or never end; only regular files have a length to check.
         if !meta.is_file() {
-            return Err(NqError::Io(format!("{} is not a regular file", path.display())));
+            return Err(NqError::Io(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
         }
-        NqkvReader::new(BufReader::with_capacity(1 << 16, file), meta.len(), max_section_bytes)
+        NqkvReader::new(
+            BufReader::with_capacity(1 << 16, file),
+            meta.len(),
+            max_section_bytes,
+        )
     }
 }
 
@@ -721,7 +844,14 @@ impl<R: Read> NqkvReader<R> {
         let mut b = [0u8; FILE_HEADER_LEN];
         let got = read_up_to(&mut src, &mut b)?;
         let header = FileHeader::parse(&b[..got], real_len)?;
-        Ok(NqkvReader { src, header, next: 0, pos: FILE_HEADER_LEN as u64, max_section_bytes, failed: false })
+        Ok(NqkvReader {
+            src,
+            header,
+            next: 0,
+            pos: FILE_HEADER_LEN as u64,
+            max_section_bytes,
+            failed: false,
+        })
     }
 
     /// The file header.
@@ -745,7 +875,9 @@ impl<R: Read> NqkvReader<R> {
         let mut b = [0u8; SECTION_HEADER_LEN];
         let got = read_up_to(&mut self.src, &mut b)?;
         if got < SECTION_HEADER_LEN {
-            return Err(corrupt(format!("file is truncated in the header of section {i}")));
+            return Err(corrupt(format!(
+                "file is truncated in the header of section {i}"
+            )));
         }
         self.pos += SECTION_HEADER_LEN as u64;
         let remaining = self.header.total_len.saturating_sub(self.pos);
@@ -782,28 +914,40 @@ impl<R: Read> NqkvReader<R> {
     ///     (after an error, every later call fails too).
     pub fn next_section(&mut self) -> Result<Option<Section>> {
         self.guarded(|r| {
-            let Some(h) = r.next_header()? else { return Ok(None) };
+            let Some(h) = r.next_header()? else {
+                return Ok(None);
+            };
             let i = r.next;
             let name = kind_str(&h.kind);
             // stored_len ≤ bytes left in the file (checked), so this allocation is bounded by it.
             let mut stored = vec![0u8; h.stored_len as usize];
             let got = read_up_to(&mut r.src, &mut stored)?;
             if got < stored.len() {
-                return Err(corrupt(format!("file is truncated in the payload of section {i} ({name})")));
+                return Err(corrupt(format!(
+                    "file is truncated in the payload of section {i} ({name})"
+                )));
             }
             r.pos += h.stored_len;
             if crc32fast::hash(&stored) != h.payload_crc {
-                return Err(corrupt(format!("section {i} ({name}): payload checksum mismatch (the data is damaged)")));
+                return Err(corrupt(format!(
+                    "section {i} ({name}): payload checksum mismatch (the data is damaged)"
+                )));
             }
             let payload = if h.coder == Coder::Raw {
                 stored
             } else {
-                let p = entropy::decode(h.coder, &stored, h.decoded_len as usize, r.max_section_bytes as usize)
-                    .map_err(|e| corrupt(format!("section {i} ({name}): {e}")))?;
+                let p = entropy::decode(
+                    h.coder,
+                    &stored,
+                    h.decoded_len as usize,
+                    r.max_section_bytes as usize,
+                )
+                .map_err(|e| corrupt(format!("section {i} ({name}): {e}")))?;
                 drop(stored);
                 p
             };
-            check_payload(&h.kind, &payload).map_err(|e| corrupt(format!("section {i} ({name}): {e}")))?;
+            check_payload(&h.kind, &payload)
+                .map_err(|e| corrupt(format!("section {i} ({name}): {e}")))?;
             r.next += 1;
             Ok(Some(Section { header: h, payload }))
         })
@@ -816,7 +960,9 @@ impl<R: Read> NqkvReader<R> {
     ///     the skipped section's header, `None` after the last one, or `Corrupt`.
     pub fn skip_section(&mut self) -> Result<Option<SectionHeader>> {
         self.guarded(|r| {
-            let Some(h) = r.next_header()? else { return Ok(None) };
+            let Some(h) = r.next_header()? else {
+                return Ok(None);
+            };
             let i = r.next;
             let mut left = h.stored_len;
             let mut buf = vec![0u8; 1 << 16];
@@ -825,7 +971,9 @@ impl<R: Read> NqkvReader<R> {
                 let k = left.min(buf.len() as u64) as usize;
                 let got = read_up_to(&mut r.src, &mut buf[..k])?;
                 if got < k {
-                    return Err(corrupt(format!("file is truncated in the payload of section {i}")));
+                    return Err(corrupt(format!(
+                        "file is truncated in the payload of section {i}"
+                    )));
                 }
                 crc.update(&buf[..k]);
                 left -= k as u64;
@@ -892,14 +1040,36 @@ mod tests {
     }
 
     fn layer(seed: u8, n: usize) -> Vec<u8> {
-        let codes: Vec<u8> = (0..n * 16).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(i as u8 >> 3)).collect();
+        let codes: Vec<u8> = (0..n * 16)
+            .map(|i| (i as u8).wrapping_mul(seed).wrapping_add(i as u8 >> 3))
+            .collect();
         let scales: Vec<u8> = (0..n * 2).map(|i| (i % 7) as u8).collect();
         let pos: Vec<u8> = (0..n as u32).flat_map(|i| i.to_le_bytes()).collect();
         encode_arrays(&[
-            ArrayRef { name: "k.codes".into(), dtype: DType::U8, shape: vec![n as u64, 16], data: &codes },
-            ArrayRef { name: "k.scales".into(), dtype: DType::F16, shape: vec![n as u64], data: &scales },
-            ArrayRef { name: "positions".into(), dtype: DType::I32, shape: vec![n as u64], data: &pos },
-            ArrayRef { name: "empty".into(), dtype: DType::F32, shape: vec![0, 4], data: &[] },
+            ArrayRef {
+                name: "k.codes".into(),
+                dtype: DType::U8,
+                shape: vec![n as u64, 16],
+                data: &codes,
+            },
+            ArrayRef {
+                name: "k.scales".into(),
+                dtype: DType::F16,
+                shape: vec![n as u64],
+                data: &scales,
+            },
+            ArrayRef {
+                name: "positions".into(),
+                dtype: DType::I32,
+                shape: vec![n as u64],
+                data: &pos,
+            },
+            ArrayRef {
+                name: "empty".into(),
+                dtype: DType::F32,
+                shape: vec![0, 4],
+                data: &[],
+            },
         ])
         .unwrap()
     }
@@ -912,7 +1082,12 @@ mod tests {
         let p = dir.join("small.nqkv");
         write_nqkv(
             &p,
-            &[(KIND_META, Coder::Zstd, &meta), (KIND_TOKENS, Coder::Raw, &toks), (KIND_LAYER, Coder::Rans, &l0), (KIND_LAYER, Coder::Zstd, &l1)],
+            &[
+                (KIND_META, Coder::Zstd, &meta),
+                (KIND_TOKENS, Coder::Raw, &toks),
+                (KIND_LAYER, Coder::Rans, &l0),
+                (KIND_LAYER, Coder::Zstd, &l1),
+            ],
             3,
         )
         .unwrap();
@@ -923,7 +1098,10 @@ mod tests {
     fn round_trip_and_lazy_skip() {
         let d = tmpdir("rt");
         let (p, payloads) = small_file(&d);
-        let secs: Vec<Section> = NqkvReader::open(&p, DEFAULT_MAX_SECTION_BYTES).unwrap().collect::<Result<_>>().unwrap();
+        let secs: Vec<Section> = NqkvReader::open(&p, DEFAULT_MAX_SECTION_BYTES)
+            .unwrap()
+            .collect::<Result<_>>()
+            .unwrap();
         assert_eq!(secs.len(), 4);
         for (s, want) in secs.iter().zip(&payloads) {
             assert_eq!(&s.payload, want);
@@ -940,7 +1118,10 @@ mod tests {
         assert_eq!(r.next_section().unwrap().unwrap().payload, payloads[3]);
         assert!(r.next_section().unwrap().is_none());
         // No temporary file is left behind.
-        let names: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "{names:?}");
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -960,7 +1141,10 @@ mod tests {
                 let mut b = bytes.clone();
                 b[i] ^= 1 << bit;
                 let r = read_nqkv_bytes(&b, DEFAULT_MAX_SECTION_BYTES);
-                assert!(matches!(r, Err(NqError::Corrupt(_))), "byte {i} bit {bit}: {r:?}");
+                assert!(
+                    matches!(r, Err(NqError::Corrupt(_))),
+                    "byte {i} bit {bit}: {r:?}"
+                );
             }
         }
         // Appended bytes, too.
@@ -994,8 +1178,15 @@ mod tests {
             r => panic!("{r:?}"),
         }
         // Foreign files.
-        for foreign in [&b"PK\x03\x04 a zip file"[..], b"", b"\x89PNG\r\n\x1a\n0000000000000000000000000000000000000000000000000000000000"] {
-            assert!(matches!(read_nqkv_bytes(foreign, DEFAULT_MAX_SECTION_BYTES), Err(NqError::Corrupt(_))));
+        for foreign in [
+            &b"PK\x03\x04 a zip file"[..],
+            b"",
+            b"\x89PNG\r\n\x1a\n0000000000000000000000000000000000000000000000000000000000",
+        ] {
+            assert!(matches!(
+                read_nqkv_bytes(foreign, DEFAULT_MAX_SECTION_BYTES),
+                Err(NqError::Corrupt(_))
+            ));
         }
         // A section claiming 2^60 stored or decoded bytes fails on the length check, at once.
         let at = FILE_HEADER_LEN;
@@ -1009,12 +1200,18 @@ mod tests {
             assert!(t.elapsed().as_millis() < 100);
         }
         // A decoded length over the caller's cap.
-        assert!(matches!(read_nqkv_bytes(&bytes, 10), Err(NqError::Corrupt(_))));
+        assert!(matches!(
+            read_nqkv_bytes(&bytes, 10),
+            Err(NqError::Corrupt(_))
+        ));
         // 2^30 sections in a small file.
         let mut b = bytes.clone();
         b[12..16].copy_from_slice(&(1u32 << 30).to_le_bytes());
         refresh_header(&mut b);
-        assert!(matches!(read_nqkv_bytes(&b, DEFAULT_MAX_SECTION_BYTES), Err(NqError::Corrupt(_))));
+        assert!(matches!(
+            read_nqkv_bytes(&b, DEFAULT_MAX_SECTION_BYTES),
+            Err(NqError::Corrupt(_))
+        ));
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -1024,7 +1221,14 @@ mod tests {
         let (p, payloads) = small_file(&d);
         let before = std::fs::read(&p).unwrap();
         // A failed write (bad section) leaves the old file and no temporary file.
-        let r = write_nqkv(&p, &[(KIND_META, Coder::Raw, b"{}"), (KIND_LAYER, Coder::Raw, b"garbage")], 3);
+        let r = write_nqkv(
+            &p,
+            &[
+                (KIND_META, Coder::Raw, b"{}"),
+                (KIND_LAYER, Coder::Raw, b"garbage"),
+            ],
+            3,
+        );
         assert!(matches!(r, Err(NqError::InvalidArgument(_))));
         assert_eq!(std::fs::read(&p).unwrap(), before);
         // So does a writer dropped before finish.
@@ -1042,7 +1246,12 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), before);
         // A successful write replaces it.
         write_nqkv(&p, &[(KIND_META, Coder::Raw, b"{}")], 3).unwrap();
-        assert_eq!(read_nqkv_bytes(&std::fs::read(&p).unwrap(), 1 << 20).unwrap().len(), 1);
+        assert_eq!(
+            read_nqkv_bytes(&std::fs::read(&p).unwrap(), 1 << 20)
+                .unwrap()
+                .len(),
+            1
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -1056,9 +1265,19 @@ mod tests {
         let mut b = good.clone();
         b[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_arrays(&b).is_err());
-        let bad = ArrayRef { name: "x".into(), dtype: DType::F32, shape: vec![3], data: &[0u8; 8] };
+        let bad = ArrayRef {
+            name: "x".into(),
+            dtype: DType::F32,
+            shape: vec![3],
+            data: &[0u8; 8],
+        };
         assert!(encode_arrays(&[bad]).is_err());
-        let a = ArrayRef { name: "x".into(), dtype: DType::U8, shape: vec![1], data: &[0u8] };
+        let a = ArrayRef {
+            name: "x".into(),
+            dtype: DType::U8,
+            shape: vec![1],
+            data: &[0u8],
+        };
         assert!(encode_arrays(&[a.clone(), a]).is_err());
         assert_eq!(DType::from_name("bfloat16").unwrap(), DType::BF16);
         for v in 0..14u8 {

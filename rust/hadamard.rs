@@ -47,7 +47,11 @@ pub fn random_signs(n: usize, seed: u64) -> Vec<f32> {
         if i % 64 == 0 {
             bits = splitmix64(&mut state);
         }
-        out.push(if (bits >> (i % 64)) & 1 == 1 { -1.0 } else { 1.0 });
+        out.push(if (bits >> (i % 64)) & 1 == 1 {
+            -1.0
+        } else {
+            1.0
+        });
     }
     out
 }
@@ -168,7 +172,14 @@ impl Hadamard {
         }
         let signs = random_signs(padded, seed);
         let sign_bits = signs.iter().map(|s| s.to_bits() & 0x8000_0000).collect();
-        Hadamard { dim, padded, passes, signs, sign_bits, seed }
+        Hadamard {
+            dim,
+            padded,
+            passes,
+            signs,
+            sign_bits,
+            seed,
+        }
     }
 
     /// The input dimension.
@@ -254,7 +265,11 @@ impl Hadamard {
                 fwht_blocked(&mut y[off..off + n]);
             }
         }
-        for ((o, &v), &b) in out[..self.dim].iter_mut().zip(y.iter()).zip(&self.sign_bits) {
+        for ((o, &v), &b) in out[..self.dim]
+            .iter_mut()
+            .zip(y.iter())
+            .zip(&self.sign_bits)
+        {
             *o = flip(v, b);
         }
     }
@@ -288,8 +303,14 @@ pub(crate) mod avx2 {
         let neg1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, m, 0, m, 0, m, 0, m));
         let neg2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, m, m, 0, 0, m, m));
         let neg4 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, m, m, m, m));
-        let v = _mm256_add_ps(_mm256_permute_ps::<0b10_11_00_01>(v), _mm256_xor_ps(v, neg1));
-        let v = _mm256_add_ps(_mm256_permute_ps::<0b01_00_11_10>(v), _mm256_xor_ps(v, neg2));
+        let v = _mm256_add_ps(
+            _mm256_permute_ps::<0b10_11_00_01>(v),
+            _mm256_xor_ps(v, neg1),
+        );
+        let v = _mm256_add_ps(
+            _mm256_permute_ps::<0b01_00_11_10>(v),
+            _mm256_xor_ps(v, neg2),
+        );
         _mm256_add_ps(_mm256_permute2f128_ps::<0x01>(v, v), _mm256_xor_ps(v, neg4))
     }
 
@@ -393,7 +414,12 @@ pub(crate) mod avx2 {
     /// (forward) or out (inverse).
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn block_regs<const R: usize>(bits: &[u32], src: &[f32], dst: &mut [f32], sign_in: bool) {
+    unsafe fn block_regs<const R: usize>(
+        bits: &[u32],
+        src: &[f32],
+        dst: &mut [f32],
+        sign_in: bool,
+    ) {
         let mut v = [_mm256_setzero_ps(); R];
         for (r, vr) in v.iter_mut().enumerate() {
             let mut x = _mm256_loadu_ps(src.as_ptr().add(8 * r));
@@ -404,7 +430,11 @@ pub(crate) mod avx2 {
         }
         fwht_cross_regs(&mut v);
         for (r, &vr) in v.iter().enumerate() {
-            let x = if sign_in { vr } else { _mm256_xor_ps(vr, _mm256_loadu_ps(bits.as_ptr().add(8 * r).cast())) };
+            let x = if sign_in {
+                vr
+            } else {
+                _mm256_xor_ps(vr, _mm256_loadu_ps(bits.as_ptr().add(8 * r).cast()))
+            };
             _mm256_storeu_ps(dst.as_mut_ptr().add(8 * r), x);
         }
     }
@@ -434,7 +464,10 @@ pub(crate) mod avx2 {
             for (k, t) in tail[..d - full].iter_mut().enumerate() {
                 *t = super::flip(x[full + k], bits[full + k]);
             }
-            _mm256_storeu_ps(out.as_mut_ptr().add(full), fwht8(_mm256_loadu_ps(tail.as_ptr())));
+            _mm256_storeu_ps(
+                out.as_mut_ptr().add(full),
+                fwht8(_mm256_loadu_ps(tail.as_ptr())),
+            );
             next += 8;
         }
         for i in (next..out.len()).step_by(8) {
@@ -471,7 +504,10 @@ pub(crate) mod avx2 {
         let full = d / 8 * 8;
         for i in (0..full).step_by(8) {
             let s = _mm256_loadu_ps(bits.as_ptr().add(i).cast());
-            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_xor_ps(_mm256_loadu_ps(y.as_ptr().add(i)), s));
+            _mm256_storeu_ps(
+                out.as_mut_ptr().add(i),
+                _mm256_xor_ps(_mm256_loadu_ps(y.as_ptr().add(i)), s),
+            );
         }
         for i in full..d {
             out[i] = super::flip(y[i], bits[i]);
@@ -516,7 +552,11 @@ mod tests {
         for i in 0..n {
             let mut s = 0f32;
             for j in 0..n {
-                let sign = if (i & j).count_ones() % 2 == 0 { 1.0 } else { -1.0 };
+                let sign = if (i & j).count_ones() % 2 == 0 {
+                    1.0
+                } else {
+                    -1.0
+                };
                 s += sign * orig[j];
             }
             assert!((x[i] - s / 4.0).abs() < 1e-5);
@@ -527,7 +567,9 @@ mod tests {
     fn blocked_equals_reference_bitwise() {
         for log in 0..=10 {
             let n = 1usize << log;
-            let x: Vec<f32> = (0..n).map(|i| ((i * 7919) as f32 * 0.013).sin() * 3.0).collect();
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) as f32 * 0.013).sin() * 3.0)
+                .collect();
             let (mut a, mut b) = (x.clone(), x.clone());
             fwht_inplace(&mut a);
             fwht_blocked(&mut b);

@@ -45,34 +45,47 @@ fn as_rows<'a>(
     dtype: &str,
 ) -> PyResult<Rows<'a>> {
     match (dtype, f32_arr, u16_arr) {
-        ("float32", Some(a), _) => {
-            Ok(Rows::F32(a.as_slice().map_err(|_| bad("input must be C-contiguous"))?))
-        }
+        ("float32", Some(a), _) => Ok(Rows::F32(
+            a.as_slice()
+                .map_err(|_| bad("input must be C-contiguous"))?,
+        )),
         ("float16" | "bfloat16", _, Some(a)) => {
-            let s = a.as_slice().map_err(|_| bad("input must be C-contiguous"))?;
+            let s = a
+                .as_slice()
+                .map_err(|_| bad("input must be C-contiguous"))?;
             // SAFETY: f16 and bf16 are repr(transparent) over u16.
             Ok(if dtype == "float16" {
                 Rows::F16(unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f16, s.len()) })
             } else {
-                Rows::BF16(unsafe { std::slice::from_raw_parts(s.as_ptr() as *const bf16, s.len()) })
+                Rows::BF16(unsafe {
+                    std::slice::from_raw_parts(s.as_ptr() as *const bf16, s.len())
+                })
             })
         }
-        _ => Err(bad(format!("unsupported dtype {dtype}: use float32, float16 or bfloat16"))),
+        _ => Err(bad(format!(
+            "unsupported dtype {dtype}: use float32, float16 or bfloat16"
+        ))),
     }
 }
 
 fn extract_input<'py>(
     x: &Bound<'py, PyAny>,
     dtype: &str,
-) -> PyResult<(Option<PyReadonlyArrayDyn<'py, f32>>, Option<PyReadonlyArrayDyn<'py, u16>>, Vec<usize>)> {
+) -> PyResult<(
+    Option<PyReadonlyArrayDyn<'py, f32>>,
+    Option<PyReadonlyArrayDyn<'py, u16>>,
+    Vec<usize>,
+)> {
     if dtype == "float32" {
-        let a: PyReadonlyArrayDyn<f32> =
-            x.extract().map_err(|_| bad("expected a float32 numpy array"))?;
+        let a: PyReadonlyArrayDyn<f32> = x
+            .extract()
+            .map_err(|_| bad("expected a float32 numpy array"))?;
         let shape = a.shape().to_vec();
         Ok((Some(a), None, shape))
     } else {
-        let a: PyReadonlyArrayDyn<u16> =
-            x.extract().map_err(|_| bad("expected fp16/bf16 bits as a uint16 numpy array"))?;
+        let a: PyReadonlyArrayDyn<u16> = x
+            .extract()
+            .map_err(|_| bad("expected fp16/bf16 bits as a uint16 numpy array"))?;
         let shape = a.shape().to_vec();
         Ok((None, Some(a), shape))
     }
@@ -198,7 +211,8 @@ impl PyE8Codec {
             let cs = cw.as_slice_mut().expect("fresh array is contiguous");
             let ss = sw.as_slice_mut().expect("fresh array is contiguous");
             let codec = &self.inner;
-            py.detach(|| encode_rows_par(codec, rows, cs, ss)).map_err(to_py)?;
+            py.detach(|| encode_rows_par(codec, rows, cs, ss))
+                .map_err(to_py)?;
         }
         Ok((codes, scales))
     }
@@ -221,8 +235,12 @@ impl PyE8Codec {
                 codes.shape()
             )));
         }
-        let cs = codes.as_slice().map_err(|_| bad("codes must be C-contiguous"))?;
-        let ss = scales.as_slice().map_err(|_| bad("scales must be C-contiguous"))?;
+        let cs = codes
+            .as_slice()
+            .map_err(|_| bad("codes must be C-contiguous"))?;
+        let ss = scales
+            .as_slice()
+            .map_err(|_| bad("scales must be C-contiguous"))?;
         let d = self.inner.head_dim();
         let codec = &self.inner;
         match dtype {
@@ -242,17 +260,23 @@ impl PyE8Codec {
                     let os = w.as_slice_mut().expect("contiguous");
                     if dtype == "float16" {
                         // SAFETY: f16 is repr(transparent) over u16.
-                        let o = unsafe { std::slice::from_raw_parts_mut(os.as_mut_ptr() as *mut f16, os.len()) };
+                        let o = unsafe {
+                            std::slice::from_raw_parts_mut(os.as_mut_ptr() as *mut f16, os.len())
+                        };
                         py.detach(|| decode_rows_par(codec, cs, ss, o));
                     } else {
                         // SAFETY: bf16 is repr(transparent) over u16.
-                        let o = unsafe { std::slice::from_raw_parts_mut(os.as_mut_ptr() as *mut bf16, os.len()) };
+                        let o = unsafe {
+                            std::slice::from_raw_parts_mut(os.as_mut_ptr() as *mut bf16, os.len())
+                        };
                         py.detach(|| decode_rows_par(codec, cs, ss, o));
                     }
                 }
                 Ok(out.into_any())
             }
-            _ => Err(bad(format!("unsupported dtype {dtype}: use float32, float16 or bfloat16"))),
+            _ => Err(bad(format!(
+                "unsupported dtype {dtype}: use float32, float16 or bfloat16"
+            ))),
         }
     }
 
@@ -266,14 +290,19 @@ impl PyE8Codec {
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let n = scales.len();
         let p = self.inner.rotation().padded_dim();
-        let cs = codes.as_slice().map_err(|_| bad("codes must be C-contiguous"))?;
-        let ss = scales.as_slice().map_err(|_| bad("scales must be C-contiguous"))?;
+        let cs = codes
+            .as_slice()
+            .map_err(|_| bad("codes must be C-contiguous"))?;
+        let ss = scales
+            .as_slice()
+            .map_err(|_| bad("scales must be C-contiguous"))?;
         let out = PyArray2::<f32>::zeros(py, [n, p], false);
         {
             let mut w = out.readwrite();
             let os = w.as_slice_mut().expect("contiguous");
             let codec = &self.inner;
-            py.detach(|| codec.decode_rotated_into(cs, ss, os)).map_err(to_py)?;
+            py.detach(|| codec.decode_rotated_into(cs, ss, os))
+                .map_err(to_py)?;
         }
         Ok(out)
     }
@@ -287,10 +316,15 @@ impl PyE8Codec {
         let d = self.inner.head_dim();
         let p = self.inner.rotation().padded_dim();
         if x.shape()[1] != d {
-            return Err(bad(format!("expected rows of {d} values, got {}", x.shape()[1])));
+            return Err(bad(format!(
+                "expected rows of {d} values, got {}",
+                x.shape()[1]
+            )));
         }
         let n = x.shape()[0];
-        let xs = x.as_slice().map_err(|_| bad("input must be C-contiguous"))?;
+        let xs = x
+            .as_slice()
+            .map_err(|_| bad("input must be C-contiguous"))?;
         let out = PyArray2::<f32>::zeros(py, [n, p], false);
         {
             let mut w = out.readwrite();
@@ -314,10 +348,15 @@ impl PyE8Codec {
         let d = self.inner.head_dim();
         let p = self.inner.rotation().padded_dim();
         if y.shape()[1] != p {
-            return Err(bad(format!("expected rows of {p} values, got {}", y.shape()[1])));
+            return Err(bad(format!(
+                "expected rows of {p} values, got {}",
+                y.shape()[1]
+            )));
         }
         let n = y.shape()[0];
-        let ys = y.as_slice().map_err(|_| bad("input must be C-contiguous"))?;
+        let ys = y
+            .as_slice()
+            .map_err(|_| bad("input must be C-contiguous"))?;
         let out = PyArray2::<f32>::zeros(py, [n, d], false);
         {
             let mut w = out.readwrite();
@@ -336,7 +375,12 @@ impl PyE8Codec {
 
     /// Encode an array (..., head_dim) into an `E8Encoded` that remembers the shape.
     #[pyo3(signature = (x, dtype="float32"))]
-    fn encode_to<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>, dtype: &str) -> PyResult<PyE8Encoded> {
+    fn encode_to<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        dtype: &str,
+    ) -> PyResult<PyE8Encoded> {
         let (fa, ua, shape) = extract_input(x, dtype)?;
         let n = self.check_shape(&shape)?;
         let cb = self.inner.code_bytes_per_vector();
@@ -344,7 +388,8 @@ impl PyE8Codec {
         let mut scales = vec![0u16; n];
         let rows = as_rows(&fa, &ua, dtype)?;
         let codec = &self.inner;
-        py.detach(|| encode_rows_par(codec, rows, &mut codes, &mut scales)).map_err(to_py)?;
+        py.detach(|| encode_rows_par(codec, rows, &mut codes, &mut scales))
+            .map_err(to_py)?;
         let inner = Encoded {
             head_dim: self.inner.head_dim(),
             bits: self.inner.bits(),
@@ -357,7 +402,11 @@ impl PyE8Codec {
     }
 
     /// Decode an `E8Encoded` to float32 with its original shape.
-    fn decode_from<'py>(&self, py: Python<'py>, enc: &PyE8Encoded) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    fn decode_from<'py>(
+        &self,
+        py: Python<'py>,
+        enc: &PyE8Encoded,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let e = &enc.inner;
         let codec = &self.inner;
         if e.head_dim != codec.head_dim() || e.bits != codec.bits() || e.seed != codec.seed() {
@@ -390,7 +439,9 @@ impl PyE8Codec {
     fn check_shape(&self, shape: &[usize]) -> PyResult<usize> {
         let d = self.inner.head_dim();
         if shape.is_empty() || *shape.last().unwrap() != d {
-            return Err(bad(format!("expected an array of shape (..., {d}), got {shape:?}")));
+            return Err(bad(format!(
+                "expected an array of shape (..., {d}), got {shape:?}"
+            )));
         }
         let n: usize = shape[..shape.len() - 1].iter().product();
         if n == 0 {
@@ -403,8 +454,18 @@ impl PyE8Codec {
 /// Rows per parallel task when encoding or decoding from Python.
 const PY_PARALLEL_ROWS: usize = 2048;
 
-fn encode_rows_par(codec: &E8Codec, rows: Rows<'_>, codes: &mut [u8], scales: &mut [u16]) -> crate::Result<()> {
-    fn go<T: Element>(codec: &E8Codec, x: &[T], codes: &mut [u8], scales: &mut [u16]) -> crate::Result<()> {
+fn encode_rows_par(
+    codec: &E8Codec,
+    rows: Rows<'_>,
+    codes: &mut [u8],
+    scales: &mut [u16],
+) -> crate::Result<()> {
+    fn go<T: Element>(
+        codec: &E8Codec,
+        x: &[T],
+        codes: &mut [u8],
+        scales: &mut [u16],
+    ) -> crate::Result<()> {
         use rayon::prelude::*;
         let d = codec.head_dim();
         let cb = codec.code_bytes_per_vector();
@@ -413,7 +474,9 @@ fn encode_rows_par(codec: &E8Codec, rows: Rows<'_>, codes: &mut [u8], scales: &m
             .zip(codes.par_chunks_mut(r * cb))
             .zip(scales.par_chunks_mut(r))
             .enumerate()
-            .try_for_each(|(k, ((xc, cc), sc))| crate::simd::encode_rows_at(codec, xc, cc, sc, k * r))
+            .try_for_each(|(k, ((xc, cc), sc))| {
+                crate::simd::encode_rows_at(codec, xc, cc, sc, k * r)
+            })
     }
     match rows {
         Rows::F32(x) => go(codec, x, codes, scales),
@@ -469,7 +532,11 @@ impl PyE8Encoded {
     #[getter]
     fn codes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u8>>> {
         let n = self.inner.n;
-        let cb = if n == 0 { 0 } else { self.inner.codes.len() / n };
+        let cb = if n == 0 {
+            0
+        } else {
+            self.inner.codes.len() / n
+        };
         PyArray1::from_slice(py, &self.inner.codes).reshape([n, cb])
     }
 
@@ -506,31 +573,49 @@ impl PyE8Encoded {
             shape.push(u64::from_le_bytes(data[o..o + 8].try_into().unwrap()) as usize);
         }
         let inner = Encoded::from_bytes(&data[4 + 8 * ndim..]).map_err(to_py)?;
-        let n: Option<usize> = shape[..ndim - 1].iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+        let n: Option<usize> = shape[..ndim - 1]
+            .iter()
+            .try_fold(1usize, |a, &b| a.checked_mul(b));
         if shape[ndim - 1] != inner.head_dim || n != Some(inner.n) {
-            return Err(bad("corrupt input: shape header does not match the E8 encoding"));
+            return Err(bad(
+                "corrupt input: shape header does not match the E8 encoding",
+            ));
         }
         Ok(PyE8Encoded { inner, shape })
     }
 
     fn __repr__(&self) -> String {
-        format!("E8Encoded(shape={:?}, bits={}, nbytes={})", self.shape, self.inner.bits, self.nbytes())
+        format!(
+            "E8Encoded(shape={:?}, bits={}, nbytes={})",
+            self.shape,
+            self.inner.bits,
+            self.nbytes()
+        )
     }
 }
 
 /// Nearest E8 lattice points of float32 groups of 8, shape (..., 8) → same shape.
 #[pyfunction]
-fn e8_nearest<'py>(py: Python<'py>, x: PyReadonlyArrayDyn<'py, f32>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+fn e8_nearest<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArrayDyn<'py, f32>,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let shape = x.shape().to_vec();
     if shape.last() != Some(&8) {
-        return Err(bad(format!("e8_nearest expects shape (..., 8), got {shape:?}")));
+        return Err(bad(format!(
+            "e8_nearest expects shape (..., 8), got {shape:?}"
+        )));
     }
     if x.len() == 0 {
         return Err(bad("e8_nearest got an empty array"));
     }
-    let xs = x.as_slice().map_err(|_| bad("input must be C-contiguous"))?;
+    let xs = x
+        .as_slice()
+        .map_err(|_| bad("input must be C-contiguous"))?;
     if let Some(i) = xs.iter().position(|v| !v.is_finite()) {
-        return Err(bad(format!("e8_nearest input holds NaN or infinity at flat index {i}")));
+        return Err(bad(format!(
+            "e8_nearest input holds NaN or infinity at flat index {i}"
+        )));
     }
     let out = PyArrayDyn::<f32>::zeros(py, shape.as_slice(), false);
     {
@@ -557,7 +642,9 @@ fn choice_arg(v: Option<&Bound<'_, PyAny>>, default: Choice) -> PyResult<Choice>
     }
     match v.extract::<String>().as_deref() {
         Ok("auto") => Ok(Choice::Auto),
-        _ => Err(bad("token_delta, scale_delta and dedup_rows take True, False or \"auto\"")),
+        _ => Err(bad(
+            "token_delta, scale_delta and dedup_rows take True, False or \"auto\"",
+        )),
     }
 }
 
@@ -586,8 +673,16 @@ fn pack_codes<'py>(
 ) -> PyResult<Bound<'py, PyBytes>> {
     let d = PackOptions::default();
     let opts = PackOptions {
-        layout: layout.map(Layout::from_name).transpose().map_err(to_py)?.unwrap_or(d.layout),
-        coding: coder.map(PlaneCoding::from_name).transpose().map_err(to_py)?.unwrap_or(d.coding),
+        layout: layout
+            .map(Layout::from_name)
+            .transpose()
+            .map_err(to_py)?
+            .unwrap_or(d.layout),
+        coding: coder
+            .map(PlaneCoding::from_name)
+            .transpose()
+            .map_err(to_py)?
+            .unwrap_or(d.coding),
         token_delta: choice_arg(token_delta, d.token_delta)?,
         scale_delta: choice_arg(scale_delta, d.scale_delta)?,
         dedup_rows: choice_arg(dedup_rows, d.dedup_rows)?,
@@ -600,8 +695,12 @@ fn pack_codes<'py>(
     if scales.len() != n {
         return Err(bad(format!("{n} code rows but {} scales", scales.len())));
     }
-    let cs = codes.as_slice().map_err(|_| bad("codes must be C-contiguous"))?;
-    let ss = scales.as_slice().map_err(|_| bad("scales must be C-contiguous"))?;
+    let cs = codes
+        .as_slice()
+        .map_err(|_| bad("codes must be C-contiguous"))?;
+    let ss = scales
+        .as_slice()
+        .map_err(|_| bad("scales must be C-contiguous"))?;
     let out = py
         .detach(|| nq_entropy::pack_codes(cs, row_bytes, ss, bits as u8, &opts))
         .map_err(to_py)?;
@@ -618,7 +717,9 @@ fn unpack_codes<'py>(
     max_bytes: Option<usize>,
 ) -> PyResult<(Bound<'py, PyArray2<u8>>, Bound<'py, PyArray1<u16>>)> {
     let cap = max_bytes.unwrap_or(nq_entropy::DEFAULT_MAX_UNPACKED);
-    let u = py.detach(|| nq_entropy::unpack_codes(data, cap)).map_err(to_py)?;
+    let u = py
+        .detach(|| nq_entropy::unpack_codes(data, cap))
+        .map_err(to_py)?;
     let n = u.scales.len();
     let codes = PyArray1::from_vec(py, u.codes).reshape([n, u.row_bytes])?;
     Ok((codes, PyArray1::from_vec(py, u.scales)))
@@ -640,9 +741,16 @@ fn packed_info<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, pyo3::t
 /// Code a block of bytes with one coder: "raw", "zstd" or "rans". Returns bytes.
 #[pyfunction]
 #[pyo3(signature = (data, coder="rans", zstd_level=3))]
-fn entropy_encode<'py>(py: Python<'py>, data: &[u8], coder: &str, zstd_level: i32) -> PyResult<Bound<'py, PyBytes>> {
+fn entropy_encode<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    coder: &str,
+    zstd_level: i32,
+) -> PyResult<Bound<'py, PyBytes>> {
     let c = Coder::from_name(coder).map_err(to_py)?;
-    let out = py.detach(|| nq_entropy::encode(c, data, zstd_level)).map_err(to_py)?;
+    let out = py
+        .detach(|| nq_entropy::encode(c, data, zstd_level))
+        .map_err(to_py)?;
     Ok(PyBytes::new(py, &out))
 }
 
@@ -659,17 +767,22 @@ fn entropy_decode<'py>(
 ) -> PyResult<Bound<'py, PyBytes>> {
     let c = Coder::from_name(coder).map_err(to_py)?;
     let cap = max_bytes.unwrap_or(length);
-    let out = py.detach(|| nq_entropy::decode(c, data, length, cap)).map_err(to_py)?;
+    let out = py
+        .detach(|| nq_entropy::decode(c, data, length, cap))
+        .map_err(to_py)?;
     Ok(PyBytes::new(py, &out))
 }
 
 fn kind_bytes(kind: &str) -> PyResult<[u8; 4]> {
-    let k: [u8; 4] = kind
-        .as_bytes()
-        .try_into()
-        .map_err(|_| bad(format!("section kind {kind:?} must be 4 ASCII capitals or digits")))?;
+    let k: [u8; 4] = kind.as_bytes().try_into().map_err(|_| {
+        bad(format!(
+            "section kind {kind:?} must be 4 ASCII capitals or digits"
+        ))
+    })?;
     if !nq_format::is_valid_kind(&k) {
-        return Err(bad(format!("section kind {kind:?} must be 4 ASCII capitals or digits")));
+        return Err(bad(format!(
+            "section kind {kind:?} must be 4 ASCII capitals or digits"
+        )));
     }
     Ok(k)
 }
@@ -696,20 +809,31 @@ impl ArrayBytes<'_> {
 
 /// A numpy array (or bytes) as (dtype, shape, its bytes viewed as a flat uint8 array, no copy
 /// when it is already C-contiguous and little-endian).
-fn array_in<'py>(name: &str, v: &Bound<'py, PyAny>) -> PyResult<(DType, Vec<u64>, ArrayBytes<'py>)> {
+fn array_in<'py>(
+    name: &str,
+    v: &Bound<'py, PyAny>,
+) -> PyResult<(DType, Vec<u64>, ArrayBytes<'py>)> {
     let py = v.py();
     if let Ok(b) = v.cast::<PyBytes>() {
-        return Ok((DType::Bytes, vec![b.as_bytes().len() as u64], ArrayBytes::Bytes(b.clone())));
+        return Ok((
+            DType::Bytes,
+            vec![b.as_bytes().len() as u64],
+            ArrayBytes::Bytes(b.clone()),
+        ));
     }
     let np = py.import("numpy")?;
     if !v.is_instance(&np.getattr("ndarray")?)? {
-        return Err(bad(format!("array {name:?} must be a numpy array or bytes")));
+        return Err(bad(format!(
+            "array {name:?} must be a numpy array or bytes"
+        )));
     }
     let dt = v.getattr("dtype")?;
     let dname: String = dt.getattr("name")?.extract()?;
     let order: String = dt.getattr("byteorder")?.extract()?;
     if order == ">" || (order == "=" && cfg!(target_endian = "big")) {
-        return Err(bad(format!("array {name:?} is big-endian; convert it with .astype('<...')")));
+        return Err(bad(format!(
+            "array {name:?} is big-endian; convert it with .astype('<...')"
+        )));
     }
     let dtype = DType::from_name(&dname).map_err(to_py)?;
     if dtype == DType::Bytes || dtype == DType::BF16 {
@@ -720,7 +844,9 @@ fn array_in<'py>(name: &str, v: &Bound<'py, PyAny>) -> PyResult<(DType, Vec<u64>
         .call_method1("ascontiguousarray", (v,))?
         .call_method1("reshape", (-1,))?
         .call_method1("view", ("uint8",))?;
-    let arr: PyReadonlyArray1<u8> = flat.extract().map_err(|_| bad(format!("array {name:?} cannot be viewed as bytes")))?;
+    let arr: PyReadonlyArray1<u8> = flat
+        .extract()
+        .map_err(|_| bad(format!("array {name:?} cannot be viewed as bytes")))?;
     Ok((dtype, shape, ArrayBytes::Numpy(arr)))
 }
 
@@ -741,12 +867,18 @@ fn write_nqkv<'py>(
     let default_coder = Coder::from_name(coder).map_err(to_py)?;
     let mut inputs: Vec<([u8; 4], Coder, PayloadIn<'py>)> = Vec::with_capacity(sections.len());
     for s in &sections {
-        let t = s.cast::<pyo3::types::PyTuple>().map_err(|_| bad("each section must be a tuple (kind, payload[, coder])"))?;
+        let t = s
+            .cast::<pyo3::types::PyTuple>()
+            .map_err(|_| bad("each section must be a tuple (kind, payload[, coder])"))?;
         if !(2..=3).contains(&t.len()) {
             return Err(bad("each section must be a tuple (kind, payload[, coder])"));
         }
         let kind = kind_bytes(&t.get_item(0)?.extract::<String>()?)?;
-        let c = if t.len() == 3 { Coder::from_name(&t.get_item(2)?.extract::<String>()?).map_err(to_py)? } else { default_coder };
+        let c = if t.len() == 3 {
+            Coder::from_name(&t.get_item(2)?.extract::<String>()?).map_err(to_py)?
+        } else {
+            default_coder
+        };
         let p = t.get_item(1)?;
         let payload = if let Ok(b) = p.cast::<PyBytes>() {
             PayloadIn::Bytes(b.clone())
@@ -759,19 +891,28 @@ fn write_nqkv<'py>(
             }
             PayloadIn::Arrays(arrays)
         } else {
-            return Err(bad(format!("section {} payload must be bytes or a dict of arrays", String::from_utf8_lossy(&kind))));
+            return Err(bad(format!(
+                "section {} payload must be bytes or a dict of arrays",
+                String::from_utf8_lossy(&kind)
+            )));
         };
         inputs.push((kind, c, payload));
     }
     // Borrow every payload as plain slices, then do the coding and I/O without the GIL.
-    let mut plan: Vec<([u8; 4], Coder, Result<&[u8], Vec<ArrayRef<'_>>>)> = Vec::with_capacity(inputs.len());
+    let mut plan: Vec<([u8; 4], Coder, Result<&[u8], Vec<ArrayRef<'_>>>)> =
+        Vec::with_capacity(inputs.len());
     for (kind, c, p) in &inputs {
         let item = match p {
             PayloadIn::Bytes(b) => Ok(b.as_bytes()),
             PayloadIn::Arrays(a) => Err(a
                 .iter()
                 .map(|(name, dtype, shape, bytes)| {
-                    Ok(ArrayRef { name: name.clone(), dtype: *dtype, shape: shape.clone(), data: bytes.slice()? })
+                    Ok(ArrayRef {
+                        name: name.clone(),
+                        dtype: *dtype,
+                        shape: shape.clone(),
+                        data: bytes.slice()?,
+                    })
                 })
                 .collect::<PyResult<Vec<_>>>()?),
         };
@@ -803,7 +944,10 @@ pub struct PyNqkvReader {
     section_count: u32,
 }
 
-fn section_to_py<'py>(py: Python<'py>, s: nq_format::Section) -> PyResult<(String, Bound<'py, PyAny>)> {
+fn section_to_py<'py>(
+    py: Python<'py>,
+    s: nq_format::Section,
+) -> PyResult<(String, Bound<'py, PyAny>)> {
     let kind = s.kind();
     if s.header.kind != nq_format::KIND_LAYER {
         return Ok((kind, PyBytes::new(py, &s.payload).into_any()));
@@ -814,7 +958,11 @@ fn section_to_py<'py>(py: Python<'py>, s: nq_format::Section) -> PyResult<(Strin
         let v = if a.dtype == DType::Bytes {
             PyBytes::new(py, a.data).into_any()
         } else {
-            let np_dtype = if a.dtype == DType::BF16 { "uint16" } else { a.dtype.name() };
+            let np_dtype = if a.dtype == DType::BF16 {
+                "uint16"
+            } else {
+                a.dtype.name()
+            };
             let shape = pyo3::types::PyTuple::new(py, a.shape.iter().map(|&x| x as usize))?;
             PyArray1::from_slice(py, a.data)
                 .call_method1("view", (np_dtype,))?
@@ -833,8 +981,13 @@ impl PyNqkvReader {
     ) -> PyResult<Option<T>> {
         // try_lock: blocking here while holding the GIL could deadlock with a thread that holds
         // the lock and waits for the GIL.
-        let mut guard = self.inner.try_lock().map_err(|_| bad("this NqkvReader is in use by another thread"))?;
-        let Some(r) = guard.as_mut() else { return Err(bad("this NqkvReader is closed")) };
+        let mut guard = self
+            .inner
+            .try_lock()
+            .map_err(|_| bad("this NqkvReader is in use by another thread"))?;
+        let Some(r) = guard.as_mut() else {
+            return Err(bad("this NqkvReader is closed"));
+        };
         py.detach(|| f(r)).map(Some).map_err(to_py)
     }
 }
@@ -843,11 +996,19 @@ impl PyNqkvReader {
 impl PyNqkvReader {
     #[new]
     #[pyo3(signature = (path, max_section_bytes=None))]
-    fn new(py: Python<'_>, path: std::path::PathBuf, max_section_bytes: Option<u64>) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        max_section_bytes: Option<u64>,
+    ) -> PyResult<Self> {
         let cap = max_section_bytes.unwrap_or(nq_format::DEFAULT_MAX_SECTION_BYTES);
         let r = py.detach(|| NqkvReader::open(&path, cap)).map_err(to_py)?;
         let (version, section_count) = (r.header().version, r.header().section_count);
-        Ok(PyNqkvReader { inner: std::sync::Mutex::new(Some(r)), version, section_count })
+        Ok(PyNqkvReader {
+            inner: std::sync::Mutex::new(Some(r)),
+            version,
+            section_count,
+        })
     }
 
     /// Format version of the file.
@@ -883,7 +1044,10 @@ impl PyNqkvReader {
 
     /// Close the file.
     fn close(&self) -> PyResult<()> {
-        let mut g = self.inner.try_lock().map_err(|_| bad("this NqkvReader is in use by another thread"))?;
+        let mut g = self
+            .inner
+            .try_lock()
+            .map_err(|_| bad("this NqkvReader is in use by another thread"))?;
         *g = None;
         Ok(())
     }
@@ -899,7 +1063,10 @@ impl PyNqkvReader {
     }
 
     fn __repr__(&self) -> String {
-        format!("NqkvReader(version={}, sections={})", self.version, self.section_count)
+        format!(
+            "NqkvReader(version={}, sections={})",
+            self.version, self.section_count
+        )
     }
 }
 
@@ -932,7 +1099,6 @@ fn register_format(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 // ============================ end of the entropy / packer / .nqkv section ====================
-
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -50,7 +50,11 @@ fn decode_rows_impl<T: Element>(c: &E8Codec, codes: &[u8], scales: &[u16], out: 
     let t = crate::e8p::tables();
     let mut y = vec![0f32; c.rotation().padded_dim()];
     let mut row = vec![0f32; d];
-    for ((cr, &s), or) in codes.chunks_exact(cb).zip(scales).zip(out.chunks_exact_mut(d)) {
+    for ((cr, &s), or) in codes
+        .chunks_exact(cb)
+        .zip(scales)
+        .zip(out.chunks_exact_mut(d))
+    {
         c.decode_vector_rotated(t, cr, s, &mut y);
         c.rotation().inverse_portable(&mut y, &mut row);
         T::row_from_f32(&row, or);
@@ -61,7 +65,9 @@ fn decode_rows_impl<T: Element>(c: &E8Codec, codes: &[u8], scales: &[u16], out: 
 /// and an element type they know.
 #[cfg(target_arch = "x86_64")]
 fn use_avx2<T: Element>() -> bool {
-    avx2::knows::<T>() && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
+    avx2::knows::<T>()
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("f16c")
 }
 
 /// Encode rows, with AVX2 where the CPU has it; errors name rows from `row_offset`.
@@ -81,7 +87,12 @@ pub(crate) fn encode_rows_at<T: Element>(
 }
 
 /// Encode rows, with AVX2 where the CPU has it; errors name rows from 0.
-pub(crate) fn encode_rows<T: Element>(c: &E8Codec, x: &[T], codes: &mut [u8], scales: &mut [u16]) -> Result<()> {
+pub(crate) fn encode_rows<T: Element>(
+    c: &E8Codec,
+    x: &[T],
+    codes: &mut [u8],
+    scales: &mut [u16],
+) -> Result<()> {
     encode_rows_at(c, x, codes, scales, 0)
 }
 
@@ -108,7 +119,12 @@ pub(crate) fn encode_rows_portable<T: Element>(
 
 /// The baseline build of [`decode_rows`].
 #[allow(dead_code)]
-pub(crate) fn decode_rows_portable<T: Element>(c: &E8Codec, codes: &[u8], scales: &[u16], out: &mut [T]) {
+pub(crate) fn decode_rows_portable<T: Element>(
+    c: &E8Codec,
+    codes: &[u8],
+    scales: &[u16],
+    out: &mut [T],
+) {
     decode_rows_impl(c, codes, scales, out)
 }
 
@@ -141,7 +157,9 @@ mod avx2 {
         if is::<T, f16>() {
             _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
         } else if is::<T, bf16>() {
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()))))
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128(p.cast()),
+            )))
         } else {
             _mm256_loadu_ps(p.cast())
         }
@@ -212,7 +230,10 @@ mod avx2 {
     #[target_feature(enable = "avx2,f16c")]
     unsafe fn round_f16(v: f32) -> (u16, f32) {
         let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(v));
-        (_mm_extract_epi16::<0>(h) as u16, _mm_cvtss_f32(_mm_cvtph_ps(h)))
+        (
+            _mm_extract_epi16::<0>(h) as u16,
+            _mm_cvtss_f32(_mm_cvtph_ps(h)),
+        )
     }
 
     /// Load a row into `y` with the rotation's signs, zero padding and the first pass's
@@ -233,7 +254,10 @@ mod avx2 {
             for (k, v) in tail[..d - full].iter_mut().enumerate() {
                 *v = f32::from_bits(v.to_bits() ^ sign_bits[full + k]);
             }
-            _mm256_storeu_ps(y.as_mut_ptr().add(full), had::fwht8(_mm256_loadu_ps(tail.as_ptr())));
+            _mm256_storeu_ps(
+                y.as_mut_ptr().add(full),
+                had::fwht8(_mm256_loadu_ps(tail.as_ptr())),
+            );
         }
         for i in (full + 8 * (full < d) as usize..y.len()).step_by(8) {
             _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_setzero_ps());
@@ -263,7 +287,11 @@ mod avx2 {
     /// Rotate one row into `y` (any rotation, in memory) and compute its scale.
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn prepare_row<T: Element>(c: &E8Codec, xr: &[T], y: &mut [f32]) -> Option<Result<(u16, f32)>> {
+    unsafe fn prepare_row<T: Element>(
+        c: &E8Codec,
+        xr: &[T],
+        y: &mut [f32],
+    ) -> Option<Result<(u16, f32)>> {
         load_row(xr, c.rotation().sign_bits(), y);
         for (pi, pass) in c.rotation().passes().iter().enumerate() {
             for &(off, n) in pass {
@@ -289,7 +317,10 @@ mod avx2 {
         let sign_bits = c.rotation().sign_bits();
         let mut v = [_mm256_setzero_ps(); R];
         for (r, vr) in v.iter_mut().enumerate() {
-            *vr = had::fwht8(_mm256_xor_ps(load8(xr.as_ptr().add(8 * r)), sign8(sign_bits, 8 * r)));
+            *vr = had::fwht8(_mm256_xor_ps(
+                load8(xr.as_ptr().add(8 * r)),
+                sign8(sign_bits, 8 * r),
+            ));
         }
         had::fwht_cross_regs(&mut v);
         let mut acc = _mm256_mul_ps(v[0], v[0]);
@@ -306,7 +337,12 @@ mod avx2 {
     /// the last block are zeros, as in the reference's padding.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn load_block(y: &[f32], b: usize, lanes: usize, inv: __m256) -> ([__m256; 8], [__m256; 8]) {
+    unsafe fn load_block(
+        y: &[f32],
+        b: usize,
+        lanes: usize,
+        inv: __m256,
+    ) -> ([__m256; 8], [__m256; 8]) {
         let mut z = [_mm256_setzero_ps(); 8];
         for (l, zl) in z[..lanes].iter_mut().enumerate() {
             *zl = _mm256_mul_ps(_mm256_loadu_ps(y.as_ptr().add(8 * (b + l))), inv);
@@ -418,7 +454,11 @@ mod avx2 {
         row_offset: usize,
     ) -> Result<()> {
         let rot = c.rotation();
-        let regs = if rot.is_single_block() && c.head_dim() == rot.padded_dim() { rot.padded_dim() / 8 } else { 0 };
+        let regs = if rot.is_single_block() && c.head_dim() == rot.padded_dim() {
+            rot.padded_dim() / 8
+        } else {
+            0
+        };
         match regs {
             8 => encode_rows_with::<T, 8>(c, x, codes, scales, row_offset),
             16 => encode_rows_with::<T, 16>(c, x, codes, scales, row_offset),
@@ -429,18 +469,31 @@ mod avx2 {
     /// One group's scaled codeword, s · c₁ or s · (c₁ + r · c₂), as `decode_vector_rotated` forms it.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn group<const BITS: u8>(t: &E8P16Tables, codes: &[u8], g: usize, gi: usize, s: __m256, r: __m256) -> __m256 {
+    unsafe fn group<const BITS: u8>(
+        t: &E8P16Tables,
+        codes: &[u8],
+        g: usize,
+        gi: usize,
+        s: __m256,
+        r: __m256,
+    ) -> __m256 {
         let code16 = |o: usize| u16::from_le_bytes([codes[o], codes[o + 1]]);
         match BITS {
             1 => _mm256_mul_ps(s, e8p::decode8(t, codes[gi])),
             2 => _mm256_mul_ps(s, e8p::decode16(t, code16(2 * gi))),
             3 => {
                 let c2 = e8p::decode8(t, codes[2 * g + gi]);
-                _mm256_mul_ps(s, _mm256_add_ps(e8p::decode16(t, code16(2 * gi)), _mm256_mul_ps(r, c2)))
+                _mm256_mul_ps(
+                    s,
+                    _mm256_add_ps(e8p::decode16(t, code16(2 * gi)), _mm256_mul_ps(r, c2)),
+                )
             }
             _ => {
                 let c2 = e8p::decode16(t, code16(2 * g + 2 * gi));
-                _mm256_mul_ps(s, _mm256_add_ps(e8p::decode16(t, code16(2 * gi)), _mm256_mul_ps(r, c2)))
+                _mm256_mul_ps(
+                    s,
+                    _mm256_add_ps(e8p::decode16(t, code16(2 * gi)), _mm256_mul_ps(r, c2)),
+                )
             }
         }
     }
@@ -448,7 +501,12 @@ mod avx2 {
     /// Decode rows of any rotation: codewords into `y`, the inverse transform in memory, then the
     /// signs and the store.
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn decode_rows_mem<T: Element, const BITS: u8>(c: &E8Codec, codes: &[u8], scales: &[u16], out: &mut [T]) {
+    unsafe fn decode_rows_mem<T: Element, const BITS: u8>(
+        c: &E8Codec,
+        codes: &[u8],
+        scales: &[u16],
+        out: &mut [T],
+    ) {
         let d = c.head_dim();
         let cb = c.code_bytes_per_vector();
         let t = tables();
@@ -459,7 +517,11 @@ mod avx2 {
         let r = _mm256_set1_ps(c.residual_ratio());
         let mut y = vec![0f32; p];
         let full = d / 8 * 8;
-        for ((cr, &s), or) in codes.chunks_exact(cb).zip(scales).zip(out.chunks_exact_mut(d)) {
+        for ((cr, &s), or) in codes
+            .chunks_exact(cb)
+            .zip(scales)
+            .zip(out.chunks_exact_mut(d))
+        {
             let sv = _mm256_cvtph_ps(_mm_set1_epi16(s as i16));
             // The inverse applies the passes last first; that pass's in-register stages run on
             // each codeword as it is formed.
@@ -503,7 +565,11 @@ mod avx2 {
         let t = tables();
         let sign_bits = c.rotation().sign_bits();
         let r = _mm256_set1_ps(c.residual_ratio());
-        for ((cr, &s), or) in codes.chunks_exact(cb).zip(scales).zip(out.chunks_exact_mut(8 * R)) {
+        for ((cr, &s), or) in codes
+            .chunks_exact(cb)
+            .zip(scales)
+            .zip(out.chunks_exact_mut(8 * R))
+        {
             let sv = _mm256_cvtph_ps(_mm_set1_epi16(s as i16));
             let mut v = [_mm256_setzero_ps(); R];
             for (gi, vg) in v.iter_mut().enumerate() {
@@ -511,15 +577,27 @@ mod avx2 {
             }
             had::fwht_cross_regs(&mut v);
             for (gi, &vg) in v.iter().enumerate() {
-                store8(or.as_mut_ptr().add(8 * gi), _mm256_xor_ps(vg, sign8(sign_bits, 8 * gi)));
+                store8(
+                    or.as_mut_ptr().add(8 * gi),
+                    _mm256_xor_ps(vg, sign8(sign_bits, 8 * gi)),
+                );
             }
         }
     }
 
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn decode_rows_bits<T: Element, const BITS: u8>(c: &E8Codec, codes: &[u8], scales: &[u16], out: &mut [T]) {
+    unsafe fn decode_rows_bits<T: Element, const BITS: u8>(
+        c: &E8Codec,
+        codes: &[u8],
+        scales: &[u16],
+        out: &mut [T],
+    ) {
         let rot = c.rotation();
-        let regs = if rot.is_single_block() && c.head_dim() == rot.padded_dim() { rot.padded_dim() / 8 } else { 0 };
+        let regs = if rot.is_single_block() && c.head_dim() == rot.padded_dim() {
+            rot.padded_dim() / 8
+        } else {
+            0
+        };
         match regs {
             8 => decode_rows_regs::<T, 8, BITS>(c, codes, scales, out),
             16 => decode_rows_regs::<T, 16, BITS>(c, codes, scales, out),
@@ -529,7 +607,12 @@ mod avx2 {
 
     /// The AVX2 decode row loop.
     #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn decode_rows<T: Element>(c: &E8Codec, codes: &[u8], scales: &[u16], out: &mut [T]) {
+    pub(super) unsafe fn decode_rows<T: Element>(
+        c: &E8Codec,
+        codes: &[u8],
+        scales: &[u16],
+        out: &mut [T],
+    ) {
         match c.bits() {
             1 => decode_rows_bits::<T, 1>(c, codes, scales, out),
             2 => decode_rows_bits::<T, 2>(c, codes, scales, out),

@@ -20,7 +20,9 @@ fn fix_checksums(b: &mut [u8]) {
     while pos + SECTION_HEADER_LEN <= b.len() {
         let stored = u64::from_le_bytes(b[pos + 8..pos + 16].try_into().unwrap());
         let start = pos + SECTION_HEADER_LEN;
-        let end = start.saturating_add(stored.min(usize::MAX as u64) as usize).min(b.len());
+        let end = start
+            .saturating_add(stored.min(usize::MAX as u64) as usize)
+            .min(b.len());
         let pcrc = crc32fast::hash(&b[start..end]);
         b[pos + 24..pos + 28].copy_from_slice(&pcrc.to_le_bytes());
         let hcrc = crc32fast::hash(&b[pos..pos + 28]);
@@ -36,7 +38,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(sections) = read_nqkv_bytes(&fixed, 1 << 24) {
         for s in &sections {
             if s.header.kind == *b"LAYR" {
-                assert!(decode_arrays(&s.payload).is_ok(), "the reader checked this directory");
+                assert!(
+                    decode_arrays(&s.payload).is_ok(),
+                    "the reader checked this directory"
+                );
             }
         }
     }
