@@ -317,8 +317,8 @@ pub fn expand8(codes: &[u8], coords: &mut [i8], shifts: &mut [u8]) {
     {
         let signs = (code & 0x7F) as u32;
         let negs = signs | ((signs.count_ones() & 1) << 7);
-        for c in 0..8 {
-            co[c] = if (negs >> c) & 1 != 0 { -1 } else { 1 };
+        for (c, x) in co.iter_mut().enumerate() {
+            *x = if (negs >> c) & 1 != 0 { -1 } else { 1 };
         }
         *sh = code >> 7;
     }
@@ -336,9 +336,9 @@ pub fn collapse8(coords: &[i8], shifts: &[u8], codes: &mut [u8]) -> Result<()> {
     for ((co, &sh), cb) in coords.chunks_exact(8).zip(shifts).zip(codes.iter_mut()) {
         let mut negs = 0u32;
         let mut bad = sh > 1;
-        for c in 0..8 {
-            bad |= co[c] != 1 && co[c] != -1;
-            negs |= ((co[c] < 0) as u32) << c;
+        for (c, &x) in co.iter().enumerate() {
+            bad |= x != 1 && x != -1;
+            negs |= ((x < 0) as u32) << c;
         }
         if bad || negs.count_ones() & 1 != 0 {
             return Err(NqError::Corrupt(format!(

@@ -196,9 +196,8 @@ pub fn decode16(code: u16) -> [f32; 8] {
     let neg7 = (signs.count_ones() + t.parity[idx] as u32) & 1;
     let negs = signs | (neg7 << 7);
     let mut out = [0f32; 8];
-    for c in 0..8 {
-        let a = t.abs[idx][c];
-        out[c] = if (negs >> c) & 1 != 0 { -a } else { a } + shift;
+    for (c, (o, &a)) in out.iter_mut().zip(&t.abs[idx]).enumerate() {
+        *o = if (negs >> c) & 1 != 0 { -a } else { a } + shift;
     }
     out
 }
@@ -211,8 +210,8 @@ pub fn decode8(code: u8) -> [f32; 8] {
     let neg7 = signs.count_ones() & 1;
     let negs = signs | (neg7 << 7);
     let mut out = [0f32; 8];
-    for c in 0..8 {
-        out[c] = if (negs >> c) & 1 != 0 { -0.5 } else { 0.5 } + shift;
+    for (c, o) in out.iter_mut().enumerate() {
+        *o = if (negs >> c) & 1 != 0 { -0.5 } else { 0.5 } + shift;
     }
     out
 }
@@ -263,8 +262,8 @@ pub fn encode16_lanes<const L: usize>(y0: &[[f32; L]; 8], codes: &mut [u16; L]) 
             for l in 0..L {
                 let v = u[c][l];
                 let r = rank[c][l];
-                for k in 0..4 {
-                    top[k][l] += if r <= k as u32 { v } else { 0.0 };
+                for (k, tk) in top[..4].iter_mut().enumerate() {
+                    tk[l] += if r <= k as u32 { v } else { 0.0 };
                 }
                 top[4][l] += v;
                 sq[l] += v * v;
@@ -298,8 +297,8 @@ pub fn encode16_lanes<const L: usize>(y0: &[[f32; L]; 8], codes: &mut [u16; L]) 
         let mut key = 0u32;
         let mut pow = 1u32;
         let mut smallest = 0usize;
-        for c in 0..8 {
-            let r = ranks[si][c][l];
+        for (c, rc) in ranks[si].iter().enumerate() {
+            let r = rc[l];
             let digit = (r < tc.n_big) as u32 + (r < tc.n5) as u32;
             key += digit * pow;
             pow *= 3;
@@ -327,9 +326,9 @@ pub fn encode8_lanes<const L: usize>(y0: &[[f32; L]; 8], codes: &mut [u8; L]) {
         let mut d = [0f32; L];
         let mut umin = [f32::INFINITY; L];
         let mut argmin = [0u32; L];
-        for c in 0..8 {
+        for (c, yc) in y0.iter().enumerate() {
             for l in 0..L {
-                let y = y0[c][l] - shift;
+                let y = yc[l] - shift;
                 let u = y.abs();
                 negs[l] |= ((y < 0.0) as u32) << c;
                 let e = u - 0.5;
@@ -526,8 +525,8 @@ pub(crate) mod avx2 {
         let mut u = [zero; 8];
         let mut par = zero;
         let mut sq = zero;
-        for c in 0..8 {
-            let y = _mm256_sub_ps(y0[c], sh);
+        for (c, &yc) in y0.iter().enumerate() {
+            let y = _mm256_sub_ps(yc, sh);
             u[c] = _mm256_andnot_ps(sign, y);
             // y = y0 ∓ ¼ with y0 finite is never NaN and never −0 (x − y is −0 only for
             // x = −0, y = +0), so its sign bit is exactly the reference's `y < 0.0`: the xor of
@@ -549,13 +548,13 @@ pub(crate) mod avx2 {
         let mut top2 = zero;
         let mut top3 = zero;
         let mut top4 = u[0];
-        for c in 0..8 {
-            let t2 = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(u[c], s[2]), u[c]);
-            let t3 = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(u[c], s[3]), u[c]);
+        for (c, &uc) in u.iter().enumerate() {
+            let t2 = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(uc, s[2]), uc);
+            let t3 = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(uc, s[3]), uc);
             top2 = if c == 0 { t2 } else { _mm256_add_ps(top2, t2) };
             top3 = if c == 0 { t3 } else { _mm256_add_ps(top3, t3) };
             if c > 0 {
-                top4 = _mm256_add_ps(top4, u[c]);
+                top4 = _mm256_add_ps(top4, uc);
             }
         }
         let s_of = |k: u32| -> Option<__m256> {
@@ -692,8 +691,8 @@ pub(crate) mod avx2 {
         let mut key = _mm256_setzero_si256();
         let mut negs = _mm256_setzero_si256();
         let mut pow = 1;
-        for c in 0..8 {
-            let y = _mm256_sub_ps(y0[c], sh);
+        for (c, &yc) in y0.iter().enumerate() {
+            let y = _mm256_sub_ps(yc, sh);
             let u = _mm256_andnot_ps(sign, y);
             let p = _mm256_set1_epi32(pow);
             let big = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(u, thr_big));
@@ -748,8 +747,8 @@ pub(crate) mod avx2 {
             let mut u = [zero; 8];
             let mut nb = _mm256_setzero_si256();
             let mut od = _mm256_setzero_si256();
-            for c in 0..8 {
-                let y = _mm256_sub_ps(y0[c], sh);
+            for (c, &yc) in y0.iter().enumerate() {
+                let y = _mm256_sub_ps(yc, sh);
                 u[c] = _mm256_andnot_ps(sign, y);
                 let neg = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(y, zero));
                 nb = _mm256_or_si256(nb, _mm256_and_si256(neg, _mm256_set1_epi32(bit(c))));
@@ -779,13 +778,13 @@ pub(crate) mod avx2 {
             let mut umin = u[0];
             for c in 0..8 {
                 let v = u[c];
-                for k in 0..3 {
+                for (k, tk) in top.iter_mut().enumerate() {
                     let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(k as i32 + 2), r[c]);
                     let term = _mm256_and_ps(_mm256_castsi256_ps(m), v);
-                    top[k] = if c == 0 {
+                    *tk = if c == 0 {
                         term
                     } else {
-                        _mm256_add_ps(top[k], term)
+                        _mm256_add_ps(*tk, term)
                     };
                 }
                 if c > 0 {
@@ -856,8 +855,8 @@ pub(crate) mod avx2 {
         let mut key = _mm256_setzero_si256();
         let mut smallest = _mm256_setzero_si256();
         let mut pow = 1;
-        for c in 0..8 {
-            let r = _mm256_blendv_epi8(ranks[0][c], ranks[1][c], s1);
+        for (c, (&r0, &r1)) in ranks[0].iter().zip(&ranks[1]).enumerate() {
+            let r = _mm256_blendv_epi8(r0, r1, s1);
             let p = _mm256_set1_epi32(pow);
             key = _mm256_add_epi32(key, _mm256_and_si256(_mm256_cmpgt_epi32(n_big, r), p));
             key = _mm256_add_epi32(key, _mm256_and_si256(_mm256_cmpgt_epi32(n5, r), p));
@@ -904,8 +903,8 @@ pub(crate) mod avx2 {
             let mut par = zero;
             let mut d = zero;
             let mut umin = zero;
-            for c in 0..8 {
-                let y = _mm256_sub_ps(y0[c], sh);
+            for (c, &yc) in y0.iter().enumerate() {
+                let y = _mm256_sub_ps(yc, sh);
                 let u = _mm256_andnot_ps(sign, y);
                 // Sign bit = `y < 0.0` (y is never NaN or −0, see `encode16`).
                 par = _mm256_xor_ps(par, y);
@@ -928,8 +927,8 @@ pub(crate) mod avx2 {
         let umin = _mm256_blendv_ps(umins[0], umins[1], s1);
         let mut negs = _mm256_setzero_si256();
         let mut at_min = _mm256_setzero_si256();
-        for c in 0..8 {
-            let y = _mm256_sub_ps(y0[c], sh);
+        for (c, &yc) in y0.iter().enumerate() {
+            let y = _mm256_sub_ps(yc, sh);
             let u = _mm256_andnot_ps(sign, y);
             let b = _mm256_set1_epi32(bit(c));
             let m = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_EQ_OQ>(u, umin));
@@ -967,10 +966,6 @@ mod tests {
 
     fn d2(a: &[f32; 8], b: &[f32; 8]) -> f32 {
         a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
-    }
-
-    fn all16() -> Vec<[f32; 8]> {
-        (0..=u16::MAX).map(decode16).collect()
     }
 
     #[test]

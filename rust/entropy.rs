@@ -697,13 +697,12 @@ fn rans_encode_with(data: &[u8], p: &RansPlan) -> Vec<u8> {
     }
     let mut sym = [Sym::default(); 256];
     let mut acc = 0;
-    for s in 0..256 {
-        let f = p.f[s];
+    for (e, &f) in sym.iter_mut().zip(&p.f) {
         if f > 0 {
             let l = 32 - (f - 1).leading_zeros();
             let rcp = (1u128 << (32 + l)).div_ceil(f as u128);
             // Emit when x ≥ ((L >> sb) << 16) · f; f < 2^sb keeps that in u32.
-            sym[s] = Sym {
+            *e = Sym {
                 rcp: rcp as u64,
                 xmax: ((RANS_L >> sb) << 16) * f,
                 freq: f,
@@ -1173,6 +1172,9 @@ fn code_fixed(
 
 /// Auto's estimate for a plane: the cheapest of raw, rANS whole, rANS per column, from
 /// histograms; returns (estimated size, a closure-free description to code it).
+// `Whole` holds a 1 KB plan inline: one value per plane, built and consumed at once, so boxing it
+// would add an allocation and save nothing.
+#[allow(clippy::large_enum_variant)]
 enum AutoChoice {
     Raw,
     Whole(RansPlan),
@@ -1430,7 +1432,8 @@ fn pack_inner(
     let want = |d: bool| deltas.contains(&d);
 
     // Each plane as (columns, variants), a variant being (delta?, column-major bytes).
-    let mut planes: Vec<(usize, Vec<(bool, Vec<u8>)>)> = Vec::new();
+    type Variant = (bool, Vec<u8>);
+    let mut planes: Vec<(usize, Vec<Variant>)> = Vec::new();
     let mut flags = 0u8;
     let mut coded: Vec<CodedPlane> = Vec::new();
     if let Some(refs) = refs {

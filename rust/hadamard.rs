@@ -549,17 +549,17 @@ mod tests {
         let mut x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
         let orig = x.clone();
         fwht_inplace(&mut x);
-        for i in 0..n {
+        for (i, &xi) in x.iter().enumerate() {
             let mut s = 0f32;
-            for j in 0..n {
+            for (j, &o) in orig.iter().enumerate() {
                 let sign = if (i & j).count_ones() % 2 == 0 {
                     1.0
                 } else {
                     -1.0
                 };
-                s += sign * orig[j];
+                s += sign * o;
             }
-            assert!((x[i] - s / 4.0).abs() < 1e-5);
+            assert!((xi - s / 4.0).abs() < 1e-5);
         }
     }
 

@@ -24,6 +24,9 @@ pyo3::create_exception!(
     "Raised for every bad input to nexusquant: a wrong shape or dtype, NaN or infinity, empty input, corrupt or foreign bytes, a file from a newer version."
 );
 
+/// Codes uint8 `(n, bytes per row)` and fp16 scales as uint16 bits `(n,)`.
+type CodesAndScales<'py> = (Bound<'py, PyArray2<u8>>, Bound<'py, PyArray1<u16>>);
+
 fn to_py(e: NqError) -> PyErr {
     NexusQuantError::new_err(e.to_string())
 }
@@ -68,14 +71,14 @@ fn as_rows<'a>(
     }
 }
 
-fn extract_input<'py>(
-    x: &Bound<'py, PyAny>,
-    dtype: &str,
-) -> PyResult<(
+/// The input borrowed as float32 or as uint16 bits (one of the two is `Some`), and its shape.
+type InputArray<'py> = (
     Option<PyReadonlyArrayDyn<'py, f32>>,
     Option<PyReadonlyArrayDyn<'py, u16>>,
     Vec<usize>,
-)> {
+);
+
+fn extract_input<'py>(x: &Bound<'py, PyAny>, dtype: &str) -> PyResult<InputArray<'py>> {
     if dtype == "float32" {
         let a: PyReadonlyArrayDyn<f32> = x
             .extract()
@@ -198,7 +201,7 @@ impl PyE8Codec {
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
         dtype: &str,
-    ) -> PyResult<(Bound<'py, PyArray2<u8>>, Bound<'py, PyArray1<u16>>)> {
+    ) -> PyResult<CodesAndScales<'py>> {
         let (fa, ua, shape) = extract_input(x, dtype)?;
         let n = self.check_shape(&shape)?;
         let cb = self.inner.code_bytes_per_vector();
@@ -532,11 +535,7 @@ impl PyE8Encoded {
     #[getter]
     fn codes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u8>>> {
         let n = self.inner.n;
-        let cb = if n == 0 {
-            0
-        } else {
-            self.inner.codes.len() / n
-        };
+        let cb = self.inner.codes.len().checked_div(n).unwrap_or(0);
         PyArray1::from_slice(py, &self.inner.codes).reshape([n, cb])
     }
 
@@ -715,7 +714,7 @@ fn unpack_codes<'py>(
     py: Python<'py>,
     data: &[u8],
     max_bytes: Option<usize>,
-) -> PyResult<(Bound<'py, PyArray2<u8>>, Bound<'py, PyArray1<u16>>)> {
+) -> PyResult<CodesAndScales<'py>> {
     let cap = max_bytes.unwrap_or(nq_entropy::DEFAULT_MAX_UNPACKED);
     let u = py
         .detach(|| nq_entropy::unpack_codes(data, cap))
@@ -899,8 +898,9 @@ fn write_nqkv<'py>(
         inputs.push((kind, c, payload));
     }
     // Borrow every payload as plain slices, then do the coding and I/O without the GIL.
-    let mut plan: Vec<([u8; 4], Coder, Result<&[u8], Vec<ArrayRef<'_>>>)> =
-        Vec::with_capacity(inputs.len());
+    // A payload is raw bytes or the arrays of a dict.
+    type Payload<'a> = Result<&'a [u8], Vec<ArrayRef<'a>>>;
+    let mut plan: Vec<([u8; 4], Coder, Payload<'_>)> = Vec::with_capacity(inputs.len());
     for (kind, c, p) in &inputs {
         let item = match p {
             PayloadIn::Bytes(b) => Ok(b.as_bytes()),

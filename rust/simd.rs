@@ -391,9 +391,9 @@ mod avx2 {
                 codes[2 * g + b..2 * g + b + lanes].copy_from_slice(&c8[..lanes]);
             } else {
                 let c2 = e8p::encode16(t, &soa);
-                for l in 0..lanes {
+                for (l, code) in c2[..lanes].iter().enumerate() {
                     let o = 2 * g + 2 * (b + l);
-                    codes[o..o + 2].copy_from_slice(&c2[l].to_le_bytes());
+                    codes[o..o + 2].copy_from_slice(&code.to_le_bytes());
                 }
             }
         }
