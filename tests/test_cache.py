@@ -335,16 +335,6 @@ def test_bad_settings_raise_clear_errors():
     assert model.config._attn_implementation != "nexusquant"
 
 
-def test_cache_without_nexusquant_attention_refuses_to_grow_silently():
-    model = make_tiny("llama")
-    cache = nq.NexusQuantCache(model.config, recent_window=8, block=8)
-    ids = _ids(40)
-    with torch.no_grad(), pytest.raises(nq.NexusQuantError, match="set_attn_implementation"):
-        model(ids, **with_cache(model, cache), use_cache=True)
-        for i in range(20):
-            model(ids[:, i : i + 1], **with_cache(model, cache), use_cache=True)
-
-
 def test_standalone_cache_with_attention_implementation_set():
     model = make_tiny("llama")
     ids = _ids(120)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -30,6 +31,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ._core import NexusQuantError
 from .presets import CompressionSettings, resolve_settings
 from .rope import RopeAdapter, RopeTable
+from .scoring import key_key_importance, pool_scores
 from .tiers import Tier
 
 __all__ = ["NexusQuantCache", "NexusQuantLayer", "LayerView", "ATTN_IMPLEMENTATION"]
@@ -58,7 +60,8 @@ class LayerView:
     # Tiers left as codes for a fused kernel (the key tensor then holds only sinks and window);
     # empty when everything was dequantized into the key tensor.
     lazy_tiers: tuple = ()
-    consumed: bool = False
+    consumed: bool = False  # the nexusquant attention function saw it
+    caught_up: bool = False  # not consumed, and the layer compressed after it (another attention)
 
 
 def _cat(parts: list[Optional[torch.Tensor]], dim: int) -> Optional[torch.Tensor]:
@@ -90,7 +93,17 @@ class NexusQuantLayer(CacheLayerMixin):
         self.rope_tables = rope_tables if rope_tables is not None else {}
         self.rope_adapter: Optional[RopeAdapter] = None
         self.rope_key: Optional[int] = None
+        # The config whose attn_implementation this layer's model reads (NexusQuantCache sets it);
+        # a weak reference, so copies of the cache share it and nothing keeps the model alive.
+        self.attn_config: Optional[weakref.ReferenceType] = None
         self._reset_state()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling: a weak reference cannot be pickled; without it the layer still learns from the
+        # previous forward whether attention runs through nexusquant.
+        state = self.__dict__.copy()
+        state["attn_config"] = None
+        return state
 
     def _reset_state(self) -> None:
         self.is_initialized = False
@@ -155,12 +168,6 @@ class NexusQuantLayer(CacheLayerMixin):
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.last_view is not None and not self.last_view.consumed and self.last_view.compressed == 0 and self.seen > 0:
-            if self.window_len > self.settings.recent_window + self.settings.block:
-                raise NexusQuantError(
-                    "the model's attention does not run through nexusquant, so the cache is never compressed: "
-                    f"call model.set_attn_implementation('{ATTN_IMPLEMENTATION}') or use nexusquant_evict(model)"
-                )
         q = key_states.shape[2]
         seen_before = self.seen
         if self.is_sliding and self.window_len > 0:
@@ -182,7 +189,7 @@ class NexusQuantLayer(CacheLayerMixin):
         self.win_valid = new_valid if self.win_valid is None else torch.cat([self.win_valid, new_valid], dim=1)
         self.seen += q
 
-        if q == 1 and self._fused_decode_possible():
+        if q == 1 and self._attention_is_nexusquant() and self._fused_decode_possible():
             keys, values, view = self._lazy_view(q, w_before, seen_before)
             keys._nq_view = view  # type: ignore[attr-defined]
             self.last_view = view
@@ -200,6 +207,42 @@ class NexusQuantLayer(CacheLayerMixin):
         keys._nq_view = view  # type: ignore[attr-defined]
         self.last_view = view
         return keys, values
+
+    def _attention_is_nexusquant(self) -> bool:
+        """Whether this forward's attention runs through the nexusquant function, which alone can
+        read a lazy view (codes left out of the key tensor): the model's config says so where the
+        layer knows it, and the previous forward's view was consumed by it."""
+        config = self.attn_config() if self.attn_config is not None else None
+        if config is not None and getattr(config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+            return False
+        return self.last_view is None or self.last_view.consumed
+
+    def catch_up(self) -> None:
+        """Compress what the previous forward left when its attention did not run through nexusquant.
+
+        The nexusquant attention function compresses a layer right after its attention, scoring
+        tokens with the forward's real queries. Under any other attention implementation (SDPA,
+        eager, ...) nothing does, so :class:`NexusQuantCache` calls this before the next forward's
+        masks are sized. What differs: prompt tokens are scored with the key-key scorer whatever
+        ``scorer`` says (there are no queries here); padding is not known, so a left-padded batch
+        gets its padding compressed like real tokens and, with eviction, masked by position only;
+        the forward that fills the window attends to it in full precision, as it would anyway.
+        With ``evict=0`` the result equals the nexusquant attention's up to quantization.
+        """
+        view = self.last_view
+        if view is None or view.consumed or view.caught_up:
+            return
+        view.caught_up = True
+        s = self.settings
+        if view.new > 1 and self.wants_prompt_compression():
+            if self.is_sliding or (s.evict == 0.0 and s.demote == 0.0):
+                self.compress(None)
+            else:
+                assert self.win_k is not None and self.win_valid is not None
+                scores = key_key_importance(self.win_k, s.score_window, self.win_valid)
+                self.compress(pool_scores(scores, s.pool_kernel))
+        elif self.wants_block_compression():
+            self.compress(None)
 
     def _fused_decode_possible(self) -> bool:
         """Whether decode attention can read this layer's codes directly (CUDA kernel, post-RoPE keys)."""
@@ -581,8 +624,13 @@ class NexusQuantCache(Cache):
     **knobs
         Override any :class:`CompressionSettings` field (``evict=0.6``, ``key_bits=3``, ...).
 
-    The model's attention must run through nexusquant: ``nexusquant_evict(model)`` does that, or
-    ``model.set_attn_implementation("nexusquant")`` for a cache you manage yourself.
+    Under ``attn_implementation="nexusquant"`` (set by ``nexusquant_evict(model)``, or
+    ``model.set_attn_implementation("nexusquant")``) the cache compresses right after each
+    forward's attention, scores prompt tokens with the real queries, and decode attention reads the
+    codes directly. Under any other implementation (SDPA, eager) it works as transformers'
+    ``QuantizedCache`` does: each layer's keys and values are dequantized for its attention, one
+    layer at a time, and compression happens before the next forward (see
+    :meth:`NexusQuantLayer.catch_up` for what differs).
     """
 
     def __init__(self, config: Any, preset: Union[str, CompressionSettings] = "balanced", record_positions: bool = False, **knobs: Any):
@@ -597,7 +645,19 @@ class NexusQuantCache(Cache):
         self.token_ids: Optional[torch.Tensor] = None
         plan = layer_plan(config)
         layers = [NexusQuantLayer(self.settings, w, record_positions, self.rope_tables) for w in plan]
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        for layer in layers:
+            layer.attn_config = weakref.ref(text)
         super().__init__(layers=layers)
+
+    def get_mask_sizes(self, query_length: Any, layer_idx: int) -> tuple[int, int]:
+        """transformers sizes a forward's masks here, before any layer runs: the moment to compress
+        what a forward under another attention implementation left (:meth:`NexusQuantLayer.catch_up`),
+        so that each layer's keys match the mask."""
+        for layer in self.layers:
+            if isinstance(layer, NexusQuantLayer):
+                layer.catch_up()
+        return super().get_mask_sizes(query_length, layer_idx)
 
     def nbytes(self) -> int:
         """Every byte the cache holds (all layers, plus the shared rotary angles for pre-RoPE keys)."""
