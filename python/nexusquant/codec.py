@@ -75,6 +75,32 @@ class E8Codec(_core.E8Codec):
     numpy array of the same shape.
     """
 
+    def __new__(cls, head_dim: Any, bits: Any = 2, seed: Any = 0, *args: Any, **kwargs: Any) -> "E8Codec":
+        # The Rust constructor takes the seed as a u64: outside that range PyO3 raises
+        # OverflowError (or TypeError for a non-integer), which callers would not expect from a
+        # library whose every bad argument is a NexusQuantError.
+        for name, value in (("head_dim", head_dim), ("bits", bits), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise NexusQuantError(f"{name} must be an integer, got {type(value).__name__}")
+        for name, value in (("head_dim", head_dim), ("bits", bits)):
+            if not -(2**63) <= int(value) < 2**63:
+                raise NexusQuantError(f"{name} is out of range: {value}")
+        if not 0 <= int(seed) < 2**64:
+            raise NexusQuantError(f"seed must be in [0, 2**64), got {seed}")
+        return super().__new__(cls, int(head_dim), int(bits), int(seed), *args, **kwargs)
+
+    # A codec is immutable (a rotation and codebooks made from its arguments), so a copy may share
+    # it and a pickle only needs the arguments: this is what lets copy.deepcopy(cache) and
+    # pickle.dumps(cache) work.
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.head_dim, self.bits, self.seed, self.scale_factor, self.residual_ratio))
+
+    def __deepcopy__(self, memo: dict) -> "E8Codec":
+        return self
+
+    def __copy__(self) -> "E8Codec":
+        return self
+
     def encode(self, x: Any) -> E8Encoded:
         arr, dtype = as_codec_input(x)
         return self.encode_to(arr, dtype)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Union
 
@@ -89,7 +88,10 @@ class EvictSession:
 
         self.fingerprint = model_fingerprint(model.config)
         self._adapters: dict[int, RopeAdapter] = {}
-        self._last_cache: Optional[weakref.ReferenceType] = None
+        # A strong reference: the DynamicCache that generate makes is freed when generate returns,
+        # and stats() is asked for after that (the README's first example). A compressed cache is
+        # small; the session holds the last one only, until the session itself goes.
+        self._last_cache: Optional[Cache] = None
         self._pending_ids: Optional[torch.Tensor] = None
         # Names the current forward (layer 0's attention starts each one; unique across sessions),
         # so that a rotary table records the angles once per forward even when a split model hands
@@ -122,7 +124,7 @@ class EvictSession:
         if idx == 0:
             self._forward = next(_forwards)
             self._record_ids(cache, layer)
-        self._last_cache = weakref.ref(cache)
+        self._last_cache = cache
         if self.settings.key_domain == "pre_rope":
             pe = kwargs.get("position_embeddings")
             if pe is None:
@@ -168,8 +170,8 @@ class EvictSession:
 
     @property
     def cache(self) -> Optional[Cache]:
-        """The most recent cache the model used inside the block."""
-        return None if self._last_cache is None else self._last_cache()
+        """The most recent cache the model used inside the block (held until the session goes)."""
+        return self._last_cache
 
     def stats(self) -> dict[str, Any]:
         """``compression_stats`` of the most recent cache (tokens per tier, bytes, real ratio)."""
