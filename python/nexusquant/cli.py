@@ -7,6 +7,7 @@ Each subcommand is a function ``add_<name>(subparsers)`` that adds its parser an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -20,16 +21,40 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
 
 
 def _str_list(text: str) -> list[str]:
-    return [x for x in text.replace(" ", "").split(",") if x]
+    values = [x for x in text.replace(" ", "").split(",") if x]
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one name")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
 
 
 def add_eval(sub: "argparse._SubParsersAction") -> None:
-    from .eval.harness import DEFAULT_TEXTS, FULL_EVAL_COMMAND
-    from .eval.methods import ALL_METHODS, DEFAULT_METHODS
+    from .eval.names import ALL_METHODS, DEFAULT_METHODS, DEFAULT_TEXTS, FULL_EVAL_COMMAND
 
     p = sub.add_parser(
         "eval",
@@ -48,16 +73,16 @@ def add_eval(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--text", nargs="+", default=list(DEFAULT_TEXTS), metavar="FILE",
                    help="text files, or packaged texts: alice29, lcet10, GPL-3, decode.c")
     p.add_argument("--prefix", type=_int_list, default=[512], metavar="P[,P...]", help="prefix lengths in tokens")
-    p.add_argument("--continuation", type=int, default=64, metavar="C", help="continuation tokens scored")
+    p.add_argument("--continuation", type=_positive_int, default=64, metavar="C", help="continuation tokens scored")
     p.add_argument("--methods", type=_str_list, default=list(DEFAULT_METHODS), metavar="M[,M...]",
                    help=f"'all' or some of: {', '.join(ALL_METHODS)} (or int2, int4, quanto-int2, quanto-int4, hqq-int2, hqq-int4)")
     p.add_argument("--presets", type=_str_list, default=["balanced"], metavar="Q[,Q...]",
                    help="nexusquant presets (high, balanced, max); eviction peers are matched to each one's real ratio")
     p.add_argument("--variant", action="append", default=[], metavar="[PRESET:]KNOB=V[,KNOB=V...]",
                    help="also run nexusquant with these knobs (repeatable), e.g. evict=0,demote=0 or max:evict=0.75,key_bits=3")
-    p.add_argument("--retrieval-trials", type=int, default=5, metavar="N", help="pass-key trials per text, prefix and method (0: none)")
+    p.add_argument("--retrieval-trials", type=_count, default=5, metavar="N", help="pass-key trials per text, prefix and method (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pass-key trials")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default="nexusquant-eval", metavar="DIR", help="where eval.json and eval.png go")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -65,8 +90,16 @@ def add_eval(sub: "argparse._SubParsersAction") -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ._core import NexusQuantError
     from .eval.harness import FULL_EVAL_COMMAND, run
 
+    # Before the model loads: an output directory that cannot be made fails now, not after minutes.
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NexusQuantError(f"cannot create the output directory {args.out}: {e.strerror or e}") from None
     quick = (args.prefix == [512] and args.continuation == 64 and args.retrieval_trials < 20)
     run(
         model=args.model,
@@ -163,8 +196,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (`nexusquant inspect FILE | head`): not an error of ours. Point stdout
+        # at /dev/null so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
     except NexusQuantError as e:
+        print(f"nexusquant {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
         print(f"nexusquant {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -8,10 +8,9 @@
 See docs/EVAL.md for the method and :mod:`nexusquant.eval.peers` for how each peer is run.
 """
 
-from .harness import DEFAULT_TEXTS, FULL_EVAL_COMMAND, corpus_texts, evaluate, load_texts, run
-from .methods import ALL_METHODS, DEFAULT_METHODS, FAMILIES, Method, expand_methods
-from .plotting import plot_results
-from .report import format_table, summary_rows, write_json
+import importlib
+
+from .names import ALL_METHODS, DEFAULT_METHODS, DEFAULT_TEXTS, FAMILIES, FULL_EVAL_COMMAND
 
 __all__ = [
     "evaluate",
@@ -30,3 +29,26 @@ __all__ = [
     "DEFAULT_TEXTS",
     "FULL_EVAL_COMMAND",
 ]
+
+# The rest needs torch and loads on first use, so that the CLI's --help (which imports .names) stays
+# free of torch.
+_LAZY = {
+    "evaluate": "harness",
+    "run": "harness",
+    "load_texts": "harness",
+    "corpus_texts": "harness",
+    "format_table": "report",
+    "summary_rows": "report",
+    "write_json": "report",
+    "plot_results": "plotting",
+    "expand_methods": "methods",
+    "Method": "methods",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nexusquant.eval' has no attribute {name!r}")

@@ -33,16 +33,11 @@ import torch
 from .._core import NexusQuantError, __version__
 from . import peers
 from .methods import DEFAULT_METHODS, Method, evict_for_ratio, expand_methods
+from .names import DEFAULT_TEXTS, FULL_EVAL_COMMAND
 from .retrieval import make_trials, run_trial
 
 __all__ = ["evaluate", "run", "load_texts", "corpus_texts", "EvalText", "DEFAULT_TEXTS", "FULL_EVAL_COMMAND"]
 
-DEFAULT_TEXTS = ("alice29",)
-# The run behind the README's table (about 75 minutes on 2 CPU cores).
-FULL_EVAL_COMMAND = (
-    "nexusquant eval --text alice29 lcet10 decode.c --prefix 1024 --continuation 96 "
-    "--methods all --presets high,balanced,max --retrieval-trials 7"
-)
 _KIND_ORDER = {"baseline": 0, "nexusquant": 1, "evict": 2, "quantized-cache": 3, "int": 4}
 
 

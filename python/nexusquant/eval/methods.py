@@ -18,6 +18,7 @@ from transformers import DynamicCache
 from .._core import NexusQuantError
 from ..presets import PRESETS, resolve_settings
 from . import peers
+from .names import ALL_METHODS, DEFAULT_METHODS, FAMILIES
 
 __all__ = [
     "Method",
@@ -31,22 +32,6 @@ __all__ = [
     "evict_for_ratio",
 ]
 
-# family key -> (label in the table and plot, kind)
-FAMILIES: dict[str, tuple[str, str]] = {
-    "baseline": ("uncompressed", "baseline"),
-    "nexusquant": ("nexusquant (post-RoPE keys)", "nexusquant"),
-    "nexusquant-prerope": ("nexusquant (pre-RoPE keys)", "nexusquant"),
-    "nexusquant-variant": ("nexusquant variant", "nexusquant"),
-    "snapkv": ("SnapKV (evict)", "evict"),
-    "expected-attention": ("ExpectedAttention (evict)", "evict"),
-    "knorm": ("Knorm (evict)", "evict"),
-    "streamingllm": ("StreamingLLM sinks+window (evict)", "evict"),
-    "quanto": ("QuantizedCache quanto", "quantized-cache"),
-    "hqq": ("QuantizedCache HQQ", "quantized-cache"),
-    "int": ("plain per-token int", "int"),
-}
-ALL_METHODS = tuple(k for k in FAMILIES if k not in ("baseline", "nexusquant-variant"))
-DEFAULT_METHODS = ("nexusquant", "snapkv", "expected-attention", "streamingllm", "int2", "int4")
 _BACKEND_MODULES = {"quanto": ("optimum.quanto", "optimum-quanto"), "hqq": ("hqq", "hqq")}
 
 
