@@ -13,6 +13,9 @@ every array a layer holds, so that loading gives back exactly the same tensors.
 from __future__ import annotations
 
 import json
+import os
+import stat
+import threading
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -83,18 +86,23 @@ def _pack_tier_codes(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> tu
     return b"".join(blobs), offsets
 
 
-def _unpack_tier_codes(blob: bytes, offsets: np.ndarray, shape: tuple[int, int, int], device):
+def _unpack_tier_codes(blob: bytes, offsets: np.ndarray, shape: tuple[int, int, int], code_bytes: int, device):
     b, h, t = shape
     codes, scales = [], []
-    if len(offsets) != b * h + 1 or int(offsets[-1]) != len(blob):
+    if len(offsets) != b * h + 1 or int(offsets[0]) != 0 or int(offsets[-1]) != len(blob) or bool(np.any(np.diff(offsets.astype(np.int64)) < 0)):
         raise NexusQuantError("corrupt cache file: code stream offsets do not match the stored streams")
+    # Each stream holds t vectors: its codes and scales decode to exactly this many bytes, so no
+    # stream may expand further (a few bytes of a crafted stream must not become gigabytes).
+    most = t * (code_bytes + 2)
     for k in range(b * h):
-        c, s = unpack_codes(blob[int(offsets[k]) : int(offsets[k + 1])])
-        if s.shape[0] != t:
-            raise NexusQuantError(f"corrupt cache file: a code stream holds {s.shape[0]} tokens, expected {t}")
+        c, s = unpack_codes(blob[int(offsets[k]) : int(offsets[k + 1])], max_bytes=most)
+        if s.shape[0] != t or c.shape != (t, code_bytes):
+            raise NexusQuantError(
+                f"corrupt cache file: a code stream holds {tuple(c.shape)} codes, expected {(t, code_bytes)}"
+            )
         codes.append(c)
         scales.append(s)
-    c = np.stack(codes).reshape(b, h, t, -1)
+    c = np.stack(codes).reshape(b, h, t, code_bytes)
     s = np.stack(scales).reshape(b, h, t).view(np.int16)
     return torch.from_numpy(c).to(device), torch.from_numpy(s).to(device)
 
@@ -157,8 +165,16 @@ def save_cache(cache: Any, path: Union[str, Path], token_ids: Optional[torch.Ten
         raise NexusQuantError("this cache does not know its model; create it with NexusQuantCache(model.config) or nexusquant_evict")
     ids = token_ids if token_ids is not None else getattr(cache, "token_ids", None)
     seen = layers[0].seen
-    if ids is not None and ids.shape[-1] != seen:
-        raise NexusQuantError(f"token_ids hold {ids.shape[-1]} tokens but the cache holds {seen}")
+    if ids is not None:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise NexusQuantError("token_ids must be an integer tensor of shape (batch, tokens)")
+        if ids.shape[-1] != seen:
+            raise NexusQuantError(f"token_ids hold {ids.shape[-1]} tokens but the cache holds {seen}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= 2**32):
+            # The file stores u32 ids: anything else would come back as another token.
+            raise NexusQuantError(
+                f"token ids must lie in [0, 2**32) to be saved; got {int(ids.min())}..{int(ids.max())}"
+            )
     settings: CompressionSettings = layers[0].settings
     layer_metas, layer_sections = [], []
     for layer in layers:
@@ -191,7 +207,7 @@ def save_cache(cache: Any, path: Union[str, Path], token_ids: Optional[torch.Ten
     sections += layer_sections
     if rope_arrays:
         sections.append(("LAYR", rope_arrays))
-    size = write_nqkv(str(path), sections)
+    size = _write_keeping_target(Path(path), sections)
     return {
         "file_bytes": size,
         "resident_bytes": stats["nbytes"],
@@ -201,17 +217,159 @@ def save_cache(cache: Any, path: Union[str, Path], token_ids: Optional[torch.Ten
     }
 
 
+_umask_lock = threading.Lock()
+
+
+def _write_keeping_target(path: Path, sections: list[tuple]) -> int:
+    """``write_nqkv`` (a temporary file renamed over the target), keeping what the target was:
+    through a symlink the link stays and its target is replaced; an existing file keeps its
+    permission bits (the file holds the prompt's token ids: a 0600 file must not become 0644)."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    try:
+        mode: Optional[int] = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = None
+    if mode is None:
+        return write_nqkv(str(path), sections)
+    # The temporary file is created under the umask: narrowing the umask to the old mode's
+    # complement creates it with no more access than the old file had, so there is no moment when
+    # the new file is readable by more people than the old one. The umask is process-wide: other
+    # threads creating files meanwhile get files that are at most more private.
+    with _umask_lock:
+        old = os.umask(0o777 & ~mode)
+        try:
+            size = write_nqkv(str(path), sections)
+        finally:
+            os.umask(old)
+    os.chmod(path, mode)
+    return size
+
+
+# META is JSON of a few hundred bytes per layer; a section that claims more before the shapes are
+# known is refused without being decoded.
+_META_MAX_BYTES = 64 << 20
+# Array directory overhead per array (name, dtype, shape, offsets; FORMAT.md) and per section.
+_ARRAY_OVERHEAD = 256 + 8 * 8 + 32
+# What a packed code stream may hold beyond its codes and scales (its header and tables).
+_STREAM_SLACK = 4096
+# numpy dtype each kind of array is stored as (bfloat16 travels as its uint16 bits).
+_NP_FLOAT = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
+
+
+def _corrupt(message: str) -> NexusQuantError:
+    return NexusQuantError(f"corrupt cache file: {message}")
+
+
+def _open_reader(path: Path, max_section_bytes: int) -> NqkvReader:
+    """An ``NqkvReader`` on a regular file only: opening a FIFO would block until a writer comes."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise NexusQuantError(f"cannot read {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise NexusQuantError(f"{path} is not a regular file")
+    return NqkvReader(str(path), max_section_bytes=max(1, min(int(max_section_bytes), 2**63 - 1)))
+
+
 def _read_meta(reader) -> dict[str, Any]:
     first = next(iter(reader), None)
     if first is None or first[0] != "META":
         raise NexusQuantError("not a nexusquant cache file: it does not start with a META section")
     try:
         meta = json.loads(bytes(first[1]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NexusQuantError(f"corrupt cache file: META is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise _corrupt(f"META is not valid JSON ({type(e).__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise NexusQuantError("not a nexusquant cache file (META names another format)")
+    _check_meta(meta)
     return meta
+
+
+def _int(value: Any, what: str, low: int = 0, high: int = 2**62) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _corrupt(f"{what} is {value!r}, expected an integer in [{low}, {high}]")
+    return value
+
+
+def _dict(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _corrupt(f"{what} is {type(value).__name__}, expected an object")
+    return value
+
+
+def _check_meta(meta: dict[str, Any]) -> None:
+    """The shape of META (docs/FORMAT.md): every key a reader uses is present with its type, and
+    the layers agree with each other, so that nothing later fails with a KeyError or TypeError."""
+    _dict(meta.get("fingerprint"), "META fingerprint")
+    _dict(meta.get("settings"), "META settings")
+    layers = meta.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise _corrupt("META layers is not a non-empty list")
+    rope = _dict(meta.get("rope_tables", {}), "META rope_tables")
+    for key, entry in rope.items():
+        if not key.lstrip("-").isdigit() or _dict(entry, f"rope table {key}").get("dtype") not in _TORCH:
+            raise _corrupt(f"rope table {key!r} is not understood")
+    shape = meta.get("token_ids_shape")
+    if shape is not None and (not isinstance(shape, list) or len(shape) != 2):
+        raise _corrupt(f"token_ids_shape is {shape!r}, expected [batch, tokens]")
+    seen = batch = None
+    for i, layer in enumerate(layers):
+        layer = _dict(layer, f"META layer {i}")
+        for key in ("seen", "dropped", "prompt_tokens"):
+            _int(layer.get(key), f"layer {i} {key}")
+        if not isinstance(layer.get("first_compression_done"), bool):
+            raise _corrupt(f"layer {i} first_compression_done is not a boolean")
+        if layer.get("rope_key") is not None:
+            _int(layer["rope_key"], f"layer {i} rope_key", -1, 2**31)
+        if seen is None:
+            seen = layer["seen"]
+        elif layer["seen"] != seen:
+            raise _corrupt(f"layer {i} has seen {layer['seen']} tokens, layer 0 {seen}")
+        if not layer.get("initialized"):
+            continue
+        if layer.get("dtype") not in _TORCH:
+            raise _corrupt(f"layer {i} dtype {layer.get('dtype')!r} is not one of {sorted(_TORCH)}")
+        b = _int(layer.get("batch"), f"layer {i} batch", 1, 2**31)
+        _int(layer.get("heads"), f"layer {i} heads", 1, 2**16)
+        _int(layer.get("head_dim"), f"layer {i} head_dim", 1, 2**16)
+        if batch is None:
+            batch = b
+        elif b != batch:
+            raise _corrupt(f"layer {i} has batch {b}, an earlier layer {batch}")
+        for tier in ("fine", "coarse"):
+            _int(_dict(layer.get(tier), f"layer {i} {tier}").get("length"), f"layer {i} {tier} length", 0, seen or 0)
+    if shape is not None:
+        _int(shape[0], "token_ids_shape[0]", 1, 2**31)
+        _int(shape[1], "token_ids_shape[1]", 0, 2**62)
+        if shape[1] != seen or (batch is not None and shape[0] != batch):
+            raise _corrupt(f"token_ids_shape {shape} does not match the layers (batch {batch}, {seen} tokens)")
+
+
+def _section_bound(meta: dict[str, Any]) -> int:
+    """The most bytes any section after META may decode to, from the shapes META records: a
+    layer's full-precision tokens (at most every token seen), its tiers' codes or raw vectors, and
+    the small per-token arrays; the token ids; the rotary tables. A file whose section claims more
+    is refused before that section is decoded."""
+    bound = 1 << 16
+    shape = meta.get("token_ids_shape")
+    if shape is not None:
+        bound = max(bound, 4 * shape[0] * shape[1])
+    rope_bytes = 0
+    for i, layer in enumerate(meta["layers"]):
+        if not layer.get("initialized"):
+            continue
+        b, h, d, n = layer["batch"], layer["heads"], layer["head_dim"], layer["seen"]
+        item = _TORCH[layer["dtype"]].itemsize
+        per_token = b * h * (2 * d * item + 4 + 1)  # K and V, sequence index, validity
+        tiers = sum(layer[t]["length"] for t in ("fine", "coarse"))
+        # Tiers at their widest: 16-bit raw vectors or packed streams no larger than raw 4-bit codes.
+        per_tier_token = b * h * (2 * max(d * item, d // 2 + 8 + 2) + 4 + 1)
+        streams = 4 * (b * h + 1) * (8 + _STREAM_SLACK)
+        bound = max(bound, n * per_token + tiers * per_tier_token + 2 * b * h * d * item + streams + 32 * _ARRAY_OVERHEAD)
+        rope_bytes = max(rope_bytes, 2 * b * n * d * 4)
+    rope_bytes *= max(1, len(meta.get("rope_tables", {})))
+    return max(bound, rope_bytes + 8 * _ARRAY_OVERHEAD)
 
 
 def _check_fingerprint(saved: dict[str, Any], model: Any) -> None:
@@ -222,118 +380,275 @@ def _check_fingerprint(saved: dict[str, Any], model: Any) -> None:
         raise NexusQuantError(f"the cache file was made for a different model ({details})")
 
 
-def _layer_devices(model: Any, n: int) -> list[torch.device]:
+def _layer_placement(model: Any, n: int) -> list[tuple[torch.device, torch.dtype]]:
+    """Device and floating dtype of each layer's attention weights (the model's dtype where the
+    weights are not floating, e.g. quantized)."""
     from .evict import attention_modules
 
     mods = sorted(attention_modules(model), key=lambda m: m.layer_idx)
-    devices = []
+    default_dtype = getattr(model, "dtype", torch.float32)
+    out = []
     for i in range(n):
         m = next((m for m in mods if m.layer_idx == i), None)
         p = next(m.parameters()) if m is not None else next(model.parameters())
-        devices.append(p.device)
-    return devices
+        out.append((p.device, p.dtype if p.dtype.is_floating_point else default_dtype))
+    return out
 
 
-def _restore_layer(layer: NexusQuantLayer, meta: dict[str, Any], arrays: dict[str, Any], device) -> None:
+def _array(arrays: dict[str, Any], name: str, shape: tuple, dtypes: tuple, where: str) -> np.ndarray:
+    a = arrays.get(name)
+    if not isinstance(a, np.ndarray) or a.dtype not in dtypes or tuple(a.shape) != tuple(shape):
+        got = f"{a.dtype} {tuple(a.shape)}" if isinstance(a, np.ndarray) else ("missing" if a is None else type(a).__name__)
+        want = " or ".join(str(d) for d in dtypes)
+        raise _corrupt(f"{where}: array {name!r} is {got}, expected {want} {tuple(shape)}")
+    return a
+
+
+def _positions(a: np.ndarray, seen: int, where: str, name: str) -> None:
+    if a.size and (int(a.min()) < 0 or int(a.max()) >= max(seen, 1)):
+        raise _corrupt(f"{where}: {name} holds sequence indices outside [0, {seen})")
+
+
+def _restore_layer(layer: NexusQuantLayer, meta: dict[str, Any], arrays: Any, device, dtype: torch.dtype,
+                   model_shape: tuple[int, int], where: str) -> None:
+    """Check every array of one layer against META and the model, then set the layer's state.
+
+    Full-precision arrays are converted to ``dtype`` (the model's), so that a cache saved from a
+    float32 model continues in a bfloat16 one; the codes do not depend on the dtype.
+    """
+    if not isinstance(arrays, dict):
+        raise _corrupt(f"{where} is not an array directory")
     for key in ("seen", "first_compression_done", "dropped", "prompt_tokens"):
         setattr(layer, key, meta[key])
     layer.rope_key = meta.get("rope_key")
     if not meta.get("initialized"):
+        if arrays:
+            raise _corrupt(f"{where} is not initialized but holds arrays {sorted(arrays)}")
         return
-    dtype = _TORCH.get(meta["dtype"])
-    if dtype is None:
-        raise NexusQuantError(f"corrupt cache file: unknown dtype {meta['dtype']!r}")
-    b, h, d = meta["batch"], meta["heads"], meta["head_dim"]
+    saved = _NP_FLOAT[meta["dtype"]]
+    b, h, d, seen = meta["batch"], meta["heads"], meta["head_dim"], meta["seen"]
+    if (h, d) != model_shape:
+        raise _corrupt(f"{where} has {h} KV heads of {d} dimensions, the model {model_shape[0]} of {model_shape[1]}")
+    known = set()
+
+    def take(name: str, shape: tuple, dtypes: tuple) -> Optional[np.ndarray]:
+        if name not in arrays:
+            return None
+        known.add(name)
+        return _array(arrays, name, shape, dtypes, where)
+
+    def need(name: str, shape: tuple, dtypes: tuple) -> np.ndarray:
+        known.add(name)
+        return _array(arrays, name, shape, dtypes, where)
+
+    # Full-precision sinks and window: their lengths come from the arrays, checked against each other.
+    s_len = arrays["sink_k"].shape[2] if isinstance(arrays.get("sink_k"), np.ndarray) and arrays["sink_k"].ndim == 4 else 0
+    w_len = arrays["win_k"].shape[2] if isinstance(arrays.get("win_k"), np.ndarray) and arrays["win_k"].ndim == 4 else 0
+    fine_n, coarse_n = meta["fine"]["length"], meta["coarse"]["length"]
+    if s_len + w_len + fine_n + coarse_n > seen:
+        raise _corrupt(f"{where} holds more tokens ({s_len + w_len + fine_n + coarse_n}) than it has seen ({seen})")
+    vec = (saved,)
+    values: dict[str, Optional[np.ndarray]] = {}
+    has_sinks = "sink_k" in arrays
+    if has_sinks:
+        values["sink_k"] = need("sink_k", (b, h, s_len, d), vec)
+        values["sink_v"] = need("sink_v", (b, h, s_len, d), vec)
+        values["sink_seq"] = take("sink_seq", (b, h, s_len), (np.dtype(np.int32),))
+        values["sink_valid"] = take("sink_valid", (b, h, s_len), (np.dtype(np.bool_),))
+        if values["sink_seq"] is not None:
+            _positions(values["sink_seq"], seen, where, "sink_seq")
+    if "win_k" in arrays:
+        values["win_k"] = need("win_k", (b, h, w_len, d), vec)
+        values["win_v"] = need("win_v", (b, h, w_len, d), vec)
+        values["win_valid"] = need("win_valid", (b, w_len), (np.dtype(np.bool_),))
+    if "k_center" in arrays or "v_center" in arrays:
+        values["k_center"] = need("k_center", (b, h, 1, d), vec)
+        values["v_center"] = need("v_center", (b, h, 1, d), vec)
+    for name in _LAYER_TENSORS:
+        if name.startswith("sink") and not has_sinks and name in arrays:
+            raise _corrupt(f"{where}: {name} without sink_k")
+    if layer.needs_positions and has_sinks and values.get("sink_seq") is None and s_len:
+        raise _corrupt(f"{where}: sink_seq is missing (this layer needs token positions)")
+
     probe = torch.empty(b, h, 0, d, dtype=dtype, device=device)
     layer.lazy_initialization(probe, probe)
-    for name in _LAYER_TENSORS:
-        if name in arrays:
-            is_value = name.endswith(("_k", "_v", "center"))
-            setattr(layer, name, _torch(arrays[name], dtype if is_value else None, device))
-    for tier_name in ("fine", "coarse"):
+    tier_state = []
+    for tier_name, n in (("fine", fine_n), ("coarse", coarse_n)):
         tier = getattr(layer, tier_name)
-        n = meta[tier_name]["length"]
         if n == 0:
             continue
+        parts = []
         for part, qt in (("k", tier.keys), ("v", tier.values)):
             if qt.codec is None:
-                qt.raw = _torch(arrays[f"{tier_name}.{part}.raw"], dtype, device)
+                parts.append(("raw", need(f"{tier_name}.{part}.raw", (b, h, n, d), vec)))
             else:
-                qt.codes, qt.scales = _unpack_tier_codes(
-                    arrays[f"{tier_name}.{part}.packed"], arrays[f"{tier_name}.{part}.offsets"], (b, h, n), device
-                )
-        tier.seq = _torch(arrays[f"{tier_name}.seq"], None, device) if f"{tier_name}.seq" in arrays else None
-        tier.valid = _torch(arrays[f"{tier_name}.valid"], None, device) if f"{tier_name}.valid" in arrays else None
+                packed = arrays.get(f"{tier_name}.{part}.packed")
+                known.add(f"{tier_name}.{part}.packed")
+                if not isinstance(packed, bytes):
+                    raise _corrupt(f"{where}: {tier_name}.{part}.packed is missing")
+                offsets = need(f"{tier_name}.{part}.offsets", (b * h + 1,), (np.dtype(np.uint64),))
+                codes, scales = _unpack_tier_codes(packed, offsets, (b, h, n), qt.codec.code_bytes_per_vector, device)
+                parts.append(("codes", (codes, scales)))
+        seq = take(f"{tier_name}.seq", (b, h, n), (np.dtype(np.int16), np.dtype(np.int32)))
+        if seq is not None:
+            _positions(seq, seen, where, f"{tier_name}.seq")
+        elif layer.needs_positions:
+            raise _corrupt(f"{where}: {tier_name}.seq is missing (this layer needs token positions)")
+        valid = take(f"{tier_name}.valid", (b, h, n), (np.dtype(np.bool_),))
+        tier_state.append((tier, n, parts, seq, valid))
+    unknown = set(arrays) - known
+    if unknown:
+        raise _corrupt(f"{where} holds arrays this version does not know: {sorted(unknown)}")
+
+    def fp(a: np.ndarray) -> torch.Tensor:
+        return _torch(a, _TORCH[meta["dtype"]], device).to(dtype)
+
+    for name, a in values.items():
+        if a is None:
+            continue
+        is_value = name.endswith(("_k", "_v", "center"))
+        setattr(layer, name, fp(a) if is_value else _torch(a, None, device))
+    for tier, n, parts, seq, valid in tier_state:
+        for (kind, data), qt in zip(parts, (tier.keys, tier.values)):
+            if kind == "raw":
+                qt.raw = fp(data)
+            else:
+                qt.codes, qt.scales = data
+        tier.seq = None if seq is None else _torch(seq, None, device)
+        tier.valid = None if valid is None else _torch(valid, None, device)
         tier._length = n
+
+
+# What a checksum-valid file with bad contents could still raise below: each becomes a
+# NexusQuantError, the one error type of the library.
+_CONTENT_ERRORS = (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError, OverflowError)
 
 
 def load_cache(path: Union[str, Path], model: Any) -> NexusQuantCache:
     """Read a cache saved by :func:`save_cache`, for ``model`` (its fingerprint must match).
 
     Each layer's tensors go to the device of that layer's attention weights, so a model split
-    over several GPUs gets each layer's codes on its own GPU. The returned cache carries the prefix
-    token ids as ``cache.token_ids``; ``generate`` continues after them. Raises NexusQuantError for
-    a file of another model, a truncated, corrupted, foreign or newer-version file.
+    over several GPUs gets each layer's codes on its own GPU, and full-precision parts take the
+    model's dtype (a cache saved from a float32 model continues in a bfloat16 one). Every array is
+    checked against META and the model. The returned cache carries the prefix token ids as
+    ``cache.token_ids``; ``generate`` continues after them. Raises NexusQuantError for a file of
+    another model, a truncated, corrupted, foreign or newer-version file, or one whose contents do
+    not fit together.
     """
     path = Path(path)
-    if not path.is_file():
-        raise NexusQuantError(f"{path} is not a file")
-    with NqkvReader(str(path)) as reader:
+    try:
+        return _load_cache(path, model)
+    except NexusQuantError:
+        raise
+    except _CONTENT_ERRORS as e:
+        raise _corrupt(f"{path}: {type(e).__name__}: {e}") from None
+
+
+def _load_cache(path: Path, model: Any) -> NexusQuantCache:
+    with _open_reader(path, _META_MAX_BYTES) as reader:
         meta = _read_meta(reader)
-        _check_fingerprint(meta["fingerprint"], model)
-        try:
-            settings = CompressionSettings(**meta["settings"])
-        except TypeError as e:
-            raise NexusQuantError(f"cache file settings are not understood by this version: {e}") from None
-        cache = NexusQuantCache(model.config, preset=settings)
-        n_layers = len(cache.layers)
-        if len(meta["layers"]) != n_layers:
-            raise NexusQuantError(f"cache file holds {len(meta['layers'])} layers, the model has {n_layers}")
-        devices = _layer_devices(model, n_layers)
-        token_ids = None
-        layer_i = 0
-        rope_arrays = None
+    _check_fingerprint(_dict(meta["fingerprint"], "META fingerprint"), model)
+    try:
+        settings = CompressionSettings(**meta["settings"])
+    except TypeError as e:
+        raise NexusQuantError(f"cache file settings are not understood by this version: {e}") from None
+    cache = NexusQuantCache(model.config, preset=settings)
+    n_layers = len(cache.layers)
+    if len(meta["layers"]) != n_layers:
+        raise NexusQuantError(f"cache file holds {len(meta['layers'])} layers, the model has {n_layers}")
+    fp = meta["fingerprint"]
+    model_shape = (fp.get("num_key_value_heads"), fp.get("head_dim"))
+    placement = _layer_placement(model, n_layers)
+    token_ids = None
+    layer_i = 0
+    rope_arrays = None
+    # The file is opened again with every section bounded by what META's shapes allow.
+    with _open_reader(path, _section_bound(meta)) as reader:
+        if reader.skip() != "META":
+            raise NexusQuantError(f"{path} changed while it was being read")
         for kind, payload in reader:
             if kind == "TOKN":
                 shape = meta.get("token_ids_shape")
-                ids = np.frombuffer(bytes(payload), dtype="<u4")
-                if shape is None or int(np.prod(shape)) != ids.size:
-                    raise NexusQuantError("corrupt cache file: token ids do not match their recorded shape")
-                token_ids = torch.from_numpy(ids.astype(np.int64).reshape(shape))
+                if shape is None or token_ids is not None or len(payload) != 4 * shape[0] * shape[1]:
+                    raise _corrupt("token ids do not match their recorded shape")
+                ids = np.frombuffer(bytes(payload), dtype="<u4").astype(np.int64).reshape(shape)
+                vocab = fp.get("vocab_size")
+                if isinstance(vocab, int) and ids.size and int(ids.max()) >= vocab:
+                    raise _corrupt(f"a token id ({int(ids.max())}) is outside the model's vocabulary of {vocab}")
+                token_ids = torch.from_numpy(ids)
             elif kind == "LAYR":
                 if layer_i < n_layers:
-                    layer = cache.layers[layer_i]
-                    _restore_layer(layer, meta["layers"][layer_i], payload, devices[layer_i])
+                    device, dtype = placement[layer_i]
+                    _restore_layer(cache.layers[layer_i], meta["layers"][layer_i], payload, device, dtype,
+                                   model_shape, f"layer {layer_i}")
                     layer_i += 1
-                else:
+                elif rope_arrays is None:
                     rope_arrays = payload
+                else:
+                    raise _corrupt("more LAYR sections than layers")
         if layer_i != n_layers:
             raise NexusQuantError(f"truncated cache file: {layer_i} of {n_layers} layers present")
-    for key in meta.get("rope_tables", {}):
+    if meta.get("token_ids_shape") is not None and token_ids is None:
+        raise _corrupt("the token ids recorded in META are missing")
+    seen = meta["layers"][0]["seen"]
+    rope_meta = meta.get("rope_tables", {})
+    if rope_arrays is not None and not isinstance(rope_arrays, dict):
+        raise _corrupt("the rotary angles are not an array directory")
+    expected = {f"{k}.{part}" for k in rope_meta for part in ("cos", "sin")}
+    if rope_arrays is not None and set(rope_arrays) != expected:
+        raise _corrupt(f"rotary angle arrays {sorted(rope_arrays)} do not match META's {sorted(expected)}")
+    for key in rope_meta:
         if rope_arrays is None:
-            raise NexusQuantError("corrupt cache file: rotary angles are missing")
+            raise _corrupt("rotary angles are missing")
+        saved_np = _NP_FLOAT[rope_meta[key]["dtype"]]
+        cos, sin = rope_arrays[f"{key}.cos"], rope_arrays[f"{key}.sin"]
+        for name, a in (("cos", cos), ("sin", sin)):
+            if not isinstance(a, np.ndarray) or a.dtype != saved_np or a.ndim != 3 or a.shape != cos.shape or a.shape[1] < seen:
+                raise _corrupt(f"rotary table {key}.{name} is not {saved_np} (batch, >= {seen} tokens, dim) like its pair")
         table = RopeTable()
-        dt = _TORCH[meta["rope_tables"][key]["dtype"]]
-        table.cos = _torch(rope_arrays[f"{key}.cos"], dt, devices[0])
-        table.sin = _torch(rope_arrays[f"{key}.sin"], dt, devices[0])
+        dt = _TORCH[rope_meta[key]["dtype"]]
+        device, dtype = placement[0]
+        table.cos = _torch(cos, dt, device).to(dtype)
+        table.sin = _torch(sin, dt, device).to(dtype)
         cache.rope_tables[int(key)] = table
-    cache.token_ids = token_ids.to(devices[0]) if token_ids is not None else None
+    for i, layer in enumerate(cache.layers):
+        if layer.is_initialized and layer.settings.key_domain == "pre_rope" and (layer.fine.length or layer.coarse.length):
+            if layer.rope_key not in cache.rope_tables:
+                raise _corrupt(f"layer {i} needs rotary table {layer.rope_key!r}, which the file does not hold")
+    cache.token_ids = token_ids.to(placement[0][0]) if token_ids is not None else None
     return cache
 
 
 def inspect_file(path: Union[str, Path]) -> dict[str, Any]:
     """Header, settings, per-layer sizes and ratios of a cache file; reading it verifies every checksum."""
     path = Path(path)
-    size = path.stat().st_size
-    with NqkvReader(str(path)) as reader:
+    try:
+        return _inspect_file(path)
+    except NexusQuantError:
+        raise
+    except _CONTENT_ERRORS as e:
+        raise _corrupt(f"{path}: {type(e).__name__}: {e}") from None
+
+
+def _inspect_file(path: Path) -> dict[str, Any]:
+    with _open_reader(path, _META_MAX_BYTES) as reader:
         version = reader.version
         n_sections = reader.section_count
         meta = _read_meta(reader)
+    size = path.stat().st_size
+    with _open_reader(path, _section_bound(meta)) as reader:
+        if reader.skip() != "META":
+            raise NexusQuantError(f"{path} changed while it was being read")
         layer_bytes = []
         for kind, payload in reader:
             if kind == "LAYR":
+                if not isinstance(payload, dict):
+                    raise _corrupt("a LAYR section is not an array directory")
                 layer_bytes.append(sum(len(v) if isinstance(v, bytes) else v.nbytes for v in payload.values()))
     fp16 = meta.get("fp16_bytes") or 0
+    resident = meta.get("resident_bytes")
+    if not isinstance(fp16, (int, float)) or (resident is not None and not isinstance(resident, (int, float))):
+        raise _corrupt("META byte counts are not numbers")
     return {
         "path": str(path),
         "format_version": version,
@@ -343,9 +658,9 @@ def inspect_file(path: Union[str, Path]) -> dict[str, Any]:
         "settings": meta["settings"],
         "token_ids_shape": meta.get("token_ids_shape"),
         "layer_array_bytes": layer_bytes[: len(meta["layers"])],
-        "resident_bytes": meta.get("resident_bytes"),
+        "resident_bytes": resident,
         "fp16_bytes": fp16,
         "file_ratio": fp16 / size if size else None,
-        "resident_ratio": fp16 / meta["resident_bytes"] if meta.get("resident_bytes") else None,
+        "resident_ratio": fp16 / resident if resident else None,
         "checksums": "verified",
     }
