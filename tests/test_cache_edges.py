@@ -115,3 +115,21 @@ def test_codec_pickles_and_is_shared_by_deepcopy():
 def test_codec_arguments_out_of_range_are_nexusquant_errors(args):
     with pytest.raises(nq.NexusQuantError):
         nq.E8Codec(*args)
+
+
+def test_nan_in_the_cache_names_layer_and_token():
+    model = make_tiny("llama")
+    ids = _ids(60, seed=2)
+
+    def poison(module, args, output):  # token 17's key projection in layer 1 becomes NaN
+        output = output.clone()
+        output[:, 17] = float("nan")
+        return output
+
+    handle = model.model.layers[1].self_attn.k_proj.register_forward_hook(poison)
+    try:
+        with nq.nexusquant_evict(model, recent_window=8, evict=0.0), torch.no_grad():
+            with pytest.raises(nq.NexusQuantError, match=r"layer 1: the key of token 17 \(batch row 0, KV head 0\)"):
+                model(ids, use_cache=True, **with_cache(model, nq.NexusQuantCache(model, recent_window=8, evict=0.0)))
+    finally:
+        handle.remove()

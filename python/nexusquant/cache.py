@@ -93,6 +93,7 @@ class NexusQuantLayer(CacheLayerMixin):
         self.rope_tables = rope_tables if rope_tables is not None else {}
         self.rope_adapter: Optional[RopeAdapter] = None
         self.rope_key: Optional[int] = None
+        self.layer_idx: Optional[int] = None  # for messages; set by the cache that holds the layer
         # The config whose attn_implementation this layer's model reads (NexusQuantCache sets it);
         # a weak reference, so copies of the cache share it and nothing keeps the model alive.
         self.attn_config: Optional[weakref.ReferenceType] = None
@@ -434,6 +435,7 @@ class NexusQuantLayer(CacheLayerMixin):
         cand_valid = self.win_valid[:, :n]  # (B, n)
         cand_seq = self.window_seq()[:n]  # (n,)
         rest_valid = self.win_valid[:, n:]
+        self._check_finite(cand_k, cand_v, cand_valid, cand_seq)
         evicting = scores is not None and not self.is_sliding
 
         if not self.first_compression_done and s.sink_tokens > 0:
@@ -507,6 +509,20 @@ class NexusQuantLayer(CacheLayerMixin):
         self.win_valid = rest_valid.contiguous()
         if self.is_sliding:
             self._prune_outside_window()
+
+    def _check_finite(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, seq: torch.Tensor) -> None:
+        """Refuse NaN/infinite keys or values of real tokens (``k``, ``v`` ``(B, H, n, D)``, ``valid``
+        ``(B, n)``, ``seq`` ``(n,)``), naming the layer, token, batch row and head: the codec would
+        only say "vector i"."""
+        where = "" if self.layer_idx is None else f"layer {self.layer_idx}: "
+        for part, x in (("key", k), ("value", v)):
+            bad = (~torch.isfinite(x)).any(-1) & valid[:, None, :]
+            if bool(bad.any()):
+                b, h, t = (int(i) for i in bad.nonzero()[0])
+                raise NexusQuantError(
+                    f"{where}the {part} of token {int(seq[t])} (batch row {b}, KV head {h}) holds NaN or "
+                    "infinity: the model produced it, and it cannot be quantized"
+                )
 
     def _prune_outside_window(self) -> None:
         """Drop compressed tokens of a sliding layer that no future query can see."""
@@ -646,8 +662,9 @@ class NexusQuantCache(Cache):
         plan = layer_plan(config)
         layers = [NexusQuantLayer(self.settings, w, record_positions, self.rope_tables) for w in plan]
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        for layer in layers:
+        for i, layer in enumerate(layers):
             layer.attn_config = weakref.ref(text)
+            layer.layer_idx = i
         super().__init__(layers=layers)
 
     def get_mask_sizes(self, query_length: Any, layer_idx: int) -> tuple[int, int]:

@@ -152,7 +152,9 @@ class EvictSession:
             cache.token_ids = torch.cat([known, ids.to(known.device)], dim=-1)  # type: ignore[attr-defined]
 
     def _new_layer(self, cache: Cache, idx: int) -> NexusQuantLayer:
-        return NexusQuantLayer(self.settings, self.plan[idx], rope_tables=_rope_tables(cache))
+        layer = NexusQuantLayer(self.settings, self.plan[idx], rope_tables=_rope_tables(cache))
+        layer.layer_idx = idx
+        return layer
 
     def _adopt(self, cache: Cache, idx: int, old: Any) -> NexusQuantLayer:
         """Replace a transformers layer, keeping any tokens it already holds (uncompressed, in the window)."""
