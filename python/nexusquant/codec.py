@@ -87,7 +87,7 @@ class E8Codec(_core.E8Codec):
                 raise NexusQuantError(f"{name} is out of range: {value}")
         if not 0 <= int(seed) < 2**64:
             raise NexusQuantError(f"seed must be in [0, 2**64), got {seed}")
-        return super().__new__(cls, int(head_dim), int(bits), int(seed), *args, **kwargs)
+        return super().__new__(cls, int(head_dim), int(bits), int(seed), *args, **kwargs)  # type: ignore[return-value]
 
     # A codec is immutable (a rotation and codebooks made from its arguments), so a copy may share
     # it and a pickle only needs the arguments: this is what lets copy.deepcopy(cache) and

@@ -477,7 +477,7 @@ def _restore_layer(layer: NexusQuantLayer, meta: dict[str, Any], arrays: Any, de
         tier = getattr(layer, tier_name)
         if n == 0:
             continue
-        parts = []
+        parts: list[tuple[str, Any]] = []
         for part, qt in (("k", tier.keys), ("v", tier.values)):
             if qt.codec is None:
                 parts.append(("raw", need(f"{tier_name}.{part}.raw", (b, h, n, d), vec)))
@@ -612,7 +612,9 @@ def _load_cache(path: Path, model: Any) -> NexusQuantCache:
         table.sin = _torch(sin, dt, device).to(dtype)
         cache.rope_tables[int(key)] = table
     for i, layer in enumerate(cache.layers):
-        if layer.is_initialized and layer.settings.key_domain == "pre_rope" and (layer.fine.length or layer.coarse.length):
+        if not isinstance(layer, NexusQuantLayer) or layer.fine is None or layer.coarse is None:
+            continue  # not initialized: holds nothing
+        if layer.settings.key_domain == "pre_rope" and (layer.fine.length or layer.coarse.length):
             if layer.rope_key not in cache.rope_tables:
                 raise _corrupt(f"layer {i} needs rotary table {layer.rope_key!r}, which the file does not hold")
     cache.token_ids = token_ids.to(placement[0][0]) if token_ids is not None else None
