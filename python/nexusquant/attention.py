@@ -298,6 +298,7 @@ def nexusquant_attention(
         allowed_rows = allowed[..., -rows:, :]
 
     if q > 1 and layer.wants_prompt_compression():
+        layer.observe_queries(query)
         if layer.is_sliding or (s.evict == 0.0 and s.demote == 0.0):
             layer.compress(None)
         else:

@@ -32,7 +32,7 @@ from ._core import NexusQuantError
 from .presets import CompressionSettings, resolve_settings
 from .rope import RopeAdapter, RopeTable
 from .scoring import key_key_importance, pool_scores
-from .tiers import Tier
+from .tiers import Tier, TransformCodedKeys
 
 __all__ = ["NexusQuantCache", "NexusQuantLayer", "LayerView", "ATTN_IMPLEMENTATION"]
 
@@ -125,6 +125,8 @@ class NexusQuantLayer(CacheLayerMixin):
         self.k_center: Optional[torch.Tensor] = None
         self.v_center: Optional[torch.Tensor] = None
         self.first_compression_done = False
+        # The prefill queries' second moment (B, F, F) until the transform coder's basis is fitted.
+        self.query_moment: Optional[torch.Tensor] = None
         self.prompt_tokens = 0
         self.dropped = 0
         self.last_view: Optional[LayerView] = None
@@ -157,7 +159,10 @@ class NexusQuantLayer(CacheLayerMixin):
         self.heads = key_states.shape[1]
         self.head_dim = key_states.shape[3]
         s = self.settings
-        self.fine = Tier(self.head_dim, s.key_bits, s.value_bits, s.seed, self.dtype)
+        # Sliding layers drop their oldest compressed tokens one by one, which a per-prompt basis
+        # coded over all heads does not allow; they keep the per-vector E8 code.
+        key_rate = s.key_rate if (s.key_codec == "pca" and s.key_bits != 16 and not self.is_sliding) else None
+        self.fine = Tier(self.head_dim, s.key_bits, s.value_bits, s.seed, self.dtype, key_rate=key_rate)
         self.coarse = Tier(self.head_dim, s.coarse_key_bits, s.coarse_value_bits, s.seed, self.dtype)
         self.is_initialized = True
 
@@ -414,6 +419,36 @@ class NexusQuantLayer(CacheLayerMixin):
             threshold = min(threshold, max(self.settings.recent_window + 1, self.sliding_window - 1))
         return self.window_len >= threshold
 
+    def observe_queries(self, query: torch.Tensor) -> None:
+        """Keep the second moment of a prompt's queries ``(B, H_q, q, D)`` (the forward that ends
+        the prefill) as the transform coder's metric: a key error ``e`` moves a logit by ``q·e``.
+
+        Per batch row, a ``(F, F)`` matrix, ``F = kv_heads * head_dim``, block diagonal over KV
+        heads (each block sums the query heads of that group), in the keys' domain (RoPE undone
+        for pre-RoPE keys). Padding queries are left out. Only the forward that fits the basis
+        needs it; other forwards are ignored.
+        """
+        if self.fine is None or not isinstance(self.fine.keys, TransformCodedKeys) or self.fine.length > 0:
+            return
+        b, hq, q, d = query.shape
+        h = self.heads
+        g = hq // h
+        x = query
+        if self.settings.key_domain == "pre_rope":
+            seq = (self.seen - q + torch.arange(q, device=query.device, dtype=torch.int32)).expand(b, hq, q)
+            x = self._undo_rope(query, seq)
+        x = x.float()
+        if self.win_valid is not None:
+            x = x * self.win_valid[:, None, -q:, None].to(x.dtype)
+            count = self.win_valid[:, -q:].sum(1).clamp(min=1).to(x.dtype) * g  # (B,)
+        else:
+            count = torch.full((b,), float(q * g), device=x.device)
+        moment = torch.zeros(b, h * d, h * d, device=x.device)
+        for j in range(h):
+            xq = x[:, j * g : (j + 1) * g].reshape(b, g * q, d)
+            moment[:, j * d : (j + 1) * d, j * d : (j + 1) * d] = xq.transpose(1, 2) @ xq / count[:, None, None]
+        self.query_moment = moment
+
     def compress(self, scores: Optional[torch.Tensor]) -> None:
         """Compress the window's tokens except the last ``recent_window``.
 
@@ -471,7 +506,12 @@ class NexusQuantLayer(CacheLayerMixin):
             full_precision = prompt_real - real
             n_fine = torch.minimum(torch.clamp(n_fine_total - full_precision, min=0), real)
             n_coarse = torch.minimum(n_coarse, real - n_fine)
-            sc = scores[:, :, :n].float().masked_fill(~cand_valid[:, None, :], float("-inf"))
+            sc = scores[:, :, :n].float()
+            if self.fine is not None and self.fine.keys.codec is None and self.fine.keys.bits != 16:
+                # Transform-coded keys code all heads of a token together: keep the same tokens
+                # in every head, ranked by their mean score.
+                sc = sc.mean(1, keepdim=True).expand(b, h, n)
+            sc = sc.masked_fill(~cand_valid[:, None, :], float("-inf"))
             order = torch.argsort(sc, dim=-1, descending=True, stable=True)  # (B, H, n)
             rank = torch.empty_like(order)
             rank.scatter_(-1, order, torch.arange(n, device=dev).expand(b, h, n))
@@ -502,7 +542,10 @@ class NexusQuantLayer(CacheLayerMixin):
             if self.k_center is not None:
                 k = k - self.k_center
                 v = v - self.v_center
-            tier.append(k, v, seq if self.needs_positions else None, None if bool(valid.all()) else valid)
+            tier.append(k, v, seq if self.needs_positions else None, None if bool(valid.all()) else valid,
+                        key_metric=self.query_moment if tier is self.fine else None)
+            if tier is self.fine:
+                self.query_moment = None  # the basis is fitted: the prompt's queries are not kept
         # Keep the recent window.
         self.win_k = self.win_k[:, :, n:].contiguous()
         self.win_v = self.win_v[:, :, n:].contiguous()

@@ -23,6 +23,7 @@ __all__ = ["CompressionSettings", "PRESETS", "resolve_settings"]
 
 _KEY_DOMAINS = ("post_rope", "pre_rope")
 _TIER_BITS = (1, 2, 3, 4, 16)
+_KEY_CODECS = ("e8", "pca")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,17 @@ class CompressionSettings:
     key_domain : str
         ``"post_rope"``: keys are quantized as the model made them (rotary embedding applied);
         ``"pre_rope"``: the rotary embedding is undone before quantization and redone after.
+    key_codec : str
+        ``"e8"``: each key vector rotated and E8-coded with its own scale (``key_bits``);
+        ``"pca"``: the transform coder (``nexusquant.transform``): per layer, the prompt's own
+        principal components of the keys of all KV heads, bits by reverse water-filling for a budget
+        of ``key_rate`` bits per element. With ``"pca"``, tokens are kept or dropped per layer (all
+        KV heads alike) and sliding-window layers keep the E8 codec.
+    key_rate : float
+        Bits per key element of the ``"pca"`` coder for the prompt, everything included: codes,
+        the basis (int8), its mean, steps and widths, spread over the prompt's compressed tokens
+        (so a short prompt affords fewer components). Generated blocks reuse the basis and pay for
+        their codes only.
     seed : int
         Seed of the Hadamard rotation's random signs.
     center : bool
@@ -78,6 +90,8 @@ class CompressionSettings:
     score_window: int = 32
     pool_kernel: int = 7
     key_domain: str = "post_rope"
+    key_codec: str = "e8"
+    key_rate: float = 1.5
     seed: int = 0
     center: bool = True
 
@@ -102,6 +116,9 @@ class CompressionSettings:
 
         check(self.scorer in SCORERS, f"scorer must be one of {sorted(SCORERS)}, got {self.scorer!r}")
         check(self.key_domain in _KEY_DOMAINS, f"key_domain must be one of {_KEY_DOMAINS}, got {self.key_domain!r}")
+        check(self.key_codec in _KEY_CODECS, f"key_codec must be one of {_KEY_CODECS}, got {self.key_codec!r}")
+        check(isinstance(self.key_rate, (int, float)) and not isinstance(self.key_rate, bool) and 0.0 < self.key_rate <= 8.0,
+              f"key_rate must be a number in (0, 8], got {self.key_rate!r}")
         check(isinstance(self.seed, int) and 0 <= self.seed < 2**64, f"seed must be a non-negative integer, got {self.seed!r}")
         check(isinstance(self.center, bool), "center must be True or False")
 

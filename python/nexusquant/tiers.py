@@ -14,15 +14,16 @@ on the device being a CPU.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from ._core import NexusQuantError
 from .codec import E8Codec, as_codec_input
+from .transform import KeyTransformCode, fit_key_transform
 
-__all__ = ["QuantizedTensor", "Tier", "encode_tensor", "decode_tensor", "get_codec"]
+__all__ = ["QuantizedTensor", "TransformCodedKeys", "Tier", "encode_tensor", "decode_tensor", "get_codec"]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -183,11 +184,76 @@ class QuantizedTensor:
                 setattr(self, name, fn(t))
 
 
+class TransformCodedKeys:
+    """Keys ``(B, H, T, head_dim)`` held by the transform coder (:mod:`nexusquant.transform`).
+
+    The KV heads of a token are coded together (one vector of ``H * head_dim``), so every head of a
+    batch row must hold the same tokens: the cache selects tokens per layer, not per head, when
+    keys are transform-coded. Each batch row is its own prompt and gets its own basis, fitted on
+    the first tokens appended (the prompt); later appends (generated blocks) reuse it.
+    """
+
+    codec = None  # no E8 codec: the fused E8 decode kernel does not read these codes
+
+    def __init__(self, head_dim: int, rate: float, dtype: torch.dtype):
+        self.head_dim = head_dim
+        self.rate = rate
+        self.bits = rate  # callers test ``bits != 16`` to know that keys are quantized
+        self.dtype = dtype
+        self.rows: list[list[KeyTransformCode]] = []  # per batch row, the code of each append
+
+    @property
+    def length(self) -> int:
+        return sum(c.length for c in self.rows[0]) if self.rows else 0
+
+    def append(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None, metric: Optional[torch.Tensor] = None) -> None:
+        """Code ``x`` ``(B, H, T, head_dim)``; ``valid`` bool ``(B, T)`` marks the tokens the basis is
+        fitted on (padding excluded); ``metric`` ``(B, F, F)`` is the queries' second moment (see
+        :func:`~nexusquant.transform.fit_key_transform`), None for plain principal components."""
+        b, h, t, d = x.shape
+        flat = x.permute(0, 2, 1, 3).reshape(b, t, h * d)
+        if not self.rows:
+            self.rows = [
+                [fit_key_transform(flat[i], self.rate, None if valid is None else valid[i],
+                                   None if metric is None else metric[i])]
+                for i in range(b)
+            ]
+            return
+        for i in range(b):
+            self.rows[i].append(self.rows[i][0].encode_more(flat[i]))
+
+    def dequantize(self) -> torch.Tensor:
+        """All keys, ``(B, H, T, head_dim)`` in the model's dtype."""
+        out = []
+        for row in self.rows:
+            keys = torch.cat([c.decode() for c in row], 0)  # (T, H * D)
+            out.append(keys.reshape(keys.shape[0], -1, self.head_dim).permute(1, 0, 2))
+        return torch.stack(out).to(self.dtype)
+
+    def nbytes(self) -> int:
+        # The basis, mean, steps and widths are shared by a row's appends: count them once.
+        total = 0
+        for row in self.rows:
+            total += row[0].nbytes() + sum(c.codes.numel() for c in row[1:])
+        return total
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` to the batch axis: only row selections (index_select / repeat) are supported."""
+        probe = fn(torch.arange(len(self.rows))[:, None])[:, 0].tolist()
+        self.rows = [list(self.rows[int(i)]) for i in probe]
+
+    def slice_tokens(self, start: int) -> None:
+        raise NexusQuantError("transform-coded keys cannot be sliced (sliding-window layers use the E8 codec)")
+
+
 class Tier:
     """Keys and values of one tier, with each token's sequence index and validity."""
 
-    def __init__(self, head_dim: int, key_bits: int, value_bits: int, seed: int, dtype: torch.dtype):
-        self.keys = QuantizedTensor(head_dim, key_bits, seed, dtype)
+    def __init__(self, head_dim: int, key_bits: int, value_bits: int, seed: int, dtype: torch.dtype,
+                 key_rate: Optional[float] = None):
+        self.keys: Union[QuantizedTensor, TransformCodedKeys] = (
+            QuantizedTensor(head_dim, key_bits, seed, dtype) if key_rate is None else TransformCodedKeys(head_dim, key_rate, dtype)
+        )
         self.values = QuantizedTensor(head_dim, value_bits, seed, dtype)
         self.seq: Optional[torch.Tensor] = None  # int32 (B, H, T)
         self.valid: Optional[torch.Tensor] = None  # bool (B, H, T)
@@ -198,14 +264,19 @@ class Tier:
         v: torch.Tensor,
         seq: Optional[torch.Tensor],
         valid: Optional[torch.Tensor],
+        key_metric: Optional[torch.Tensor] = None,
     ) -> None:
         """Add tokens: ``k``, ``v`` ``(B, H, T, D)``; ``seq`` int ``(B, H, T)`` or None when positions
-        are not tracked; ``valid`` bool ``(B, H, T)`` or None when every new slot is valid."""
+        are not tracked; ``valid`` bool ``(B, H, T)`` or None when every new slot is valid;
+        ``key_metric`` float ``(B, F, F)``, the queries' second moment for transform-coded keys."""
         t = k.shape[2]
         if t == 0:
             return
         old = self.length
-        self.keys.append(k)
+        if isinstance(self.keys, TransformCodedKeys):
+            self.keys.append(k, None if valid is None else valid[:, 0], key_metric)
+        else:
+            self.keys.append(k)
         self.values.append(v)
         if seq is not None:
             seq = seq.to(torch.int16 if int(seq.max().item()) < 2**15 and (self.seq is None or self.seq.dtype == torch.int16) else torch.int32)
@@ -239,6 +310,8 @@ class Tier:
     def slice_tokens(self, start: int) -> None:
         """Drop the first ``start`` tokens (they are in sequence order)."""
         cut = lambda t: t[:, :, start:].contiguous()  # noqa: E731
+        if isinstance(self.keys, TransformCodedKeys):
+            self.keys.slice_tokens(start)
         self.keys.map_batch(cut)
         self.values.map_batch(cut)
         if self.seq is not None:

@@ -1,0 +1,213 @@
+"""Which key coder, at which bits: a fast simulated write-back study on a real model.
+
+    python benches/key_transform_study.py --model smollm2 --prefix 1024 --continuation 128 \
+        --text alice29 lcet10 decode.c --out study.jsonl  VARIANT ...
+
+Each VARIANT is ``keys:values`` with keys one of ``fp``, ``e8-<bits>`` (the shipped per-vector
+Hadamard + E8 code, keys centred per head) or ``pca-<bits per element>[-pre]`` (the transform coder
+of ``nexusquant.transform``; ``-pre``: RoPE undone first), and values ``fp`` or ``e8-<bits>``.
+
+For each text: the prefix is prefilled once (fp32 model); for each variant the prefix's keys and
+values, except the first 4 (sinks) and the last 16 (window), are replaced by their decoded codes in
+a copy of the cache, and the next ``C`` tokens are scored teacher-forced in one forward over that
+copy. PPL delta is against the same forward over the unmodified cache. Bits are bytes actually held
+by the codes (basis, means, steps and scales included) per compressed element; ``ratio`` is the
+whole prefix cache's fp16 bytes over what it would hold (sinks and window in fp16). This is a
+study tool: the product's numbers come from ``nexusquant eval``, which runs the real cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+SINKS, WINDOW = 4, 16
+
+
+def load(model_name: str):
+    from nexusquant.models import load_model
+
+    return load_model(model_name, dtype="float32")
+
+
+def prefix_cache(model, ids: torch.Tensor):
+    """Last logits, the cache, and each layer's pre-RoPE queries ``(1, H_q, T, D)``."""
+    from transformers import DynamicCache
+
+    queries = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+
+        def grab(mod, inp, out, i=i, attn=attn):
+            b, t, _ = out.shape
+            queries[i] = out.detach().reshape(b, t, -1, attn.head_dim).transpose(1, 2)
+
+        hooks.append(attn.q_proj.register_forward_hook(grab))
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    for h in hooks:
+        h.remove()
+    return out.logits[0, -1].float(), cache, queries
+
+
+def query_moment(q: torch.Tensor, hkv: int) -> torch.Tensor:
+    """Block-diagonal ``(F, F)`` second moment of the queries, summed over each KV group."""
+    _, hq, t, d = q.shape
+    g = hq // hkv
+    m = torch.zeros(hkv * d, hkv * d)
+    for h in range(hkv):
+        qq = q[0, h * g : (h + 1) * g].reshape(-1, d).float()
+        m[h * d : (h + 1) * d, h * d : (h + 1) * d] = qq.T @ qq / t
+    return m
+
+
+def rope_angles(model, n: int):
+    pos = torch.arange(n)[None]
+    dummy = torch.zeros(1, n, model.config.head_dim if hasattr(model.config, "head_dim") else 64)
+    cos, sin = model.model.rotary_emb(dummy, pos)
+    return cos, sin
+
+
+def undo_redo(model, k: torch.Tensor, cos, sin, inverse: bool) -> torch.Tensor:
+    import importlib
+
+    mod = importlib.import_module(type(model.model.layers[0].self_attn).__module__)
+    s = -sin if inverse else sin
+    _, out = mod.apply_rotary_pos_emb(k, k, cos, s)
+    return out
+
+
+def code_keys(spec: str, k: torch.Tensor, model, cos, sin, q_pre=None, q_post=None) -> tuple[torch.Tensor, int]:
+    """Decoded keys ``(1, H, T, D)`` and the bytes the code holds."""
+    from nexusquant.tiers import decode_tensor, encode_tensor, get_codec
+    from nexusquant.transform import fit_key_transform
+
+    b, h, t, d = k.shape
+    if spec == "fp":
+        return k, k.numel() * 2
+    if spec.startswith("e8-"):
+        bits = int(spec[3:])
+        center = k.mean(2, keepdim=True)
+        codec = get_codec(d, bits, 0)
+        codes, scales = encode_tensor(codec, k - center)
+        out = decode_tensor(codec, codes, scales, torch.float32) + center
+        return out, codes.numel() + scales.numel() * 2 + center.numel() * 2
+    if spec.startswith("pca-"):
+        parts = spec.split("-")
+        rate = float(parts[1])
+        pre = "pre" in parts[2:]
+        x = k
+        if pre:
+            x = undo_redo(model, k, cos, sin, inverse=True)
+        flat = x[0].permute(1, 0, 2).reshape(t, h * d)
+        m = None
+        if "w" in parts[2:]:
+            m = query_moment(q_pre if pre else q_post, h)
+        code = fit_key_transform(flat, rate, query_moment=m)
+        dec = code.decode().reshape(t, h, d).permute(1, 0, 2)[None]
+        if pre:
+            dec = undo_redo(model, dec, cos, sin, inverse=False)
+        return dec, code.nbytes()
+    raise SystemExit(f"unknown key spec {spec!r}")
+
+
+def code_values(spec: str, v: torch.Tensor) -> tuple[torch.Tensor, int]:
+    from nexusquant.tiers import decode_tensor, encode_tensor, get_codec
+
+    if spec == "fp":
+        return v, v.numel() * 2
+    bits = int(spec.split("-")[1])
+    center = v.mean(2, keepdim=True)
+    codec = get_codec(v.shape[-1], bits, 0)
+    codes, scales = encode_tensor(codec, v - center)
+    return decode_tensor(codec, codes, scales, torch.float32) + center, codes.numel() + scales.numel() * 2 + center.numel() * 2
+
+
+def run_variant(model, cache, cont_ids, spec: str, prefix: int, cos, sin, queries=None):
+    from transformers import DynamicCache
+
+    kspec, vspec = spec.split(":")
+    new = DynamicCache(config=model.config)
+    held = fp16 = 0
+    kbytes = kel = 0
+    for i, layer in enumerate(cache.layers):
+        k, v = layer.keys, layer.values
+        n = k.shape[2]
+        lo, hi = SINKS, n - WINDOW
+        q_pre = q_post = None
+        if queries is not None:
+            q_pre = queries[i]
+            q_post = undo_redo(model, q_pre, cos, sin, inverse=False)
+        kc, kb = code_keys(kspec, k[:, :, lo:hi], model, cos[:, lo:hi], sin[:, lo:hi], q_pre, q_post)
+        vc, vb = code_values(vspec, v[:, :, lo:hi])
+        k2 = torch.cat([k[:, :, :lo], kc.to(k.dtype), k[:, :, hi:]], 2)
+        v2 = torch.cat([v[:, :, :lo], vc.to(v.dtype), v[:, :, hi:]], 2)
+        new.update(k2, v2, i)
+        fpb = 2 * (k.numel() - kc.numel()) * 2
+        held += kb + vb + fpb
+        fp16 += 2 * k.numel() * 2
+        kbytes += kb
+        kel += kc.numel()
+    with torch.inference_mode():
+        out = model(input_ids=cont_ids[:, :-1], past_key_values=new, use_cache=True)
+    return out.logits[0].float(), {"ratio": fp16 / held, "key_bits": 8 * kbytes / kel}
+
+
+def nll(first_logits, logits, targets):
+    all_logits = torch.cat([first_logits[None], logits], 0)
+    return float(torch.nn.functional.cross_entropy(all_logits, targets).item())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("variants", nargs="+")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--text", nargs="+", default=["alice29", "lcet10", "decode.c"])
+    ap.add_argument("--prefix", type=int, default=1024)
+    ap.add_argument("--continuation", type=int, default=128)
+    ap.add_argument("--offset", type=float, default=0.0, help="start of the prefix as a fraction of the text (0.5: the middle)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    from nexusquant.eval.harness import load_texts
+
+    model, tok = load(args.model)
+    texts = load_texts(args.text, tok)
+    rows = []
+    for text in texts:
+        start = int(args.offset * max(0, len(text.ids) - args.prefix - args.continuation))
+        ids = torch.tensor([text.ids[start : start + args.prefix + args.continuation]])
+        pre, cont = ids[:, : args.prefix], ids[:, args.prefix :]
+        t0 = time.time()
+        first, cache, queries = prefix_cache(model, pre)
+        cos, sin = rope_angles(model, args.prefix)
+        base_logits, _ = run_variant(model, cache, cont, "fp:fp", args.prefix, cos, sin)
+        base = nll(first, base_logits, cont[0])
+        for spec in args.variants:
+            logits, info = run_variant(model, cache, cont, spec, args.prefix, cos, sin, queries)
+            d = 100 * (math.exp(nll(first, logits, cont[0]) - base) - 1)
+            row = {"text": text.name, "prefix": args.prefix, "variant": spec, "ppl_delta_pct": d, **info}
+            rows.append(row)
+            print(f"{text.name:10s} {spec:24s} ratio {info['ratio']:6.2f} key bits {info['key_bits']:5.2f}  dPPL {d:+7.2f}%",
+                  flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        print(f"  ({time.time() - t0:.0f} s)", file=sys.stderr)
+    print("\nmeans over texts")
+    for spec in args.variants:
+        sel = [r for r in rows if r["variant"] == spec]
+        print(f"{spec:24s} ratio {sum(r['ratio'] for r in sel) / len(sel):6.2f} key bits "
+              f"{sum(r['key_bits'] for r in sel) / len(sel):5.2f}  dPPL {sum(r['ppl_delta_pct'] for r in sel) / len(sel):+7.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

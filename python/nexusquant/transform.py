@@ -1,0 +1,310 @@
+"""A transform coder for keys: the prompt's own principal components, bits by reverse water-filling.
+
+Keys of one layer live in a small subspace (DESIGN.md, "Where the bits should go"): a per-vector
+Hadamard + E8 code spreads its bits over every dimension, most of which carry almost nothing. This
+coder, per layer and batch row, computed at compression time from the prompt's own keys (nothing
+trained, no calibration data):
+
+1. puts the keys of all KV heads side by side, ``(T, F)`` with ``F = kv_heads * head_dim``, and
+   subtracts their mean;
+2. takes the principal components of those keys (an ``F x F`` eigendecomposition);
+3. gives each component an integer number of bits (0–8) by greedy reverse water-filling on its
+   variance, for a budget of bits per element: a component whose variance lies under the water
+   level costs nothing and is not stored;
+4. quantizes each kept coefficient with a uniform fixed-rate quantizer, its step chosen on the data
+   (the mean squared error of a few candidate steps around the Gaussian optimum is measured), and
+   packs the integers into a fixed number of bytes per token, so a token's codes are random access.
+
+The basis (fp16, only the kept components), the mean (fp16), the steps (fp32) and the per-component
+widths are held beside the codes and counted in the cache's bytes: at short prompts they are a real
+part of the cost.
+
+Attention can score against the coefficients directly, ``q·k = (Bᵀq)·c + q·mean``, with one small
+transform of the query per step; the CPU path here dequantizes one layer at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+__all__ = ["KeyTransformCode", "fit_key_transform", "allocate_bits", "GAUSSIAN_STEP", "GAUSSIAN_MSE", "MAX_BITS"]
+
+MAX_BITS = 8
+# Optimal step (in units of the standard deviation) and its mean squared error (in units of the
+# variance) of a uniform quantizer with 2^b levels on a unit Gaussian, b = 1..8 (Max 1960; Jayant
+# and Noll, table 4.3). b = 0 spends nothing: the error is the whole variance.
+GAUSSIAN_STEP = (0.0, 1.596, 0.9957, 0.5860, 0.3352, 0.1881, 0.1041, 0.0569, 0.0308)
+GAUSSIAN_MSE = (1.0, 0.3634, 0.1188, 0.03744, 0.01154, 0.003490, 0.001040, 0.0003030, 0.0000870)
+# Multiples of the Gaussian step tried on the data: keys are not Gaussian (heavy tails, a few
+# outlier tokens), and the best clipping range for the prompt at hand is cheap to measure.
+_STEP_SWEEP = (0.6, 0.7, 0.8, 0.9, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0)
+
+
+def allocate_bits(variances: torch.Tensor, total_bits: int, max_bits: int = MAX_BITS) -> torch.Tensor:
+    """Integer bits per component for ``total_bits`` in all, by greedy reverse water-filling.
+
+    The gain of the b-th bit of component i is ``variances[i] * (MSE(b-1) - MSE(b))`` with the
+    Gaussian uniform quantizer's MSE; the gains of one component shrink with b, so the greedy choice
+    (spend each bit where it removes the most squared error) is the ``total_bits`` largest gains.
+
+    Parameters
+    ----------
+    variances : torch.Tensor
+        float ``(F,)``, non-negative.
+    total_bits : int
+        Bits to spend per token, ``0 <= total_bits <= F * max_bits``.
+
+    Returns
+    -------
+    torch.Tensor
+        int64 ``(F,)``, each in ``[0, max_bits]``, summing to ``total_bits``.
+    """
+    f = variances.shape[0]
+    total_bits = max(0, min(int(total_bits), f * max_bits))
+    mse = torch.tensor(GAUSSIAN_MSE[: max_bits + 1], dtype=torch.float64)
+    drop = mse[:-1] - mse[1:]  # (max_bits,) error removed by the b-th bit of a unit-variance component
+    gains = variances.double().clamp(min=0)[:, None] * drop[None, :]  # (F, max_bits)
+    bits = torch.zeros(f, dtype=torch.int64)
+    if total_bits == 0:
+        return bits
+    top = torch.topk(gains.reshape(-1), total_bits).indices
+    bits.scatter_add_(0, top // max_bits, torch.ones_like(top))
+    return bits
+
+
+def _quantize(c: torch.Tensor, step: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Midrise uniform quantizer: integers in ``[0, levels)`` for coefficients ``c`` ``(..., K)``."""
+    half = (levels // 2).to(c.dtype)
+    q = torch.floor(c / step) + half
+    return torch.minimum(torch.clamp(q, min=0), (levels - 1).to(c.dtype))
+
+
+def _reconstruct(q: torch.Tensor, step: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    half = (levels // 2).to(step.dtype)
+    return (q.to(step.dtype) - half + 0.5) * step
+
+
+def _best_steps(c: torch.Tensor, bits: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per component, the step of the sweep with the smallest squared error on ``c`` ``(T, K)``."""
+    sd = c.pow(2).mean(0).sqrt().clamp(min=1e-12) if weights is None else (
+        (c.pow(2) * weights[:, None]).sum(0) / weights.sum().clamp(min=1)).sqrt().clamp(min=1e-12)
+    base = sd * torch.tensor(GAUSSIAN_STEP, dtype=c.dtype, device=c.device)[bits.long()]
+    levels = (2**bits).to(torch.int64)
+    sweep = torch.tensor(_STEP_SWEEP, dtype=c.dtype, device=c.device)
+    cand = base[None, :] * sweep[:, None]  # (S, K)
+    err = []
+    for s in range(cand.shape[0]):
+        r = _reconstruct(_quantize(c, cand[s], levels), cand[s], levels) - c
+        e = r.pow(2)
+        err.append(e.mean(0) if weights is None else (e * weights[:, None]).sum(0))
+    best = torch.stack(err).argmin(0)  # (K,)
+    return cand.gather(0, best[None, :])[0]
+
+
+def _choose_components(weight: torch.Tensor, bits_per_token: float, side_bits_per_component: float,
+                       side_bits_fixed: float, max_bits: int = MAX_BITS) -> torch.Tensor:
+    """Bits per component (sorted by ``weight``, descending) for a budget that also pays for the
+    basis: keeping K components costs ``K * side_bits_per_component + side_bits_fixed`` bits per
+    token before any code bit. Tries every K and keeps the allocation of least (Gaussian model)
+    error."""
+    f = weight.shape[0]
+    mse = torch.tensor(GAUSSIAN_MSE[: max_bits + 1], dtype=torch.float64)
+    w = weight.double().clamp(min=0)
+    best, best_err = torch.zeros(f, dtype=torch.int64), float(w.sum())
+    for k in range(1, f + 1):
+        code_bits = int(bits_per_token - k * side_bits_per_component - side_bits_fixed)
+        if code_bits < k:
+            break
+        bits = torch.zeros(f, dtype=torch.int64)
+        bits[:k] = allocate_bits(w[:k], min(code_bits, k * max_bits), max_bits)
+        if int((bits[:k] == 0).sum()) > 0:
+            continue  # a kept component without bits: a smaller K does the same for less
+        err = float((w * mse[bits]).sum())
+        if err < best_err:
+            best, best_err = bits, err
+    return best
+
+
+@dataclass
+class KeyTransformCode:
+    """Keys of one layer as transform coefficients, per batch row (shapes for one row).
+
+    Attributes
+    ----------
+    mean : torch.Tensor
+        fp16 ``(F,)``, the keys' mean (F = kv_heads * head_dim).
+    basis : torch.Tensor
+        int8 ``(F, K)``: the K kept synthesis vectors (those given at least one bit), each column
+        scaled by ``basis_scale`` (8 bits per entry add about -43 dB of error to a coefficient,
+        far under the coefficients' own quantization error).
+    basis_scale : torch.Tensor
+        fp16 ``(K,)``.
+    step : torch.Tensor
+        float32 ``(K,)``: each component's quantizer step.
+    bits : torch.Tensor
+        uint8 ``(K,)``: each component's bits (1–8).
+    codes : torch.Tensor
+        uint8 ``(T, code_bytes)``: each token's integers, packed LSB-first at fixed offsets.
+    """
+
+    mean: torch.Tensor
+    basis: torch.Tensor
+    basis_scale: torch.Tensor
+    step: torch.Tensor
+    bits: torch.Tensor
+    codes: torch.Tensor
+
+    _FIELDS = ("mean", "basis", "basis_scale", "step", "bits", "codes")
+
+    @property
+    def length(self) -> int:
+        return self.codes.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self._FIELDS)
+
+    def synthesis(self) -> torch.Tensor:
+        """float32 ``(F, K)``: key = mean + synthesis @ coefficients."""
+        return self.basis.float() * self.basis_scale.float()[None, :]
+
+    def coefficients(self) -> torch.Tensor:
+        """The quantized coefficients, float32 ``(T, K)``."""
+        q = unpack_fixed(self.codes, self.bits)
+        return _reconstruct(q, self.step.float(), 2 ** self.bits.to(torch.int64))
+
+    def decode(self) -> torch.Tensor:
+        """Keys, float32 ``(T, F)``."""
+        return self.mean.float() + self.coefficients() @ self.synthesis().T
+
+    def encode_more(self, x: torch.Tensor) -> "KeyTransformCode":
+        """Codes of more keys ``x`` ``(T, F)`` with this basis, steps and widths (a generated block):
+        least-squares coefficients on the held basis (the prompt's metric is not kept)."""
+        c = _analyse(x.float() - self.mean.float(), self.synthesis())
+        q = _quantize(c, self.step.float(), 2 ** self.bits.to(torch.int64))
+        return replace(self, codes=pack_fixed(q.to(torch.int64), self.bits))
+
+    def map(self, fn) -> "KeyTransformCode":
+        return KeyTransformCode(*(fn(getattr(self, n)) for n in self._FIELDS))
+
+
+def _analyse(xc: torch.Tensor, synth: torch.Tensor) -> torch.Tensor:
+    """Least-squares coefficients of centred keys ``xc`` ``(T, F)`` on the columns of ``synth`` ``(F, K)``."""
+    if synth.shape[1] == 0:
+        return xc.new_zeros(xc.shape[0], 0)
+    gram = synth.T @ synth
+    return torch.linalg.solve(gram, synth.T @ xc.T).T
+
+
+def _int8_columns(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per column: ``m ≈ q * scale``; returns (int8 ``(F, K)``, fp16 ``(K,)``)."""
+    scale = (m.abs().amax(0) / 127.0).clamp(min=1e-8).to(torch.float16)
+    q = torch.round(m / scale.float()[None, :]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def fit_key_transform(
+    x: torch.Tensor,
+    bits_per_element: float,
+    valid: Optional[torch.Tensor] = None,
+    query_moment: Optional[torch.Tensor] = None,
+) -> KeyTransformCode:
+    """Fit the transform coder to keys ``x`` ``(T, F)`` and encode them.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Keys ``(T, F)`` (any float dtype), the KV heads side by side.
+    bits_per_element : float
+        Budget in bits per key element of these ``T`` tokens, everything included: codes, basis,
+        mean, steps. Keeping a component costs its basis column (``8 F + 16`` bits plus its step and
+        width) spread over the ``T`` tokens, so short prompts keep fewer components.
+    valid : torch.Tensor, optional
+        bool ``(T,)``: tokens to fit on (padding excluded); all tokens are encoded.
+    query_moment : torch.Tensor, optional
+        float ``(F, F)``: the second moment of the queries that read these keys (block diagonal
+        over KV heads). A key error ``e`` changes a logit by ``q·e``, so the error that matters is
+        ``eᵀ M e``: the components are the principal components of the keys in that metric (keys
+        multiplied by ``M^½``, then mapped back), so bits go where the queries look. Without it,
+        the plain principal components.
+
+    Returns
+    -------
+    KeyTransformCode
+    """
+    t, f = x.shape
+    xf = x.float()
+    w = None if valid is None else valid.to(torch.float32)
+    n = float(t) if w is None else float(w.sum().clamp(min=1).item())
+    mean = (xf.sum(0) if w is None else (xf * w[:, None]).sum(0)) / n
+    mean16 = mean.to(torch.float16)
+    xc = xf - mean16.float()
+    xw = xc if w is None else xc * w[:, None]
+    cov = (xw.T @ xc).double() / n
+    if query_moment is not None:
+        m = query_moment.double()
+        # A small ridge keeps directions no query looked at from being scaled to infinity.
+        m = m + 1e-3 * float(m.diagonal().mean().clamp(min=1e-12)) * torch.eye(f, dtype=torch.float64, device=m.device)
+        ev, evec = torch.linalg.eigh(m)
+        root = evec @ torch.diag(ev.sqrt()) @ evec.T
+        inv_root = evec @ torch.diag(ev.rsqrt()) @ evec.T
+        var, vec = torch.linalg.eigh(root @ cov @ root)
+        var, vec = var.flip(0).clamp(min=0), vec.flip(1)
+        synth_all = inv_root @ vec
+    else:
+        var, vec = torch.linalg.eigh(cov)  # ascending
+        var, vec = var.flip(0).clamp(min=0), vec.flip(1)
+        synth_all = vec
+    # Side information per kept component: an int8 column, its fp16 scale, fp32 step, uint8 width.
+    per_component = (8 * f + 16 + 32 + 8) / n
+    fixed = 16 * f / n
+    # The allocation works on F numbers: on the CPU, whatever device the keys are on.
+    bits = _choose_components(var.cpu(), bits_per_element * f, per_component, fixed).to(x.device)
+    keep = bits > 0
+    basis, basis_scale = _int8_columns(synth_all[:, keep].float())
+    kbits = bits[keep]
+    synth = basis.float() * basis_scale.float()[None, :]
+    # Coefficients on the basis the decoder will hold (int8), so encoder and decoder agree.
+    c = _analyse(xc, synth)
+    step = _best_steps(c, kbits, w).to(torch.float32)
+    q = _quantize(c, step, 2**kbits)
+    codes = pack_fixed(q.to(torch.int64), kbits.to(torch.uint8))
+    return KeyTransformCode(mean16, basis, basis_scale, step, kbits.to(torch.uint8), codes)
+
+
+def _layout(bits: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Byte index, bit shift and mask of each component's code, and the bytes per token."""
+    widths = bits.to(device=device, dtype=torch.int64)
+    offsets = torch.cumsum(widths, 0) - widths
+    nbytes = (int(widths.sum().item()) + 7) // 8
+    return offsets // 8, offsets % 8, (1 << widths) - 1, nbytes
+
+
+def pack_fixed(q: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Pack integers ``q`` ``(T, K)`` of widths ``bits`` ``(K,)`` (1–8 each) into uint8
+    ``(T, ceil(sum / 8))``, LSB-first at fixed offsets: component i starts at bit
+    ``sum(bits[:i])`` of every token's bytes."""
+    t, k = q.shape
+    byte, shift, mask, nbytes = _layout(bits, q.device)
+    out = torch.zeros(t, nbytes + 1, dtype=torch.int32, device=q.device)  # one spare byte for spill-over
+    if k == 0 or t == 0:
+        return out[:, :nbytes].to(torch.uint8)
+    v = (q.to(torch.int32) & mask.to(torch.int32)) << shift.to(torch.int32)  # at most 15 bits: two bytes
+    # Codes never share a bit, so adding their bytes is the same as OR-ing them.
+    out.scatter_add_(1, byte.expand(t, k), v & 0xFF)
+    out.scatter_add_(1, (byte + 1).expand(t, k), v >> 8)
+    return out[:, :nbytes].to(torch.uint8)
+
+
+def unpack_fixed(codes: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_fixed`: int64 ``(T, K)``."""
+    t = codes.shape[0]
+    byte, shift, mask, nbytes = _layout(bits, codes.device)
+    if byte.numel() == 0:
+        return torch.zeros(t, 0, dtype=torch.int64, device=codes.device)
+    c = torch.cat([codes, torch.zeros(t, 1, dtype=codes.dtype, device=codes.device)], 1).to(torch.int32)
+    lo = c[:, byte]
+    hi = c[:, byte + 1]
+    return (((lo | (hi << 8)) >> shift.to(torch.int32)) & mask.to(torch.int32)).to(torch.int64)

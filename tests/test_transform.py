@@ -1,0 +1,160 @@
+"""The transform coder for keys (nexusquant.transform) and the cache running on it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from nexusquant.compat import with_cache
+from nexusquant.transform import GAUSSIAN_MSE, allocate_bits, fit_key_transform, pack_fixed, unpack_fixed
+
+
+@pytest.mark.parametrize("widths", [[1], [8], [3, 5, 1, 8, 2], [1] * 13, [7, 7, 7], list(range(1, 9)) * 3])
+def test_pack_round_trip(widths):
+    g = torch.Generator().manual_seed(len(widths))
+    bits = torch.tensor(widths, dtype=torch.uint8)
+    q = torch.stack([torch.randint(0, 2**w, (37,), generator=g) for w in widths], 1)
+    packed = pack_fixed(q, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (37, (sum(widths) + 7) // 8)
+    assert torch.equal(unpack_fixed(packed, bits), q)
+
+
+def test_pack_is_lsb_first_at_fixed_offsets():
+    # widths 3 and 6: token value (5, 33) -> bits 101 then 100001 -> byte0 = 0b00001_101 | ..., LSB first
+    packed = pack_fixed(torch.tensor([[5, 33]]), torch.tensor([3, 6], dtype=torch.uint8))
+    assert packed.tolist() == [[(5 | (33 << 3)) & 0xFF, (33 << 3) >> 8]]
+
+
+def test_allocation_spends_the_budget_and_follows_the_variances():
+    var = torch.tensor([16.0, 4.0, 1.0, 0.25, 0.0, 0.0])
+    for total in (0, 1, 5, 12, 20, 48):
+        bits = allocate_bits(var, total)
+        assert int(bits.sum()) == total
+        assert bool((bits >= 0).all() and (bits <= 8).all())
+        assert bool((bits[:-1] >= bits[1:]).all()), "a larger variance never gets fewer bits"
+    bits = allocate_bits(var, 6)
+    assert bits[4:].sum() == 0, "components without variance cost nothing"
+    # Each bit goes where it removes the most error: no single move of one bit lowers the total.
+    def err(b):
+        return sum(float(v) * GAUSSIAN_MSE[int(x)] for v, x in zip(var, b))
+    base = err(bits)
+    for i in range(6):
+        for j in range(6):
+            if i != j and bits[i] > 0 and bits[j] < 8:
+                moved = bits.clone()
+                moved[i] -= 1
+                moved[j] += 1
+                assert err(moved) >= base - 1e-12
+
+
+def test_low_rank_keys_cost_few_bits():
+    g = torch.Generator().manual_seed(0)
+    t, f, r = 600, 96, 8
+    basis = torch.linalg.qr(torch.randn(f, r, generator=g))[0]
+    x = torch.randn(t, r, generator=g) * torch.linspace(4, 1, r) @ basis.T + 3.0 + 0.01 * torch.randn(t, f, generator=g)
+    code = fit_key_transform(x, 0.5)
+    assert code.basis.shape[1] <= r + 2, "only the components that carry variance are kept"
+    rel = ((code.decode() - x) ** 2).mean() / x.var(0).sum() * f
+    assert rel < 0.02
+    # the budget pays for everything held (codes rounded up to whole bytes per token)
+    assert 8 * code.nbytes() <= (0.5 * f + 8) * t
+    assert code.nbytes() == sum(getattr(code, n).numel() * getattr(code, n).element_size() for n in code._FIELDS)
+
+
+def test_more_bits_less_error_and_encode_more_matches():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    errs = []
+    for rate in (0.5, 1.0, 2.0, 4.0):
+        code = fit_key_transform(x, rate)
+        errs.append(float(((code.decode() - x) ** 2).mean()))
+        more = code.encode_more(x[:50])
+        assert torch.equal(more.codes, code.codes[:50]), "a later block is coded exactly as the prompt was"
+        assert more.basis is code.basis
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 0.05 * errs[0]
+
+
+def test_fit_ignores_invalid_tokens():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(200, 32, generator=g)
+    junk = x.clone()
+    junk[150:] = 1e4  # padding slots full of garbage
+    valid = torch.ones(200, dtype=torch.bool)
+    valid[150:] = False
+    a = fit_key_transform(junk, 2.0, valid)
+    b = fit_key_transform(x[:150], 2.0)
+    assert torch.allclose(a.decode()[:150], b.decode(), atol=1e-4)
+
+
+# ---------------------------------------------------------------- the cache on a tiny model
+@pytest.fixture(scope="module")
+def tiny():
+    from tiny_models import make_tiny
+
+    return make_tiny("llama")
+
+
+def test_cache_with_transform_coded_keys(tiny):
+    import nexusquant as nq
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 90, (1, 200))
+    with torch.no_grad():
+        ref = tiny(ids).logits[0, -1]
+        with nq.nexusquant_evict(tiny, quality="high", key_codec="pca", key_rate=8.0) as s:
+            cache = nq.NexusQuantCache(tiny, preset=s.settings)
+            tiny(ids[:, :-1], **with_cache(tiny, cache))
+            last = tiny(ids[:, -1:], **with_cache(tiny, cache)).logits[0, -1]
+    layer = cache.layers[0]
+    assert layer.fine.keys.codec is None and layer.fine.length > 150
+    stats = cache.compression_stats()
+    assert stats["ratio"] > 1.2  # fp32 model, 200 tokens: the basis (128 x kept components) is most of the bytes
+    assert torch.allclose(last, ref, atol=0.15 * float(ref.abs().max())), "generous transform codes stay close"
+    # deep copies are independent
+    dup = copy.deepcopy(cache)
+    assert dup.nbytes() == cache.nbytes()
+
+
+def test_transform_keys_with_eviction_keep_heads_alike(tiny):
+    import nexusquant as nq
+
+    torch.manual_seed(1)
+    ids = torch.randint(0, 90, (2, 160))
+    with torch.no_grad(), nq.nexusquant_evict(tiny, quality="balanced", key_codec="pca", key_rate=2.0) as s:
+        cache = nq.NexusQuantCache(tiny, preset=s.settings, record_positions=True)
+        tiny(ids, **with_cache(tiny, cache))
+    for layer in cache.layers:
+        seq = layer.fine.seq
+        assert seq is not None and bool((seq == seq[:, :1]).all()), "every KV head keeps the same tokens"
+        assert layer.dropped > 0
+
+
+@pytest.mark.parametrize("domain", ["post_rope", "pre_rope"])
+def test_query_metric_is_fitted_in_the_keys_domain(tiny, domain):
+    import nexusquant as nq
+
+    torch.manual_seed(2)
+    ids = torch.randint(0, 90, (1, 120))
+    with torch.no_grad(), nq.nexusquant_evict(tiny, quality="high", key_codec="pca", key_rate=8.0, key_domain=domain) as s:
+        cache = nq.NexusQuantCache(tiny, preset=s.settings)
+        seen = []
+        orig = type(cache.layers[0]).observe_queries
+
+        def spy(layer, query):
+            orig(layer, query)
+            seen.append(layer.query_moment)
+
+        type(cache.layers[0]).observe_queries = spy
+        try:
+            logits = tiny(ids, **with_cache(tiny, cache)).logits
+        finally:
+            type(cache.layers[0]).observe_queries = orig
+        ref = tiny(ids).logits
+    assert len(seen) == len(cache.layers) and all(m is not None for m in seen)
+    m = seen[0][0]
+    d = tiny.config.head_dim
+    assert torch.allclose(m, m.T, atol=1e-5) and float(m[:d, d:].abs().max()) == 0.0, "block diagonal over KV heads"
+    assert all(layer.query_moment is None for layer in cache.layers), "the metric is dropped once the basis is fitted"
+    assert torch.allclose(logits, ref, atol=1e-4), "the prefill itself attends to the full-precision prompt"
