@@ -158,3 +158,55 @@ def test_query_metric_is_fitted_in_the_keys_domain(tiny, domain):
     assert torch.allclose(m, m.T, atol=1e-5) and float(m[:d, d:].abs().max()) == 0.0, "block diagonal over KV heads"
     assert all(layer.query_moment is None for layer in cache.layers), "the metric is dropped once the basis is fitted"
     assert torch.allclose(logits, ref, atol=1e-4), "the prefill itself attends to the full-precision prompt"
+
+
+def test_transform_coded_cache_file_round_trip(tiny, tmp_path):
+    import nexusquant as nq
+
+    torch.manual_seed(3)
+    ids = torch.randint(0, 90, (2, 150))
+    nxt = torch.randint(0, 90, (2, 1))
+    with torch.no_grad(), nq.nexusquant_evict(tiny, quality="balanced", key_codec="pca", key_rate=3.0,
+                                              key_domain="pre_rope") as s:
+        cache = nq.NexusQuantCache(tiny, preset=s.settings)
+        tiny(ids, **with_cache(tiny, cache))
+        info = nq.save_cache(cache, tmp_path / "c.nqkv", token_ids=ids)
+        loaded = nq.load_cache(tmp_path / "c.nqkv", tiny)
+        a = tiny(nxt, **with_cache(tiny, cache)).logits
+        b = tiny(nxt, **with_cache(tiny, loaded)).logits
+    assert torch.equal(a, b)
+    assert loaded.nbytes() == cache.nbytes() and info["file_bytes"] > 0
+    layer = loaded.layers[0]
+    assert isinstance(layer.fine.keys.rows[0][0].basis, torch.Tensor) and layer.fine.keys.rows[0][0].basis.dtype == torch.int8
+
+
+@pytest.mark.parametrize("field,bad", [("bits", "width9"), ("step", "negative"), ("codes", "short"), ("basis", "wide")])
+def test_transform_arrays_are_validated(field, bad):
+    import numpy as np
+
+    from nexusquant import NexusQuantError
+    from nexusquant.files import _array, _restore_transform, _transform_arrays
+    from nexusquant.tiers import TransformCodedKeys
+
+    keys = TransformCodedKeys(16, 2.0, torch.float32)
+    keys.append(torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(4)))
+    arrays = _transform_arrays("fine.k.tc", keys)
+    p = f"fine.k.tc.0.{field}"
+    if bad == "width9":
+        arrays[p] = arrays[p].copy()
+        arrays[p][0] = 9
+    elif bad == "negative":
+        arrays[p] = -arrays[p]
+    elif bad == "short":
+        arrays[p] = arrays[p][:-1]
+    else:
+        arrays[p] = np.zeros((32, arrays[p].shape[1] + 1), dtype=np.int8)
+
+    def need(name, shape, dtypes):
+        return _array(arrays, name, shape, dtypes, "layer 0")
+
+    with pytest.raises(NexusQuantError):
+        _restore_transform(arrays, "fine.k.tc", 1, 32, 40, need, "layer 0", "cpu")
+    good = _transform_arrays("fine.k.tc", keys)
+    rows = _restore_transform(good, "fine.k.tc", 1, 32, 40, lambda n, s, d: _array(good, n, s, d, "x"), "x", "cpu")
+    assert torch.equal(rows[0][0].decode(), keys.rows[0][0].decode())

@@ -27,6 +27,8 @@ from ._core import NexusQuantError, NqkvReader, pack_codes, unpack_codes, write_
 from .cache import NexusQuantCache, NexusQuantLayer, compression_stats, layer_plan
 from .presets import CompressionSettings
 from .rope import RopeTable
+from .tiers import TransformCodedKeys
+from .transform import KeyTransformCode
 
 __all__ = ["save_cache", "load_cache", "inspect_file", "model_fingerprint"]
 
@@ -107,6 +109,48 @@ def _unpack_tier_codes(blob: bytes, offsets: np.ndarray, shape: tuple[int, int, 
     return torch.from_numpy(c).to(device), torch.from_numpy(s).to(device)
 
 
+def _transform_arrays(prefix: str, keys: TransformCodedKeys) -> dict[str, np.ndarray]:
+    """Transform-coded keys, per batch row ``r``: ``{prefix}.{r}.{mean,basis,basis_scale,step,bits,codes}``
+    (the codes of every append of a row share one basis, so they are stored as one array)."""
+    out = {}
+    for r, row in enumerate(keys.rows):
+        first = row[0]
+        for name in KeyTransformCode._FIELDS:
+            t = torch.cat([c.codes for c in row], 0) if name == "codes" else getattr(first, name)
+            out[f"{prefix}.{r}.{name}"] = _np(t)
+    return out
+
+
+def _restore_transform(arrays: dict[str, Any], prefix: str, b: int, f: int, n: int, take_array, where: str,
+                       device) -> list[list[KeyTransformCode]]:
+    """Transform-coded keys of ``b`` rows of ``n`` tokens and ``f`` = heads x head_dim, each array
+    checked against the others and the model (widths 1–8, steps positive and finite)."""
+    rows = []
+    for r in range(b):
+        p = f"{prefix}.{r}"
+        bits = arrays.get(f"{p}.bits")
+        k = bits.shape[0] if isinstance(bits, np.ndarray) and bits.ndim == 1 else -1
+        if not 0 <= k <= f:
+            raise _corrupt(f"{where}: {p}.bits is missing or holds more components than {f}")
+        bits = take_array(f"{p}.bits", (k,), (np.dtype(np.uint8),))
+        if k and (int(bits.min()) < 1 or int(bits.max()) > 8):
+            raise _corrupt(f"{where}: {p}.bits holds widths outside 1..8")
+        step = take_array(f"{p}.step", (k,), (np.dtype(np.float32),))
+        if k and not (np.isfinite(step).all() and (step > 0).all()):
+            raise _corrupt(f"{where}: {p}.step holds a step that is not a positive number")
+        arrs = {
+            "mean": take_array(f"{p}.mean", (f,), (np.dtype(np.float16),)),
+            "basis": take_array(f"{p}.basis", (f, k), (np.dtype(np.int8),)),
+            "basis_scale": take_array(f"{p}.basis_scale", (k,), (np.dtype(np.float16),)),
+            "step": step,
+            "bits": bits,
+            "codes": take_array(f"{p}.codes", (n, (int(bits.sum()) + 7) // 8), (np.dtype(np.uint8),)),
+        }
+        rows.append([KeyTransformCode(**{name: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+                                         for name, a in arrs.items()})])
+    return rows
+
+
 def _layer_arrays(layer: NexusQuantLayer) -> tuple[dict[str, Any], dict[str, Any]]:
     arrays: dict[str, Any] = {}
     meta: dict[str, Any] = {"seen": layer.seen, "first_compression_done": layer.first_compression_done,
@@ -128,7 +172,9 @@ def _layer_arrays(layer: NexusQuantLayer) -> tuple[dict[str, Any], dict[str, Any
         if tier.length == 0:
             continue
         for part, qt in (("k", tier.keys), ("v", tier.values)):
-            if qt.codec is None:
+            if isinstance(qt, TransformCodedKeys):
+                arrays.update(_transform_arrays(f"{tier_name}.{part}.tc", qt))
+            elif qt.codec is None:
                 arrays[f"{tier_name}.{part}.raw"] = _np(qt.raw)
             else:
                 blob, offsets = _pack_tier_codes(qt.codes, qt.scales, qt.bits)
@@ -366,6 +412,8 @@ def _section_bound(meta: dict[str, Any]) -> int:
         # Tiers at their widest: 16-bit raw vectors or packed streams no larger than raw 4-bit codes.
         per_tier_token = b * h * (2 * max(d * item, d // 2 + 8 + 2) + 4 + 1)
         streams = 4 * (b * h + 1) * (8 + _STREAM_SLACK)
+        # Transform-coded keys: per row an int8 basis of at most (h d)^2 bytes and its vectors.
+        streams += b * ((h * d) ** 2 + 16 * h * d + 6 * _ARRAY_OVERHEAD)
         bound = max(bound, n * per_token + tiers * per_tier_token + 2 * b * h * d * item + streams + 32 * _ARRAY_OVERHEAD)
         rope_bytes = max(rope_bytes, 2 * b * n * d * 4)
     rope_bytes *= max(1, len(meta.get("rope_tables", {})))
@@ -479,7 +527,10 @@ def _restore_layer(layer: NexusQuantLayer, meta: dict[str, Any], arrays: Any, de
             continue
         parts: list[tuple[str, Any]] = []
         for part, qt in (("k", tier.keys), ("v", tier.values)):
-            if qt.codec is None:
+            if isinstance(qt, TransformCodedKeys):
+                parts.append(("transform", _restore_transform(arrays, f"{tier_name}.{part}.tc", b, h * d, n, need, where,
+                                                              device)))
+            elif qt.codec is None:
                 parts.append(("raw", need(f"{tier_name}.{part}.raw", (b, h, n, d), vec)))
             else:
                 packed = arrays.get(f"{tier_name}.{part}.packed")
@@ -512,6 +563,8 @@ def _restore_layer(layer: NexusQuantLayer, meta: dict[str, Any], arrays: Any, de
         for (kind, data), qt in zip(parts, (tier.keys, tier.values)):
             if kind == "raw":
                 qt.raw = fp(data)
+            elif kind == "transform":
+                qt.rows = data
             else:
                 qt.codes, qt.scales = data
         tier.seq = None if seq is None else _torch(seq, None, device)
