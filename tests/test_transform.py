@@ -51,7 +51,7 @@ def test_allocation_spends_the_budget_and_follows_the_variances():
 
 def test_low_rank_keys_cost_few_bits():
     g = torch.Generator().manual_seed(0)
-    t, f, r = 600, 96, 8
+    t, f, r = 800, 96, 8
     basis = torch.linalg.qr(torch.randn(f, r, generator=g))[0]
     x = torch.randn(t, r, generator=g) * torch.linspace(4, 1, r) @ basis.T + 3.0 + 0.01 * torch.randn(t, f, generator=g)
     code = fit_key_transform(x, 0.5)
@@ -78,14 +78,21 @@ def test_more_bits_less_error_and_encode_more_matches():
 
 def test_fit_ignores_invalid_tokens():
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(200, 32, generator=g)
+    x = torch.randn(800, 32, generator=g)
     junk = x.clone()
-    junk[150:] = 1e4  # padding slots full of garbage
-    valid = torch.ones(200, dtype=torch.bool)
-    valid[150:] = False
+    junk[650:] = 1e4  # padding slots full of garbage
+    valid = torch.ones(800, dtype=torch.bool)
+    valid[650:] = False
     a = fit_key_transform(junk, 2.0, valid)
-    b = fit_key_transform(x[:150], 2.0)
-    assert torch.allclose(a.decode()[:150], b.decode(), atol=1e-4)
+    b = fit_key_transform(x[:650], 2.0)
+    assert torch.allclose(a.decode()[:650], b.decode(), atol=1e-4)
+
+
+def test_short_prompts_keep_enough_components():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2000, 64, generator=g) * torch.linspace(3, 0.1, 64)
+    short, at_floor = fit_key_transform(x[:64], 2.0), fit_key_transform(x[:512], 2.0)
+    assert short.basis.shape[1] >= 0.8 * at_floor.basis.shape[1] > 10, "the basis is paid as if 512 tokens shared it"
 
 
 # ---------------------------------------------------------------- the cache on a tiny model
@@ -210,3 +217,17 @@ def test_transform_arrays_are_validated(field, bad):
     good = _transform_arrays("fine.k.tc", keys)
     rows = _restore_transform(good, "fine.k.tc", 1, 32, 40, lambda n, s, d: _array(good, n, s, d, "x"), "x", "cpu")
     assert torch.equal(rows[0][0].decode(), keys.rows[0][0].decode())
+
+
+def test_sliding_layers_keep_e8_keys():
+    from tiny_models import make_tiny
+
+    import nexusquant as nq
+    from nexusquant.tiers import QuantizedTensor
+
+    model = make_tiny("mistral")  # every layer slides over 48 tokens
+    ids = torch.randint(0, 90, (1, 120), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), nq.nexusquant_evict(model, quality="high", key_codec="pca") as s:
+        out = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert out.shape[1] == 140
+    assert all(isinstance(layer.fine.keys, QuantizedTensor) for layer in s.cache.layers)

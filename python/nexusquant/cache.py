@@ -159,8 +159,10 @@ class NexusQuantLayer(CacheLayerMixin):
         self.heads = key_states.shape[1]
         self.head_dim = key_states.shape[3]
         s = self.settings
-        # Sliding layers drop their oldest compressed tokens one by one, which a per-prompt basis
-        # coded over all heads does not allow; they keep the per-vector E8 code.
+        # A sliding layer holds fewer than sliding_window tokens at a time and its first
+        # compression sees only the last of them: a basis fitted on so few keys codes the tokens that
+        # follow badly (measured on a tiny Mistral: 0.77 max logit error at 8 bits per element,
+        # against 0.15 for 4-bit E8 codes), so sliding layers keep the per-vector E8 code.
         key_rate = s.key_rate if (s.key_codec == "pca" and s.key_bits != 16 and not self.is_sliding) else None
         self.fine = Tier(self.head_dim, s.key_bits, s.value_bits, s.seed, self.dtype, key_rate=key_rate)
         self.coarse = Tier(self.head_dim, s.coarse_key_bits, s.coarse_value_bits, s.seed, self.dtype)

@@ -243,7 +243,7 @@ class TransformCodedKeys:
         self.rows = [list(self.rows[int(i)]) for i in probe]
 
     def slice_tokens(self, start: int) -> None:
-        raise NexusQuantError("transform-coded keys cannot be sliced (sliding-window layers use the E8 codec)")
+        raise NexusQuantError("transform-coded keys are not sliced: sliding-window layers keep the E8 codec")
 
 
 class Tier:

@@ -33,6 +33,7 @@ import torch
 __all__ = ["KeyTransformCode", "fit_key_transform", "allocate_bits", "GAUSSIAN_STEP", "GAUSSIAN_MSE", "MAX_BITS"]
 
 MAX_BITS = 8
+MIN_AMORTIZED_TOKENS = 512
 # Optimal step (in units of the standard deviation) and its mean squared error (in units of the
 # variance) of a uniform quantizer with 2^b levels on a unit Gaussian, b = 1..8 (Max 1960; Jayant
 # and Noll, table 4.3). b = 0 spends nothing: the error is the whole variance.
@@ -220,7 +221,8 @@ def fit_key_transform(
     bits_per_element : float
         Budget in bits per key element of these ``T`` tokens, everything included: codes, basis,
         mean, steps. Keeping a component costs its basis column (``8 F + 16`` bits plus its step and
-        width) spread over the ``T`` tokens, so short prompts keep fewer components.
+        width) spread over the ``T`` tokens (at least ``MIN_AMORTIZED_TOKENS``), so short prompts
+        keep fewer components; below that many tokens the budget is exceeded.
     valid : torch.Tensor, optional
         bool ``(T,)``: tokens to fit on (padding excluded); all tokens are encoded.
     query_moment : torch.Tensor, optional
@@ -257,9 +259,13 @@ def fit_key_transform(
         var, vec = torch.linalg.eigh(cov)  # ascending
         var, vec = var.flip(0).clamp(min=0), vec.flip(1)
         synth_all = vec
-    # Side information per kept component: an int8 column, its fp16 scale, fp32 step, uint8 width.
-    per_component = (8 * f + 16 + 32 + 8) / n
-    fixed = 16 * f / n
+    # Side information per kept component: an int8 column, its fp16 scale, fp32 step, uint8 width,
+    # spread over the prompt's tokens, but over no fewer than MIN_AMORTIZED_TOKENS: generated
+    # tokens reuse the basis too, and a short prompt that kept only a handful of components would
+    # code everything generated after it badly.
+    spread = max(n, MIN_AMORTIZED_TOKENS)
+    per_component = (8 * f + 16 + 32 + 8) / spread
+    fixed = 16 * f / spread
     # The allocation works on F numbers: on the CPU, whatever device the keys are on.
     bits = _choose_components(var.cpu(), bits_per_element * f, per_component, fixed).to(x.device)
     keep = bits > 0
