@@ -30,7 +30,7 @@ SINKS, WINDOW = 4, 16
 
 
 def load(model_name: str):
-    from nexusquant.models import load_model
+    from nexusquant.eval.models import load_model
 
     return load_model(model_name, dtype="float32")
 
@@ -86,7 +86,8 @@ def undo_redo(model, k: torch.Tensor, cos, sin, inverse: bool) -> torch.Tensor:
 
 def code_keys(spec: str, k: torch.Tensor, model, cos, sin, q_pre=None, q_post=None) -> tuple[torch.Tensor, int]:
     """Decoded keys ``(1, H, T, D)`` and the bytes the code holds."""
-    from nexusquant.tiers import decode_tensor, encode_tensor, get_codec
+    from nexusquant.tables import get_codec
+    from nexusquant.tiers import decode_tensor, encode_tensor
     from nexusquant.transform import fit_key_transform
 
     b, h, t, d = k.shape
@@ -119,7 +120,8 @@ def code_keys(spec: str, k: torch.Tensor, model, cos, sin, q_pre=None, q_post=No
 
 
 def code_values(spec: str, v: torch.Tensor) -> tuple[torch.Tensor, int]:
-    from nexusquant.tiers import decode_tensor, encode_tensor, get_codec
+    from nexusquant.tables import get_codec
+    from nexusquant.tiers import decode_tensor, encode_tensor
 
     if spec == "fp":
         return v, v.numel() * 2

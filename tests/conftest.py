@@ -36,7 +36,7 @@ def _threads():
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct (bf16 weights expanded to fp32) and its tokenizer, loaded offline."""
-    from nexusquant.models import load_model
+    from nexusquant.eval.models import load_model
 
     return load_model("smollm2", dtype="float32")
 
@@ -46,6 +46,6 @@ def corpus_text():
     from importlib.resources import files
 
     def read(name: str) -> str:
-        return (files("nexusquant") / "corpus" / name).read_text(encoding="utf-8", errors="replace")
+        return (files("nexusquant") / "eval" / "corpus" / name).read_text(encoding="utf-8", errors="replace")
 
     return read

@@ -372,13 +372,13 @@ def test_unsupported_model_is_named():
 def test_fused_decode_path_matches_dequantized_attention(family, monkeypatch):
     """The decode path that reads codes (kernel on CUDA; its torch reference here) computes the same
     attention as dequantizing the layer first."""
-    import nexusquant.cache as nqc
+    from nexusquant.cache import FUSED_REFERENCE_ENV
 
     model = make_tiny(family)
     ids = _ids(120, seed=12)
     knobs = dict(quality="balanced", recent_window=8, block=16, demote=0.2)  # both E8 tiers
     ref, _, _ = compressed_logits(model, ids[:, :100], ids[:, 100:], **knobs)
-    monkeypatch.setattr(nqc, "FUSED_REFERENCE_ON_CPU", True)
+    monkeypatch.setenv(FUSED_REFERENCE_ENV, "1")
     got, cache, _ = compressed_logits(model, ids[:, :100], ids[:, 100:], **knobs)
     assert cache.layers[0].last_view.lazy_tiers  # the fused path really ran
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import nexusquant as nq
-from nexusquant import E8Codec, E8Encoded, NexusQuantError
+from nexusquant import CorruptFileError, E8Codec, E8Encoded, NexusQuantError, UnsupportedVersionError
 
 HEAD_DIMS = [64, 80, 96, 128, 192, 256]
 
@@ -440,9 +440,6 @@ def test_decode_rejects_mismatched_codec_and_non_encodings():
         E8Codec(128, bits=3).decode(enc.to_bytes())
 
 
-CORRUPT = re.compile(r"corrupt|too short|version|checksum|not an E8 encoding")
-
-
 def test_corrupt_bytes_every_single_bit_flip_and_truncation():
     codec = E8Codec(16, bits=2)
     blob = codec.encode(gaussian((2, 3, 16), seed=61)).to_bytes()
@@ -450,13 +447,11 @@ def test_corrupt_bytes_every_single_bit_flip_and_truncation():
     for bit in range(8 * len(blob)):
         bad = bytearray(blob)
         bad[bit // 8] ^= 1 << (bit % 8)
-        with pytest.raises(NexusQuantError) as info:
+        with pytest.raises((CorruptFileError, UnsupportedVersionError)):
             E8Encoded.from_bytes(bytes(bad))
-        assert CORRUPT.search(str(info.value)), str(info.value)
     for n in range(len(blob)):
-        with pytest.raises(NexusQuantError) as info:
+        with pytest.raises(CorruptFileError):
             E8Encoded.from_bytes(blob[:n])
-        assert CORRUPT.search(str(info.value)), str(info.value)
     with pytest.raises(NexusQuantError, match="does not match its length"):
         E8Encoded.from_bytes(blob + b"\0")
     with pytest.raises(NexusQuantError, match="too short"):
@@ -470,10 +465,10 @@ def test_corrupt_bytes_larger_encoding():
     for pos in rng.integers(0, len(blob), 200):
         bad = bytearray(blob)
         bad[pos] ^= 1 << int(rng.integers(0, 8))
-        with pytest.raises(NexusQuantError, match=CORRUPT):
+        with pytest.raises((CorruptFileError, UnsupportedVersionError)):
             E8Encoded.from_bytes(bytes(bad))
     for n in (0, 3, 4, 30, 100, len(blob) // 2, len(blob) - 4, len(blob) - 1):
-        with pytest.raises(NexusQuantError, match=CORRUPT):
+        with pytest.raises(CorruptFileError):
             E8Encoded.from_bytes(blob[:n])
     # A valid encoding of 32 vectors behind the shape header (64, 128) of another one.
     other = codec.encode(gaussian((4, 8, 128), seed=64)).to_bytes()

@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
     """The names the docs' blocks take from their surroundings."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from nexusquant.models import cache_dir, load_model
+    from nexusquant.eval.models import cache_dir, load_model
 
     smollm2 = cache_dir() / "models" / "smollm2"
     if not (smollm2 / "config.json").exists():
@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
     path = tmp_path_factory.mktemp("docs-model")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    text = (ROOT / "python" / "nexusquant" / "corpus" / "alice29.txt").read_text(encoding="utf-8", errors="replace")
+    text = (ROOT / "python" / "nexusquant" / "eval" / "corpus" / "alice29.txt").read_text(encoding="utf-8", errors="replace")
     long_document = text[:3000]
     ids = tokenizer(long_document, return_tensors="pt").input_ids
     (path / "my.txt").write_text(text[:4000], encoding="utf-8")

@@ -178,9 +178,11 @@ def _inputs(b=1, hq=4, hkv=2, t=96, d=16, seed=0, layer=None, module=None):
     return ScoreInputs(q, k, v, allowed, t, torch.ones(b, t, dtype=torch.bool), d**-0.5, None, layer, module)
 
 
-def test_peer_scorers_registered():
+def test_peer_scorers_registered_explicitly():
+    peers.register_peers()
+    peers.register_peers()  # idempotent
     for name in ("snapkv", "expected-attention", "knorm", "streamingllm"):
-        assert name in SCORERS
+        assert SCORERS[name] is peers.PEER_SCORERS[name]
 
 
 def test_snapkv_reference():
@@ -210,7 +212,7 @@ def test_knorm_and_streaming():
 def test_expected_attention_average_rotation_matches_split_half_formula(tiny):
     """The mean rotation built from the model's own apply_rotary_pos_emb equals kvpress's
     ``mean_p (cos_p I + sin_p P)`` for a split-half (Llama) layout."""
-    from nexusquant.evict import attention_modules
+    from nexusquant.architecture import attention_modules
     from nexusquant.rope import RopeAdapter
 
     peers.attach_rotary(tiny)

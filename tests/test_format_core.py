@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 import nexusquant
-from nexusquant import NexusQuantError
+from nexusquant import CorruptFileError, NexusQuantError, UnsupportedVersionError
 from nexusquant import _core as core
 
 FILE_HEADER = 64
@@ -231,7 +233,7 @@ def test_nqkv_write_rejects_bad_sections_and_keeps_old_file(tmp_path):
             core.write_nqkv(p, secs)
         assert p.read_bytes() == before
     assert os.listdir(tmp_path) == ["cache.nqkv"]
-    with pytest.raises(NexusQuantError):
+    with pytest.raises(FileNotFoundError):  # an OS error is an OSError, not a NexusQuantError
         core.write_nqkv(tmp_path / "no-such-dir" / "x.nqkv", [("META", b"{}")])
 
 
@@ -278,7 +280,7 @@ def test_nqkv_newer_version_says_so(tmp_path):
     b[8:10] = struct.pack("<H", 2)
     refresh_header_crc(b)
     p.write_bytes(bytes(b))
-    with pytest.raises(NexusQuantError, match="newer than this build reads"):
+    with pytest.raises(UnsupportedVersionError):
         core.read_nqkv(p)
 
 
@@ -309,8 +311,47 @@ def test_nqkv_foreign_and_missing_files(tmp_path):
         p.write_bytes(content)
         quick(core.read_nqkv, p)
         quick(core.NqkvReader, p)
-    quick(core.read_nqkv, tmp_path / "missing.nqkv")
+    with pytest.raises(FileNotFoundError):
+        core.read_nqkv(tmp_path / "missing.nqkv")
+    with pytest.raises(FileNotFoundError):
+        core.NqkvReader(tmp_path / "missing.nqkv")
     quick(core.read_nqkv, tmp_path)  # a directory
+
+
+def test_nqkv_error_types(tmp_path):
+    """Corrupt bytes and a newer version are NexusQuantError subclasses; the core never hides an
+    OS error behind them."""
+    assert issubclass(CorruptFileError, NexusQuantError) and issubclass(UnsupportedVersionError, NexusQuantError)
+    p = tmp_path / "cache.nqkv"
+    write_sample(p)
+    good = p.read_bytes()
+    p.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CorruptFileError):
+        core.read_nqkv(p)
+    p.write_bytes(b"hello world\n" * 10)
+    with pytest.raises(CorruptFileError):
+        core.read_nqkv(p)
+
+
+def test_core_reader_refuses_a_fifo_without_blocking(tmp_path):
+    """``_core.NqkvReader`` itself checks the path before opening it (opening a FIFO for reading
+    blocks until a writer comes). Run in a child process so that a regression fails, not hangs."""
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    code = (
+        "import sys\n"
+        "from nexusquant import _core, NexusQuantError\n"
+        "for f in (_core.NqkvReader, _core.read_nqkv):\n"
+        "    try:\n"
+        "        f(sys.argv[1])\n"
+        "    except NexusQuantError as e:\n"
+        "        assert 'not a regular file' in str(e), e\n"
+        "    else:\n"
+        "        raise SystemExit('no error')\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
 
 
 def test_error_is_a_value_error():

@@ -71,7 +71,7 @@ def family_supported(family: str) -> bool:
     """Whether this transformers version routes the family's attention through AttentionInterface
     (GPT-J does only from transformers 5.18 or so; nexusquant refuses it before)."""
     import nexusquant as nq
-    from nexusquant.evict import check_supported
+    from nexusquant.architecture import check_supported
 
     try:
         check_supported(make_tiny(family))

@@ -16,11 +16,13 @@ import importlib
 import importlib.abc
 import sys
 
-from ._core import NexusQuantError, __version__
+from ._core import CorruptFileError, NexusQuantError, UnsupportedVersionError, __version__
 from .codec import E8Codec, E8Encoded, e8_nearest
 
 __all__ = [
     "NexusQuantError",
+    "CorruptFileError",
+    "UnsupportedVersionError",
     "E8Codec",
     "E8Encoded",
     "e8_nearest",
@@ -51,14 +53,14 @@ _LAZY = {
 def register_attention() -> None:
     """Make ``"nexusquant"`` a valid ``attn_implementation`` in transformers' registries.
 
-    Idempotent. Importing ``nexusquant.attention`` registers it (it needs torch and transformers).
-    ``import nexusquant`` must stay cheap and work without torch (the CLI's ``--help``, the codec),
+    Idempotent; it imports ``nexusquant.attention`` (torch and transformers) and calls its
+    ``register``. ``import nexusquant`` must stay cheap and work without torch (the CLI's ``--help``, the codec),
     yet a user who imports nexusquant and then calls ``model.set_attn_implementation("nexusquant")``
     must find it registered: so if transformers' modeling code is already imported this registers
     now, and otherwise :class:`_RegisterAfterTransformers` does it right after transformers'
     modeling code has been imported (which any model, hence any ``set_attn_implementation``, needs).
     """
-    importlib.import_module(".attention", __name__)
+    importlib.import_module(".attention", __name__).register()
 
 
 # The modules nexusquant.attention imports from transformers (modeling_utils holds the registry

@@ -9,12 +9,14 @@ import numpy.typing as npt
 
 __version__: str
 __all__ = [
-    "NexusQuantError", "E8Codec", "E8Encoded", "e8_nearest", "pack_codes", "unpack_codes", "packed_info",
+    "NexusQuantError", "CorruptFileError", "UnsupportedVersionError", "E8Codec", "E8Encoded", "e8_nearest", "pack_codes", "unpack_codes", "packed_info",
     "entropy_encode", "entropy_decode", "write_nqkv", "read_nqkv", "NqkvReader", "NQKV_FORMAT_VERSION", "__version__",
 ]
 NQKV_FORMAT_VERSION: int
 
 class NexusQuantError(ValueError): ...
+class CorruptFileError(NexusQuantError): ...
+class UnsupportedVersionError(NexusQuantError): ...
 
 @final
 class E8Encoded:

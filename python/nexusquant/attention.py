@@ -23,9 +23,13 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from . import gpu
 from ._core import NexusQuantError
 from .cache import ATTN_IMPLEMENTATION, LayerView, NexusQuantLayer
 from .scoring import SCORERS, ScoreInputs
+from .tables import dense_rotation_torch
 
 __all__ = ["nexusquant_attention", "register"]
 
@@ -51,8 +55,6 @@ def _reference_attention(module, query, key, value, attention_mask, dropout, sca
         additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
         additive.masked_fill_(~allowed, torch.finfo(query.dtype).min)
         return eager(module, query, key, value, additive, dropout=dropout, scaling=scaling, softcap=softcap, **kwargs)
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
@@ -165,8 +167,6 @@ def _fused_decode(layer: NexusQuantLayer, view: LayerView, query, key, value, mo
     b, hq, q, d = query.shape
     hkv = key.shape[1]
     if query.device.type == "cuda" and sliding is None:
-        from . import gpu
-
         fp_mask = None
         if model_mask is not None or view.comp_valid is not None:
             # Padded rows: the model's mask over the window and the sinks' validity, as one mask.
@@ -184,9 +184,6 @@ def _fused_decode(layer: NexusQuantLayer, view: LayerView, query, key, value, mo
         ]
         return gpu.decode_attention(query, key, value, view.compressed, fp_mask, layer.win_valid, tiers,
                                     layer.k_center, layer.v_center, scaling)
-    from . import gpu
-    from .cache import _dense_rotation_cpu
-
     g = hq // hkv
     qg = query.reshape(b, hkv, g, d).float()
     # Full-precision part: sinks and window, with their masks.
@@ -205,8 +202,7 @@ def _fused_decode(layer: NexusQuantLayer, view: LayerView, query, key, value, mo
     parts = [(m, p.sum(-1), torch.matmul(p, value.float()))]
     for tier in view.lazy_tiers:
         kc, vc = tier.keys.codec, tier.values.codec
-        rot, inv_rot = _dense_rotation_cpu(kc.head_dim, kc.seed)
-        rot, inv_rot = rot.to(query.device), inv_rot.to(query.device)
+        rot, inv_rot = dense_rotation_torch(kc.head_dim, 2, kc.seed, str(query.device))
         q_rot = torch.matmul(qg, rot) * scaling
         if layer.k_center is not None:
             q_center = (qg * layer.k_center.float()).sum(-1) * scaling  # (B, Hkv, g)
@@ -309,9 +305,10 @@ def nexusquant_attention(
 
 
 def register() -> None:
-    """Make ``"nexusquant"`` a valid ``attn_implementation`` (global registry entry, no patching)."""
+    """Make ``"nexusquant"`` a valid ``attn_implementation`` (global registry entry, no patching).
+
+    Idempotent. Importing this module does not call it: :func:`nexusquant.register_attention` does
+    (``import nexusquant`` arranges that, see there), and so does ``nexusquant_evict``.
+    """
     AttentionInterface.register(ATTN_IMPLEMENTATION, nexusquant_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
-
-
-register()

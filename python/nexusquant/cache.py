@@ -19,8 +19,8 @@ rows, sliding windows); the model's own mask only covers the window.
 
 from __future__ import annotations
 
-import functools
 import math
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -28,7 +28,9 @@ from typing import Any, Optional, Union
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import gpu
 from ._core import NexusQuantError
+from .architecture import layer_plan, model_fingerprint
 from .presets import CompressionSettings, resolve_settings
 from .rope import RopeAdapter, RopeTable
 from .scoring import key_key_importance, pool_scores
@@ -37,9 +39,10 @@ from .tiers import Tier, TransformCodedKeys
 __all__ = ["NexusQuantCache", "NexusQuantLayer", "LayerView", "ATTN_IMPLEMENTATION"]
 
 ATTN_IMPLEMENTATION = "nexusquant"
-# Run the fused decode path on CPU tensors too, through its torch reference (for tests of the
-# merging logic where no GPU is present).
-FUSED_REFERENCE_ON_CPU = False
+# Set to 1 to run the fused decode path on CPU tensors too, through its torch reference (tests of
+# the merging logic where no GPU is present). Read at each decode step, so a test sets it for
+# itself (monkeypatch.setenv) instead of switching a module global.
+FUSED_REFERENCE_ENV = "NEXUSQUANT_FUSED_REFERENCE_ON_CPU"
 
 
 @dataclass
@@ -121,7 +124,7 @@ class NexusQuantLayer(CacheLayerMixin):
         # Each KV head's mean key and value (B, H, 1, D), subtracted before quantization: a key's
         # mean part adds the same logit to every token, so only the rest needs the bits, and
         # centred keys measured 2.3x (post-RoPE) to 4.5x (pre-RoPE) less squared error at 2 bits
-        # on SmolLM2's KV (benches/key_centering.py).
+        # on SmolLM2's KV (a one-off measurement when centring was added; its script was not kept).
         self.k_center: Optional[torch.Tensor] = None
         self.v_center: Optional[torch.Tensor] = None
         self.first_compression_done = False
@@ -259,11 +262,9 @@ class NexusQuantLayer(CacheLayerMixin):
         tiers = [t for t in (self.fine, self.coarse) if t is not None and t.length > 0]
         if not tiers or any(t.keys.codec is None or t.values.codec is None for t in tiers):
             return False
-        from . import gpu
-
         if self.device.type == "cuda":
             return gpu.available(self.device) and gpu.fused_supported(tiers[0].keys.codec.padded_dim, 8)
-        return FUSED_REFERENCE_ON_CPU
+        return os.environ.get(FUSED_REFERENCE_ENV) == "1"
 
     def _lazy_view(self, q: int, w_before: int, seen_before: int):
         """Keys/values of the full-precision slots only (sinks, then window); tiers stay as codes."""
@@ -648,28 +649,6 @@ def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, idx[..., None].expand(*idx.shape, x.shape[-1]))
 
 
-def layer_plan(config: Any) -> list[Optional[int]]:
-    """Per decoder layer, its sliding window (None for full attention), from a model config."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    n = getattr(text, "num_hidden_layers", None)
-    if n is None:
-        raise NexusQuantError(f"{type(config).__name__} has no num_hidden_layers: not a supported decoder model")
-    layer_types = getattr(text, "layer_types", None)
-    window = getattr(text, "sliding_window", None)
-    if layer_types is None:
-        use = getattr(text, "use_sliding_window", True)
-        return [window if (window is not None and use) else None] * n
-    plan: list[Optional[int]] = []
-    for t in layer_types:
-        if t in ("sliding_attention", "chunked_attention"):
-            plan.append(window if t == "sliding_attention" else getattr(text, "attention_chunk_size", window))
-        elif t == "full_attention":
-            plan.append(None)
-        else:
-            raise NexusQuantError(f"layer type {t!r} is not supported by nexusquant (only full and sliding attention)")
-    return plan
-
-
 class NexusQuantCache(Cache):
     """A transformers cache holding E8 codes, for ``generate(past_key_values=...)`` or ``forward``.
 
@@ -699,8 +678,6 @@ class NexusQuantCache(Cache):
             config = config.config
         self.settings = resolve_settings(preset, **knobs)
         self.rope_tables: dict[int, RopeTable] = {}
-        from .files import model_fingerprint
-
         self.fingerprint = model_fingerprint(config)
         # ids of the cached tokens (B, N), recorded by nexusquant_evict or restored by load_cache
         self.token_ids: Optional[torch.Tensor] = None
@@ -747,16 +724,3 @@ def compression_stats(cache: Cache) -> dict[str, Any]:
         "ratio": unc / nb if nb else math.nan,
         "bits_per_element": 8 * nb / elements if elements else math.nan,
     }
-
-
-@functools.lru_cache(maxsize=16)
-def _dense_rotation_cpu(head_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotation ``(head_dim, padded)`` and its inverse ``(padded, head_dim)`` as dense matrices."""
-    import numpy as np
-
-    from .tiers import get_codec
-
-    codec = get_codec(head_dim, 2, seed)
-    rot = torch.from_numpy(codec.rotate(np.eye(head_dim, dtype=np.float32)))
-    inv = torch.from_numpy(codec.unrotate(np.eye(codec.padded_dim, dtype=np.float32)))
-    return rot, inv

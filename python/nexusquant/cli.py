@@ -7,9 +7,16 @@ Each subcommand is a function ``add_<name>(subparsers)`` that adds its parser an
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
+
+# Only torch-free modules at the top: `nexusquant --help` must not import torch. The handlers import
+# the evaluation and the file reader (torch, transformers) when they run.
+from ._core import NexusQuantError
+from .eval.names import ALL_METHODS, DEFAULT_METHODS, DEFAULT_TEXTS, FULL_EVAL_COMMAND
 
 __all__ = ["main", "build_parser"]
 
@@ -54,8 +61,6 @@ def _count(text: str) -> int:
 
 
 def add_eval(sub: "argparse._SubParsersAction") -> None:
-    from .eval.names import ALL_METHODS, DEFAULT_METHODS, DEFAULT_TEXTS, FULL_EVAL_COMMAND
-
     p = sub.add_parser(
         "eval",
         help="quality vs real compression ratio, beside kvpress-style eviction, QuantizedCache and int2/int4",
@@ -90,10 +95,7 @@ def add_eval(sub: "argparse._SubParsersAction") -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ._core import NexusQuantError
-    from .eval.harness import FULL_EVAL_COMMAND, run
+    from .eval.harness import run
 
     # Before the model loads: an output directory that cannot be made fails now, not after minutes.
     try:
@@ -136,15 +138,11 @@ def add_inspect(sub: "argparse._SubParsersAction") -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    import json
-
     from .files import inspect_file
 
     try:
         info = inspect_file(args.file)
     except OSError as e:
-        from ._core import NexusQuantError
-
         raise NexusQuantError(f"cannot read {args.file}: {e.strerror or e}") from None
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -192,8 +190,6 @@ _SUBCOMMANDS = [add_eval, add_inspect]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ._core import NexusQuantError
-
     args = build_parser().parse_args(argv)
     try:
         code = int(args.func(args) or 0)

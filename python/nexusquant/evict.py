@@ -22,43 +22,17 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from . import attention as _attention  # registers the attention function
 from ._core import NexusQuantError
-from .cache import ATTN_IMPLEMENTATION, NexusQuantLayer, compression_stats, layer_plan
+from .architecture import SUPPORTED_MODEL_TYPES, attention_modules, check_supported, layer_plan, model_fingerprint
+from .attention import register as register_attention
+from .cache import ATTN_IMPLEMENTATION, NexusQuantLayer, compression_stats
 from .presets import CompressionSettings, resolve_settings
 from .rope import RopeAdapter, RopeTable
 
 __all__ = ["nexusquant_evict", "EvictSession", "attention_modules", "SUPPORTED_MODEL_TYPES"]
 
-del _attention
-
-SUPPORTED_MODEL_TYPES = (
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "phi3",
-    "gemma2",
-    "gemma3",
-    "gemma3_text",
-    "gpt_neox",
-    "gptj",
-)
-
 _lock = threading.Lock()
 _forwards = itertools.count(1)
-
-
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's self-attention modules: those with a ``layer_idx`` and key/value projections."""
-    found = []
-    for m in model.modules():
-        if getattr(m, "layer_idx", None) is None:
-            continue
-        has_kv = any(hasattr(m, n) for n in ("k_proj", "qkv_proj", "query_key_value", "kv_proj"))
-        if has_kv and type(m).__name__.endswith("Attention"):
-            found.append(m)
-    return found
 
 
 def _configs(model: torch.nn.Module) -> list[Any]:
@@ -84,8 +58,6 @@ class EvictSession:
         self.model = model
         self.settings = settings
         self.plan = layer_plan(model.config)
-        from .files import model_fingerprint
-
         self.fingerprint = model_fingerprint(model.config)
         self._adapters: dict[int, RopeAdapter] = {}
         # A strong reference: the DynamicCache that generate makes is freed when generate returns,
@@ -191,34 +163,6 @@ def _rope_tables(cache: Cache) -> dict[int, RopeTable]:
     return tables
 
 
-def check_supported(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's attention modules, or NexusQuantError naming what is missing."""
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        raise NexusQuantError(f"{type(model).__name__} has no .config: pass a transformers model")
-    text = cfg.get_text_config(decoder=True)
-    mtype = getattr(text, "model_type", None)
-    if mtype not in SUPPORTED_MODEL_TYPES:
-        raise NexusQuantError(
-            f"model type {mtype!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    mods = attention_modules(model)
-    if not mods:
-        raise NexusQuantError(f"{type(model).__name__} has no attention modules with a layer_idx: cannot attach")
-    import sys
-
-    import transformers
-
-    source = sys.modules.get(type(mods[0]).__module__)
-    if source is None or not hasattr(source, "ALL_ATTENTION_FUNCTIONS"):
-        raise NexusQuantError(
-            f"{type(mods[0]).__name__} in transformers {transformers.__version__} does not dispatch attention "
-            "through transformers' AttentionInterface, which nexusquant needs: upgrade transformers"
-        )
-    layer_plan(cfg)
-    return mods
-
-
 @contextmanager
 def nexusquant_evict(
     model: torch.nn.Module,
@@ -243,6 +187,7 @@ def nexusquant_evict(
     """
     settings = resolve_settings(quality, **knobs)
     mods = check_supported(model)
+    register_attention()  # idempotent; `import nexusquant` has usually done it already
     session = EvictSession(model, settings)
     configs = _configs(model)
     with _lock:

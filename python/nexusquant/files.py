@@ -22,9 +22,9 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from . import __version__
-from ._core import NexusQuantError, NqkvReader, pack_codes, unpack_codes, write_nqkv
-from .cache import NexusQuantCache, NexusQuantLayer, compression_stats, layer_plan
+from ._core import CorruptFileError, NexusQuantError, NqkvReader, UnsupportedVersionError, __version__, pack_codes, unpack_codes, write_nqkv
+from .architecture import attention_modules, layer_plan, model_fingerprint
+from .cache import NexusQuantCache, NexusQuantLayer, compression_stats
 from .presets import CompressionSettings
 from .rope import RopeTable
 from .tiers import TransformCodedKeys
@@ -35,31 +35,6 @@ __all__ = ["save_cache", "load_cache", "inspect_file", "model_fingerprint"]
 FORMAT_NAME = "nexusquant-kv-cache"
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _LAYER_TENSORS = ("sink_k", "sink_v", "sink_seq", "sink_valid", "win_k", "win_v", "win_valid", "k_center", "v_center")
-
-
-def model_fingerprint(config: Any) -> dict[str, Any]:
-    """What a saved cache must match: architecture, layer and head shapes, rotary parameters."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
-    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
-    rope = {}
-    for name in ("rope_parameters", "rope_theta", "rope_scaling", "partial_rotary_factor", "rotary_pct", "rotary_dim",
-                 "rotary_emb_base", "max_position_embeddings"):
-        value = getattr(text, name, None)
-        if value is not None:
-            rope[name] = value
-    return {
-        "model_type": getattr(text, "model_type", None),
-        "architectures": getattr(config, "architectures", None),
-        "num_hidden_layers": getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None),
-        "num_attention_heads": heads,
-        "num_key_value_heads": getattr(text, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None),
-        "hidden_size": hidden,
-        "vocab_size": getattr(text, "vocab_size", None),
-        "sliding_windows": layer_plan(config),
-        "rope": json.loads(json.dumps(rope, default=str)),
-    }
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -303,16 +278,15 @@ _STREAM_SLACK = 4096
 _NP_FLOAT = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
 
 
-def _corrupt(message: str) -> NexusQuantError:
-    return NexusQuantError(f"corrupt cache file: {message}")
+def _corrupt(message: str) -> CorruptFileError:
+    return CorruptFileError(f"corrupt cache file: {message}")
 
 
 def _open_reader(path: Path, max_section_bytes: int) -> NqkvReader:
-    """An ``NqkvReader`` on a regular file only: opening a FIFO would block until a writer comes."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise NexusQuantError(f"cannot read {path}: {e.strerror or e}") from None
+    """An ``NqkvReader`` on a regular file only: opening a FIFO would block until a writer comes.
+    A missing or unreadable file raises the ``OSError`` that ``open`` would (``FileNotFoundError``,
+    ``PermissionError``)."""
+    st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
         raise NexusQuantError(f"{path} is not a regular file")
     return NqkvReader(str(path), max_section_bytes=max(1, min(int(max_section_bytes), 2**63 - 1)))
@@ -321,13 +295,13 @@ def _open_reader(path: Path, max_section_bytes: int) -> NqkvReader:
 def _read_meta(reader) -> dict[str, Any]:
     first = next(iter(reader), None)
     if first is None or first[0] != "META":
-        raise NexusQuantError("not a nexusquant cache file: it does not start with a META section")
+        raise CorruptFileError("not a nexusquant cache file: it does not start with a META section")
     try:
         meta = json.loads(bytes(first[1]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise _corrupt(f"META is not valid JSON ({type(e).__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise NexusQuantError("not a nexusquant cache file (META names another format)")
+        raise CorruptFileError("not a nexusquant cache file (META names another format)")
     _check_meta(meta)
     return meta
 
@@ -431,8 +405,6 @@ def _check_fingerprint(saved: dict[str, Any], model: Any) -> None:
 def _layer_placement(model: Any, n: int) -> list[tuple[torch.device, torch.dtype]]:
     """Device and floating dtype of each layer's attention weights (the model's dtype where the
     weights are not floating, e.g. quantized)."""
-    from .evict import attention_modules
-
     mods = sorted(attention_modules(model), key=lambda m: m.layer_idx)
     default_dtype = getattr(model, "dtype", torch.float32)
     out = []
@@ -573,7 +545,7 @@ def _restore_layer(layer: NexusQuantLayer, meta: dict[str, Any], arrays: Any, de
 
 
 # What a checksum-valid file with bad contents could still raise below: each becomes a
-# NexusQuantError, the one error type of the library.
+# CorruptFileError (a NexusQuantError).
 _CONTENT_ERRORS = (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError, OverflowError)
 
 
@@ -584,9 +556,18 @@ def load_cache(path: Union[str, Path], model: Any) -> NexusQuantCache:
     over several GPUs gets each layer's codes on its own GPU, and full-precision parts take the
     model's dtype (a cache saved from a float32 model continues in a bfloat16 one). Every array is
     checked against META and the model. The returned cache carries the prefix token ids as
-    ``cache.token_ids``; ``generate`` continues after them. Raises NexusQuantError for a file of
-    another model, a truncated, corrupted, foreign or newer-version file, or one whose contents do
-    not fit together.
+    ``cache.token_ids``; ``generate`` continues after them.
+
+    Raises
+    ------
+    CorruptFileError
+        A truncated, corrupted or foreign file, or one whose contents do not fit together.
+    UnsupportedVersionError
+        A file written by a newer format version.
+    NexusQuantError
+        (the base of both) A file of another model, or one that is not a regular file.
+    OSError
+        The file cannot be read (``FileNotFoundError``, ``PermissionError``, ...).
     """
     path = Path(path)
     try:
@@ -604,7 +585,7 @@ def _load_cache(path: Path, model: Any) -> NexusQuantCache:
     try:
         settings = CompressionSettings(**meta["settings"])
     except TypeError as e:
-        raise NexusQuantError(f"cache file settings are not understood by this version: {e}") from None
+        raise UnsupportedVersionError(f"cache file settings are not understood by this version: {e}") from None
     cache = NexusQuantCache(model.config, preset=settings)
     n_layers = len(cache.layers)
     if len(meta["layers"]) != n_layers:
@@ -640,7 +621,7 @@ def _load_cache(path: Path, model: Any) -> NexusQuantCache:
                 else:
                     raise _corrupt("more LAYR sections than layers")
         if layer_i != n_layers:
-            raise NexusQuantError(f"truncated cache file: {layer_i} of {n_layers} layers present")
+            raise CorruptFileError(f"truncated cache file: {layer_i} of {n_layers} layers present")
     if meta.get("token_ids_shape") is not None and token_ids is None:
         raise _corrupt("the token ids recorded in META are missing")
     seen = meta["layers"][0]["seen"]

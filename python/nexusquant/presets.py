@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._core import NexusQuantError
+from .scoring import SCORERS
 
 __all__ = ["CompressionSettings", "PRESETS", "resolve_settings"]
 
@@ -112,8 +113,6 @@ class CompressionSettings:
             v = getattr(self, name)
             check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, got {v!r}")
         check(self.pool_kernel % 2 == 1, f"pool_kernel must be odd, got {self.pool_kernel}")
-        from .scoring import SCORERS
-
         check(self.scorer in SCORERS, f"scorer must be one of {sorted(SCORERS)}, got {self.scorer!r}")
         check(self.key_domain in _KEY_DOMAINS, f"key_domain must be one of {_KEY_DOMAINS}, got {self.key_domain!r}")
         check(self.key_codec in _KEY_CODECS, f"key_codec must be one of {_KEY_CODECS}, got {self.key_codec!r}")

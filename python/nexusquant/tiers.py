@@ -19,19 +19,15 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from . import gpu
 from ._core import NexusQuantError
 from .codec import E8Codec, as_codec_input
+from .tables import get_codec, torch_decode
 from .transform import KeyTransformCode, fit_key_transform
 
 __all__ = ["QuantizedTensor", "TransformCodedKeys", "Tier", "encode_tensor", "decode_tensor", "get_codec"]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-@functools.lru_cache(maxsize=64)
-def get_codec(head_dim: int, bits: int, seed: int) -> E8Codec:
-    """The codec for a head dimension, bit width and seed (built once, shared by all layers)."""
-    return E8Codec(head_dim, bits, seed)
 
 
 def encode_tensor(codec: E8Codec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +48,6 @@ def encode_tensor(codec: E8Codec, x: torch.Tensor) -> tuple[torch.Tensor, torch.
             torch.empty(*lead, dtype=torch.int16, device=x.device),
         )
     if x.device.type != "cpu":
-        from . import gpu
-
         if gpu.available(x.device):
             return gpu.encode(codec, x)
     arr, dtype = as_codec_input(x.detach().to("cpu").reshape(-1, x.shape[-1]))
@@ -70,11 +64,9 @@ def decode_tensor(codec: E8Codec, codes: torch.Tensor, scales: torch.Tensor, dty
     if scales.numel() == 0:
         return torch.empty(*lead, d, dtype=dtype, device=codes.device)
     if codes.device.type != "cpu":
-        from . import gpu
-
         if gpu.available(codes.device):
             return gpu.decode(codec, codes, scales, dtype)
-        return _torch_decode(codec, codes, scales, dtype)
+        return torch_decode(codec, codes, scales, dtype)
     name = _DTYPE_NAMES.get(dtype)
     if name is None:
         raise NexusQuantError(f"cannot decode into {dtype}: use float32, float16 or bfloat16")
@@ -85,54 +77,6 @@ def decode_tensor(codec: E8Codec, codes: torch.Tensor, scales: torch.Tensor, dty
     if name != "float32":
         t = t.view(torch.int16).view(dtype)
     return t.reshape(*lead, d)
-
-
-@functools.lru_cache(maxsize=16)
-def _torch_tables(head_dim: int, bits: int, seed: int, device: str) -> tuple[torch.Tensor, ...]:
-    """Codebooks (every codeword, rotated domain, scale 1) and the inverse rotation as dense tensors."""
-    codec = get_codec(head_dim, bits, seed)
-    def book(n_codes: int, code_bytes: int, stage_bits: int) -> torch.Tensor:
-        # Decode every code of one 8-dimensional group at scale 1 (fp16 0x3C00), in the rotated domain.
-        probe = get_codec(8, stage_bits, 0)
-        codes = np.arange(n_codes, dtype="<u4").view(np.uint8).reshape(n_codes, 4)[:, :code_bytes]
-        ones = np.full(n_codes, 0x3C00, dtype=np.uint16)
-        return torch.from_numpy(probe.decode_rotated(np.ascontiguousarray(codes), ones))
-
-    book16 = book(65536, 2, 2)
-    book8 = book(256, 1, 1)
-    eye = np.eye(codec.padded_dim, dtype=np.float32)
-    inv_rot = torch.from_numpy(codec.unrotate(eye))  # (padded, head_dim): row i = unrotate(e_i)
-    return book16.to(device), book8.to(device), inv_rot.to(device)
-
-
-def torch_decode_rotated(codec: E8Codec, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Scaled codewords before the inverse rotation, float32 ``(..., padded_dim)``, on any device."""
-    book16, book8, _ = _torch_tables(codec.head_dim, codec.bits, codec.seed, str(codes.device))
-    lead = scales.shape
-    g = codec.padded_dim // 8
-    c = codes.reshape(-1, codes.shape[-1]).to(torch.int64)
-    s = scales.reshape(-1).view(torch.float16).to(torch.float32)
-
-    def u16(part: torch.Tensor) -> torch.Tensor:
-        return part[:, 0::2] | (part[:, 1::2] << 8)
-
-    bits = codec.bits
-    if bits == 1:
-        z = book8[c[:, :g]]
-    else:
-        z = book16[u16(c[:, : 2 * g])]
-        if bits == 3:
-            z = z + codec.residual_ratio * book8[c[:, 2 * g : 3 * g]]
-        elif bits == 4:
-            z = z + codec.residual_ratio * book16[u16(c[:, 2 * g : 4 * g])]
-    return (z.reshape(-1, codec.padded_dim) * s[:, None]).reshape(*lead, codec.padded_dim)
-
-
-def _torch_decode(codec: E8Codec, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Decode on any torch device through codebook lookups and a dense inverse rotation."""
-    _, _, inv_rot = _torch_tables(codec.head_dim, codec.bits, codec.seed, str(codes.device))
-    y = torch_decode_rotated(codec, codes, scales)
-    return (y @ inv_rot).to(dtype)
 
 
 class QuantizedTensor:

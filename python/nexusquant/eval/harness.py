@@ -20,6 +20,7 @@ same prefix: they keep ``round(P / ratio)`` tokens at 16 bits.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import platform
 import time
@@ -31,7 +32,11 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from .._core import NexusQuantError, __version__
+from ..compat import cache_kwarg
 from . import peers
+from .models import load_model
+from .plotting import plot_results
+from .report import format_table, write_json
 from .methods import DEFAULT_METHODS, Method, evict_for_ratio, expand_methods
 from .names import DEFAULT_TEXTS, FULL_EVAL_COMMAND
 from .retrieval import make_trials, run_trial
@@ -52,8 +57,8 @@ class EvalText:
 
 
 def corpus_texts() -> dict[str, Path]:
-    """The texts shipped in ``nexusquant/corpus`` by name (file name with and without extension)."""
-    root = Path(__file__).resolve().parent.parent / "corpus"
+    """The texts shipped in ``nexusquant/eval/corpus`` by name (file name with and without extension)."""
+    root = Path(__file__).resolve().parent / "corpus"
     out: dict[str, Path] = {}
     for p in sorted(root.iterdir()):
         if p.is_file() and p.suffix in (".txt", ".c") and not p.name.endswith(".LICENSE"):
@@ -89,10 +94,6 @@ class _Forward:
     """One forward of the model over a cache; returns the last position's logits ``(V,)`` in float32."""
 
     def __init__(self, model: torch.nn.Module):
-        import inspect
-
-        from ..compat import cache_kwarg
-
         self.cache_kw = cache_kwarg(model)
         self.keep = "logits_to_keep" in inspect.signature(type(model).forward).parameters
         self.model = model
@@ -384,14 +385,11 @@ def run(
     """Load a model, :func:`evaluate` it, print the table and write ``eval.json`` and ``eval.png``.
 
     ``model`` is a packaged model name (``"smollm2"``, ``"gemma3-270m"``) or a local transformers
-    directory, loaded with :func:`nexusquant.models.load_model` in ``dtype``. ``threads`` sets
+    directory, loaded with :func:`nexusquant.eval.models.load_model` in ``dtype``. ``threads`` sets
     ``torch.set_num_threads``. ``out`` is the output directory (None: write nothing). Other
     parameters as for :func:`evaluate`. Returns the results, with ``"json_path"`` and
     ``"plot_path"`` where written.
     """
-    from ..models import load_model
-    from .report import format_table, write_json
-
     if threads is not None:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -430,8 +428,6 @@ def run(
         out_dir.mkdir(parents=True, exist_ok=True)
         result["json_path"] = str(out_dir / "eval.json")
         if plot:
-            from .plotting import plot_results
-
             result["plot_path"] = str(out_dir / "eval.png")
             plot_results(result, result["plot_path"])
         write_json(result, result["json_path"])

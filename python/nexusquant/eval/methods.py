@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from .._core import NexusQuantError
+from ..evict import nexusquant_evict
 from ..presets import PRESETS, resolve_settings
 from . import peers
 from .names import ALL_METHODS, DEFAULT_METHODS, FAMILIES
@@ -78,6 +79,7 @@ class Method:
         if self.kind == "evict":
             if evict is None:
                 raise NexusQuantError(f"internal: {self.name} needs an eviction fraction")
+            peers.register_peers()
             return resolve_settings(
                 "balanced",
                 evict=evict,
@@ -98,8 +100,6 @@ class Method:
         """Attach to ``model`` for the block; yields a :class:`MethodRun`."""
         kind = self.kind
         if kind in ("nexusquant", "evict"):
-            from ..evict import nexusquant_evict
-
             if self.family == "expected-attention":
                 peers.attach_rotary(model)
             settings = self.settings(evict)

@@ -7,7 +7,8 @@ so their bytes are counted exactly like ours; quantized caches are transformers'
 Why reimplemented: kvpress 0.5.5 pins ``transformers < 5.3`` and we run 5.24, so its presses cannot be
 imported here. Each scorer below follows kvpress's press of the same name (read from its source,
 not copied) and the paper it cites; the differences are listed in each docstring. All four are
-registered as nexusquant scorers (``scorer="snapkv"`` ...) when this module is imported, and run
+registered as nexusquant scorers (``scorer="snapkv"`` ...) by :func:`register_peers` (the
+evaluation calls it; importing this module changes no registry), and run
 with ``key_bits=value_bits=16`` (nothing quantized), ``center=False``, ``recent_window=1``,
 ``pool_kernel=1``. kvpress keeps ``int(n * (1 - ratio))`` tokens per head by top-k over scores; the
 cache keeps ``round(n * (1 - evict))`` per head by the same ranking (sinks and the last token count
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .._core import NexusQuantError
+from ..architecture import attention_modules, layer_plan
+from ..cache import NexusQuantLayer, compression_stats
 from ..rope import RopeAdapter
 from ..scoring import ScoreInputs, register_scorer
 
@@ -99,8 +102,6 @@ def attach_rotary(model: torch.nn.Module) -> None:
 
     Raises NexusQuantError when the model has no rotary embedding or several (local/global).
     """
-    from ..evict import attention_modules
-
     rotary = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
     if len(rotary) != 1:
         raise NexusQuantError(
@@ -218,8 +219,11 @@ PEER_SCORERS = {
 # Full-precision first tokens each press protects (kvpress's n_sink; 0 where the press has none).
 PEER_SINKS = {"snapkv": 0, "expected-attention": EA_SINKS, "knorm": 0, "streamingllm": STREAMING_SINKS}
 
-for _name, _fn in PEER_SCORERS.items():
-    register_scorer(_name, _fn)
+
+def register_peers() -> None:
+    """Make the peer scorers valid ``scorer=`` names of the cache (idempotent)."""
+    for name, fn in PEER_SCORERS.items():
+        register_scorer(name, fn)
 
 
 # ---------------------------------------------------------------------------- plain integer cache
@@ -322,8 +326,6 @@ def held_nbytes(cache: Cache) -> int:
     """Every byte a cache holds: nexusquant layers (codes, scales, indices, full-precision parts,
     rotary tables), quantized layers (codes, scales, zero points, the full-precision residual),
     plain layers (their keys and values)."""
-    from ..cache import NexusQuantLayer, compression_stats
-
     if any(isinstance(l, NexusQuantLayer) for l in cache.layers):
         if not all(isinstance(l, NexusQuantLayer) for l in cache.layers):
             raise NexusQuantError("internal: a cache mixes nexusquant and other layers")
@@ -342,8 +344,6 @@ def held_nbytes(cache: Cache) -> int:
 def fp16_reference_nbytes(config: Any, seen: int, batch: int = 1) -> int:
     """Bytes transformers' uncompressed cache would hold for ``seen`` tokens in fp16 (K and V),
     with each sliding-window layer holding only its window, as ``NexusQuantLayer`` counts it."""
-    from ..cache import layer_plan
-
     text = config.get_text_config(decoder=True)
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

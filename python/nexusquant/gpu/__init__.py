@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .._core import NexusQuantError
+from ..tables import dense_rotation, get_codec, torch_decode_rotated
 
 __all__ = [
     "available",
@@ -153,8 +154,6 @@ def _probe(device: Any) -> bool:
 @functools.lru_cache(maxsize=None)
 def _host_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """E8P16 magnitude table, parity and arrangement index, read off the Rust codebook."""
-    from ..tiers import get_codec
-
     probe = get_codec(8, 2, 0)
     codes = np.zeros((256, 2), dtype=np.uint8)
     codes[:, 0] = np.arange(256)  # pattern i, no sign bits, shift +1/4
@@ -198,8 +197,6 @@ def _half_table(index: int):
 def _rotation(head_dim: int, bits: int, seed: int, index: int):
     """Signs, block table and per-block scales of a codec's rotation, on device ``index``."""
     import torch
-
-    from ..tiers import get_codec
 
     codec = get_codec(head_dim, bits, seed)
     passes = codec.blocks
@@ -395,9 +392,8 @@ _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 256  # NQ_AMAXS: partial states per (batch, KV head), the merge's shared buffer
 _MIN_CHUNK = 256   # tokens per block at least: below that a block's fixed costs dominate
 _BLOCKS_PER_SM = 4  # resident blocks of the attention kernel (registers: ~128 per thread)
-# Compile-time knobs of the attention module (benches/ sweep them); warps per block must match NQ_AW.
+# Warps per block of the attention module (a compile-time define, NQ_AW); the launch must match.
 _ATT_WARPS = 4
-_ATT_EXTRA_DEFINES: tuple = ()
 _tls = threading.local()
 _workspaces: dict[tuple, Any] = {}
 _plans: dict[tuple, tuple] = {}
@@ -463,7 +459,7 @@ def _splits(tokens: tuple, bh: int, index: int, p: int) -> tuple:
 
 def _plan(index: int, dtype, tiers) -> tuple:
     """(CUfunction, signs pointer, table pointer, 1/sqrt(P), P, residual ratios) for a dtype and the
-    tiers' codecs. Keyed by the codec objects themselves (tiers.get_codec shares them), which is
+    tiers' codecs. Keyed by the codec objects themselves (tables.get_codec shares them), which is
     cheaper than reading their attributes on every decode step."""
     t1 = tiers[1] if len(tiers) > 1 else (None,) * 7
     key = (index, dtype, tiers[0][5], tiers[0][6], t1[5], t1[6], len(tiers))
@@ -481,7 +477,7 @@ def _plan(index: int, dtype, tiers) -> tuple:
         raise NexusQuantError("decode attention: all tiers must share one rotation (head_dim and seed)")
     bits = [b for t in tiers for b in (t[5].bits, t[6].bits)] + [0, 0]
     defines = (("NQ_ATT_P", p), ("NQ_ATT_KB0", bits[0]), ("NQ_ATT_VB0", bits[1]), ("NQ_ATT_KB1", bits[2]),
-               ("NQ_ATT_VB1", bits[3]), ("NQ_ATT_T", _ATT_DTYPE[suffix]), ("NQ_AW", _ATT_WARPS)) + _ATT_EXTRA_DEFINES
+               ("NQ_ATT_VB1", bits[3]), ("NQ_ATT_T", _ATT_DTYPE[suffix]), ("NQ_AW", _ATT_WARPS))
     fn = _function(index, defines, False, f"nq_attend_{suffix}")
     signs = _rotation(kc0.head_dim, kc0.bits, kc0.seed, index)[0]
     res = tuple(float(c.residual_ratio or 1.0) for t in tiers for c in (t[5], t[6])) + (1.0, 1.0)
@@ -598,11 +594,7 @@ def _dense_rotation(head_dim: int, bits: int, seed: int, index: int):
     """The rotation as a dense ``(head_dim, padded)`` matrix (rows: images of the unit vectors)."""
     import torch
 
-    from ..tiers import get_codec
-
-    codec = get_codec(head_dim, bits, seed)
-    eye = np.eye(head_dim, dtype=np.float32)
-    return torch.from_numpy(codec.rotate(eye)).to(torch.device("cuda", index))
+    return torch.tensor(dense_rotation(head_dim, bits, seed)[0], device=torch.device("cuda", index))
 
 
 @functools.lru_cache(maxsize=None)
@@ -610,24 +602,19 @@ def dense_inverse_rotation(head_dim: int, bits: int, seed: int, index: int):
     """``R^-1`` as a dense ``(padded, head_dim)`` matrix, for turning rotated accumulators back."""
     import torch
 
-    from ..tiers import get_codec
-
-    codec = get_codec(head_dim, bits, seed)
-    eye = np.eye(codec.padded_dim, dtype=np.float32)
-    return torch.from_numpy(codec.unrotate(eye)).to(torch.device("cuda", index))
+    return torch.tensor(dense_rotation(head_dim, bits, seed)[1], device=torch.device("cuda", index))
 
 
 def decode_attention_partials_reference(codec_k, codec_v, q_rot, q_center, kcodes, kscales, vcodes, vscales, valid):
     """Partial softmax state of one query per sequence over compressed tokens, in plain torch: the
-    path used on CPU tensors when ``cache.FUSED_REFERENCE_ON_CPU`` is set.
+    path used on CPU tensors when ``NEXUSQUANT_FUSED_REFERENCE_ON_CPU=1`` is set (see
+    :meth:`nexusquant.cache.NexusQuantLayer.fused_decode_possible`).
 
     ``q_rot`` float32 ``(BH, g, P)`` (rotated queries times the scale), ``q_center`` ``(BH, g)``,
     codes ``(BH, T, code_bytes)``, scales ``(BH, T)``, valid ``(BH, T)`` or None. Returns
     ``(m, l, acc)`` of shapes ``(BH, 1, g)``, ``(BH, 1, g)``, ``(BH, 1, g, P)`` (rotated domain).
     """
     import torch
-
-    from ..tiers import torch_decode_rotated
 
     yk = torch_decode_rotated(codec_k, kcodes, kscales)  # (BH, T, P)
     yv = torch_decode_rotated(codec_v, vcodes, vscales)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ._core import NexusQuantError
+from .._core import NexusQuantError
 
 __all__ = ["load_model", "cache_dir", "KNOWN_MODELS"]
 
