@@ -45,9 +45,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nexusquant as nq  # noqa: E402
+from nexusquant.architecture import attention_modules  # noqa: E402
 from nexusquant.cache import NexusQuantLayer  # noqa: E402
 from nexusquant.compat import output_cache, with_cache  # noqa: E402
-from nexusquant.architecture import attention_modules  # noqa: E402
 
 # Relative tolerance on logits between the split and the one-GPU runs: max |difference| over the
 # largest |logit|. Both runs execute the same kernels on the same kind of card in the same order,

@@ -1,7 +1,11 @@
 """Compile a .cu file with NVRTC from the pip CUDA wheels (no GPU needed), to catch errors before
 spending device time: python benches/nvrtc_check.py python/nexusquant/cuda/nexusquant.cu [-DNAME=V ...]"""
-import ctypes, sys, glob, os
+import ctypes
+import glob
+import os
 import site
+import sys
+
 base = next(p for d in site.getsitepackages() for p in glob.glob(os.path.join(d, 'nvidia', 'cu1*')) if os.path.exists(os.path.join(p, 'lib')))
 lib = ctypes.CDLL(os.path.join(base, 'lib', 'libnvrtc.so.13'))
 src = open(sys.argv[1]).read()

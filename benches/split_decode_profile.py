@@ -9,14 +9,18 @@ with the GPUs drained at the end, with a sync after every step (as generate does
 kernels and copies per device (CUPTI trace), and the profiler's CPU table. Output of the run in
 docs/GPU.md: benches/results/split_decode_profile.log.
 """
-import sys, time
+import sys
+import time
+
 import torch
+
 sys.path.insert(0, "benches")
-from gpu_bench import llama3_8b
 import multi_gpu as mg
+from gpu_bench import llama3_8b
+from torch.profiler import ProfilerActivity, profile
+
 import nexusquant as nq
 from nexusquant.compat import output_cache, with_cache
-from torch.profiler import ProfilerActivity, profile
 
 print("p2p", torch.cuda.can_device_access_peer(0, 1), torch.cuda.can_device_access_peer(1, 0), flush=True)
 model = llama3_8b(32)
@@ -26,7 +30,10 @@ def sync():
     torch.cuda.synchronize(0); torch.cuda.synchronize(1)
 
 def gpu_time(prof, steps):
-    import collections, json, os, tempfile
+    import collections
+    import json
+    import os
+    import tempfile
     with tempfile.TemporaryDirectory() as d:
         f = os.path.join(d, "t.json"); prof.export_chrome_trace(f); tr = json.load(open(f))
     per = collections.Counter()

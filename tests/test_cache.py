@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from tiny_models import FAMILIES, family_supported, make_tiny
 from transformers import DynamicCache
 
 import nexusquant as nq
 from nexusquant.cache import NexusQuantLayer
 from nexusquant.compat import output_cache, with_cache
-from tiny_models import FAMILIES, family_supported, make_tiny
 
 ALL = [f for f in FAMILIES if family_supported(f)]
 # Families whose layers all use full attention: a pruned DynamicCache reproduces them exactly.

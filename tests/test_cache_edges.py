@@ -8,11 +8,11 @@ import pickle
 
 import pytest
 import torch
+from tiny_models import make_tiny
 
 import nexusquant as nq
 from nexusquant.cache import NexusQuantLayer
 from nexusquant.compat import with_cache
-from tiny_models import make_tiny
 
 
 def _ids(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:

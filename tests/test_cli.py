@@ -47,10 +47,10 @@ def test_inspect_of_a_fifo_returns_at_once(tmp_path, capsys):
 
 def test_inspect_into_a_closed_pipe_is_quiet(tmp_path):
     import torch
+    from tiny_models import make_tiny
 
     import nexusquant as nq
     from nexusquant.compat import with_cache
-    from tiny_models import make_tiny
 
     model = make_tiny("llama")
     ids = torch.randint(3, 90, (1, 80), generator=torch.Generator().manual_seed(0))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import pickle
-import re
 import sys
 import threading
 import time

@@ -16,13 +16,10 @@ import torch
 from tiny_models import VOCAB, make_tiny
 
 from nexusquant import NexusQuantError
-from nexusquant.eval import evaluate, expand_methods, format_table, plot_results, write_json
-from nexusquant.eval import peers
+from nexusquant.eval import evaluate, expand_methods, format_table, peers, plot_results, write_json
 from nexusquant.eval.harness import corpus_texts
 from nexusquant.eval.retrieval import DEPTHS, make_trials
 from nexusquant.scoring import SCORERS, ScoreInputs
-
-
 
 
 class CharTokenizer:

@@ -10,11 +10,11 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from tiny_models import make_tiny
 from transformers import DynamicCache
 
 import nexusquant as nq
 from nexusquant.compat import with_cache
-from tiny_models import make_tiny
 
 
 def _ids(n, seed=0, batch=1):

@@ -13,11 +13,11 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from tiny_models import make_tiny
 
 import nexusquant as nq
 from nexusquant._core import read_nqkv, write_nqkv
 from nexusquant.compat import with_cache
-from tiny_models import make_tiny
 
 
 def _ids(n, seed=0, batch=1):

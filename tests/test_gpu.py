@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import make_tiny
 
 import nexusquant as nq
 from nexusquant.codec import as_codec_input
-from tiny_models import make_tiny
 
 pytestmark = pytest.mark.gpu
 

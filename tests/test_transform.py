@@ -144,7 +144,8 @@ def test_query_metric_is_fitted_in_the_keys_domain(tiny, domain):
 
     torch.manual_seed(2)
     ids = torch.randint(0, 90, (1, 120))
-    with torch.no_grad(), nq.nexusquant_evict(tiny, quality="high", key_codec="pca", key_rate=8.0, key_domain=domain) as s:
+    knobs = dict(quality="high", key_codec="pca", key_rate=8.0, key_domain=domain)
+    with torch.no_grad(), nq.nexusquant_evict(tiny, **knobs) as s:
         cache = nq.NexusQuantCache(tiny, preset=s.settings)
         seen = []
         orig = type(cache.layers[0]).observe_queries
@@ -173,8 +174,8 @@ def test_transform_coded_cache_file_round_trip(tiny, tmp_path):
     torch.manual_seed(3)
     ids = torch.randint(0, 90, (2, 150))
     nxt = torch.randint(0, 90, (2, 1))
-    with torch.no_grad(), nq.nexusquant_evict(tiny, quality="balanced", key_codec="pca", key_rate=3.0,
-                                              key_domain="pre_rope") as s:
+    knobs = dict(quality="balanced", key_codec="pca", key_rate=3.0, key_domain="pre_rope")
+    with torch.no_grad(), nq.nexusquant_evict(tiny, **knobs) as s:
         cache = nq.NexusQuantCache(tiny, preset=s.settings)
         tiny(ids, **with_cache(tiny, cache))
         info = nq.save_cache(cache, tmp_path / "c.nqkv", token_ids=ids)

@@ -1,11 +1,11 @@
 # Type stub of the Rust extension (rust/py.rs); tests/test_stub.py checks it with mypy.stubtest.
+from collections.abc import Iterator
 from os import PathLike
-from typing import Any, Iterator, Optional, Union, final
-
-from typing_extensions import disjoint_base
+from typing import Any, Optional, Union, final
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import disjoint_base
 
 __version__: str
 __all__ = [

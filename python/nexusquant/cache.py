@@ -53,7 +53,7 @@ class LayerView:
     tokens of this forward).
     """
 
-    layer: "NexusQuantLayer"
+    layer: NexusQuantLayer
     compressed: int
     window: int
     new: int

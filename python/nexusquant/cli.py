@@ -10,8 +10,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 # Only torch-free modules at the top: `nexusquant --help` must not import torch. The handlers import
 # the evaluation and the file reader (torch, transformers) when they run.
@@ -60,7 +61,7 @@ def _count(text: str) -> int:
     return value
 
 
-def add_eval(sub: "argparse._SubParsersAction") -> None:
+def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="quality vs real compression ratio, beside kvpress-style eviction, QuantizedCache and int2/int4",
@@ -124,7 +125,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_inspect(sub: "argparse._SubParsersAction") -> None:
+def add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
         help="print a .nqkv cache file's header, per-layer sizes and ratios; verify every checksum",

@@ -75,7 +75,7 @@ class E8Codec(_core.E8Codec):
     numpy array of the same shape.
     """
 
-    def __new__(cls, head_dim: Any, bits: Any = 2, seed: Any = 0, *args: Any, **kwargs: Any) -> "E8Codec":
+    def __new__(cls, head_dim: Any, bits: Any = 2, seed: Any = 0, *args: Any, **kwargs: Any) -> E8Codec:
         # The Rust constructor takes the seed as a u64: outside that range PyO3 raises
         # OverflowError (or TypeError for a non-integer), which callers would not expect from a
         # library whose every bad argument is a NexusQuantError.
@@ -95,10 +95,10 @@ class E8Codec(_core.E8Codec):
     def __reduce__(self) -> tuple:
         return (type(self), (self.head_dim, self.bits, self.seed, self.scale_factor, self.residual_ratio))
 
-    def __deepcopy__(self, memo: dict) -> "E8Codec":
+    def __deepcopy__(self, memo: dict) -> E8Codec:
         return self
 
-    def __copy__(self) -> "E8Codec":
+    def __copy__(self) -> E8Codec:
         return self
 
     def encode(self, x: Any) -> E8Encoded:

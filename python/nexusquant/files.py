@@ -22,8 +22,17 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from ._core import CorruptFileError, NexusQuantError, NqkvReader, UnsupportedVersionError, __version__, pack_codes, unpack_codes, write_nqkv
-from .architecture import attention_modules, layer_plan, model_fingerprint
+from ._core import (
+    CorruptFileError,
+    NexusQuantError,
+    NqkvReader,
+    UnsupportedVersionError,
+    __version__,
+    pack_codes,
+    unpack_codes,
+    write_nqkv,
+)
+from .architecture import attention_modules, model_fingerprint
 from .cache import NexusQuantCache, NexusQuantLayer, compression_stats
 from .presets import CompressionSettings
 from .rope import RopeTable

@@ -121,7 +121,7 @@ class CompressionSettings:
         check(isinstance(self.seed, int) and 0 <= self.seed < 2**64, f"seed must be a non-negative integer, got {self.seed!r}")
         check(isinstance(self.center, bool), "center must be True or False")
 
-    def replace(self, **changes: Any) -> "CompressionSettings":
+    def replace(self, **changes: Any) -> CompressionSettings:
         """A copy with some knobs changed (unknown knobs raise NexusQuantError)."""
         return resolve_settings(self, **changes)
 

@@ -13,7 +13,6 @@ on the device being a CPU.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Union
 
 import numpy as np

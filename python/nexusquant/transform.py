@@ -180,14 +180,14 @@ class KeyTransformCode:
         """Keys, float32 ``(T, F)``."""
         return self.mean.float() + self.coefficients() @ self.synthesis().T
 
-    def encode_more(self, x: torch.Tensor) -> "KeyTransformCode":
+    def encode_more(self, x: torch.Tensor) -> KeyTransformCode:
         """Codes of more keys ``x`` ``(T, F)`` with this basis, steps and widths (a generated block):
         least-squares coefficients on the held basis (the prompt's metric is not kept)."""
         c = _analyse(x.float() - self.mean.float(), self.synthesis())
         q = _quantize(c, self.step.float(), 2 ** self.bits.to(torch.int64))
         return replace(self, codes=pack_fixed(q.to(torch.int64), self.bits))
 
-    def map(self, fn) -> "KeyTransformCode":
+    def map(self, fn) -> KeyTransformCode:
         return KeyTransformCode(*(fn(getattr(self, n)) for n in self._FIELDS))
 
 

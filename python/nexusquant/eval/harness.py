@@ -25,20 +25,21 @@ import math
 import platform
 import time
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
 from .._core import NexusQuantError, __version__
 from ..compat import cache_kwarg
 from . import peers
+from .methods import DEFAULT_METHODS, Method, evict_for_ratio, expand_methods
 from .models import load_model
+from .names import DEFAULT_TEXTS, FULL_EVAL_COMMAND
 from .plotting import plot_results
 from .report import format_table, write_json
-from .methods import DEFAULT_METHODS, Method, evict_for_ratio, expand_methods
-from .names import DEFAULT_TEXTS, FULL_EVAL_COMMAND
 from .retrieval import make_trials, run_trial
 
 __all__ = ["evaluate", "run", "load_texts", "corpus_texts", "EvalText", "DEFAULT_TEXTS", "FULL_EVAL_COMMAND"]

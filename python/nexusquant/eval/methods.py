@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from transformers import DynamicCache
@@ -96,7 +97,7 @@ class Method:
         return {}
 
     @contextlib.contextmanager
-    def open(self, model: torch.nn.Module, evict: Optional[float] = None) -> Iterator["MethodRun"]:
+    def open(self, model: torch.nn.Module, evict: Optional[float] = None) -> Iterator[MethodRun]:
         """Attach to ``model`` for the block; yields a :class:`MethodRun`."""
         kind = self.kind
         if kind in ("nexusquant", "evict"):

@@ -94,7 +94,7 @@ def snapkv_scores(x: ScoreInputs) -> torch.Tensor:
 
 # attention module -> the model's rotary embedding module (ExpectedAttention rotates query
 # statistics to future positions with it). Weak keys: nothing is attached to the user's model.
-_ROTARY: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+_ROTARY: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
 
 
 def attach_rotary(model: torch.nn.Module) -> None:

@@ -21,8 +21,9 @@ import math
 import os
 import struct
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -151,7 +152,7 @@ def _probe(device: Any) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _host_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """E8P16 magnitude table, parity and arrangement index, read off the Rust codebook."""
     probe = get_codec(8, 2, 0)
@@ -168,7 +169,7 @@ def _host_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return abs_table.reshape(-1), parity, key_to_index
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_tables(index: int):
     import torch
 
@@ -181,7 +182,7 @@ def _device_tables(index: int):
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _half_table(index: int):
     """[256] x 16 bytes: a pattern's 8 magnitudes as fp16, coordinate 7 negated where the pattern's
     parity bit is set (the attention kernel then derives the eighth sign from the 7 stored ones)."""
@@ -193,7 +194,7 @@ def _half_table(index: int):
     return torch.from_numpy(t.view(np.uint8).copy()).to(torch.device("cuda", index))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rotation(head_dim: int, bits: int, seed: int, index: int):
     """Signs, block table and per-block scales of a codec's rotation, on device ``index``."""
     import torch
@@ -215,13 +216,13 @@ def _rotation(head_dim: int, bits: int, seed: int, index: int):
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _single_block_scale(padded: int) -> np.float32:
     """1/sqrt(P) as the CPU computes it, for a rotation that is one Hadamard block."""
     return np.float32(1.0) / np.sqrt(np.float32(padded))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     import torch
 
@@ -401,7 +402,7 @@ _split_plans: dict[tuple, tuple] = {}
 _ONE_GPU: list = []
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cu_launch():
     lib = ctypes.CDLL("libcuda.so.1")
     f = lib.cuLaunchKernel
@@ -589,7 +590,7 @@ def rotate_queries(codec, q):
     return torch.matmul(q.float(), rot)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dense_rotation(head_dim: int, bits: int, seed: int, index: int):
     """The rotation as a dense ``(head_dim, padded)`` matrix (rows: images of the unit vectors)."""
     import torch
@@ -597,7 +598,7 @@ def _dense_rotation(head_dim: int, bits: int, seed: int, index: int):
     return torch.tensor(dense_rotation(head_dim, bits, seed)[0], device=torch.device("cuda", index))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dense_inverse_rotation(head_dim: int, bits: int, seed: int, index: int):
     """``R^-1`` as a dense ``(padded, head_dim)`` matrix, for turning rotated accumulators back."""
     import torch
