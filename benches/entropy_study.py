@@ -41,15 +41,39 @@ OPTIONS: list[tuple[str, dict]] = [
     ("a  raw + zstd-19", dict(layout="raw", coder="zstd", zstd_level=19)),
     ("b  planes + zstd-3", dict(layout="planes", coder="zstd", token_delta=False, scale_delta=False, dedup_rows=False)),
     ("b  planes + rans", dict(layout="planes", coder="rans", token_delta=False, scale_delta=False, dedup_rows=False)),
-    ("b  planes + rans per column", dict(layout="planes", coder="rans-columns", token_delta=False, scale_delta=False, dedup_rows=False)),
+    (
+        "b  planes + rans per column",
+        dict(layout="planes", coder="rans-columns", token_delta=False, scale_delta=False, dedup_rows=False),
+    ),
     ("b  planes + auto", dict(layout="planes", coder="auto", token_delta=False, scale_delta=False, dedup_rows=False)),
-    ("b  planes + xor-delta + auto", dict(layout="planes", coder="auto", token_delta=True, scale_delta=False, dedup_rows=False)),
-    ("b  planes + auto, delta per plane", dict(layout="planes", coder="auto", token_delta="auto", scale_delta=False, dedup_rows=False)),
-    ("c  lattice + delta + zstd-3", dict(layout="lattice", coder="zstd", token_delta=True, scale_delta=False, dedup_rows=False)),
-    ("c  lattice + delta + auto", dict(layout="lattice", coder="auto", token_delta=True, scale_delta=False, dedup_rows=False)),
-    ("c  lattice, no delta + auto", dict(layout="lattice", coder="auto", token_delta=False, scale_delta=False, dedup_rows=False)),
-    ("d  planes + auto, delta per plane, scale delta", dict(layout="planes", coder="auto", token_delta="auto", scale_delta=True, dedup_rows=False)),
-    ("d  planes + auto, delta per plane, scale delta auto", dict(layout="planes", coder="auto", token_delta="auto", scale_delta="auto", dedup_rows=False)),
+    (
+        "b  planes + xor-delta + auto",
+        dict(layout="planes", coder="auto", token_delta=True, scale_delta=False, dedup_rows=False),
+    ),
+    (
+        "b  planes + auto, delta per plane",
+        dict(layout="planes", coder="auto", token_delta="auto", scale_delta=False, dedup_rows=False),
+    ),
+    (
+        "c  lattice + delta + zstd-3",
+        dict(layout="lattice", coder="zstd", token_delta=True, scale_delta=False, dedup_rows=False),
+    ),
+    (
+        "c  lattice + delta + auto",
+        dict(layout="lattice", coder="auto", token_delta=True, scale_delta=False, dedup_rows=False),
+    ),
+    (
+        "c  lattice, no delta + auto",
+        dict(layout="lattice", coder="auto", token_delta=False, scale_delta=False, dedup_rows=False),
+    ),
+    (
+        "d  planes + auto, delta per plane, scale delta",
+        dict(layout="planes", coder="auto", token_delta="auto", scale_delta=True, dedup_rows=False),
+    ),
+    (
+        "d  planes + auto, delta per plane, scale delta auto",
+        dict(layout="planes", coder="auto", token_delta="auto", scale_delta="auto", dedup_rows=False),
+    ),
     ("e  ... + repeated rows deduplicated (auto) = default", dict()),
     ("e  default with best (auto + zstd per plane)", dict(coder="best")),
 ]
@@ -163,8 +187,10 @@ def main() -> None:
     tensors = load(args.kvdir, texts)
     options = [o for o in OPTIONS if not args.only or any(o[0].startswith(p) for p in args.only)]
     n_streams = sum(len(range(0, x.shape[0] * x.shape[1], every)) for x in tensors.values())
-    print(f"{len(tensors)} tensors, {n_streams} streams of {TOKENS} tokens x {HEAD_DIM} dims, "
-          f"single thread, nexusquant._core; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"{len(tensors)} tensors, {n_streams} streams of {TOKENS} tokens x {HEAD_DIM} dims, "
+        f"single thread, nexusquant._core; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
     for bits in args.bits:
         data = []
         for name, x in tensors.items():
@@ -178,9 +204,12 @@ def main() -> None:
         for label, opts in options:
             size, tp, tu = measure(data, bits, opts)
             total = sum(size.values())
-            print(f"| {label} | {8 * total / total_dims:.4f} | {total / raw:.3f} | "
-                  + " | ".join(f"{8 * size[k] / dims[k]:.3f}" for k in KINDS)
-                  + f" | {raw / tp / 1e6:.0f} | {raw / tu / 1e6:.0f} |", flush=True)
+            print(
+                f"| {label} | {8 * total / total_dims:.4f} | {total / raw:.3f} | "
+                + " | ".join(f"{8 * size[k] / dims[k]:.3f}" for k in KINDS)
+                + f" | {raw / tp / 1e6:.0f} | {raw / tu / 1e6:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

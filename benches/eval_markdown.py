@@ -19,9 +19,11 @@ def main(path: str) -> int:
     result = json.loads(open(path, encoding="utf-8").read())
     cfg, env = result["config"], result["environment"]
     texts = ", ".join(t["name"] for t in result["texts"])
-    print(f"{env['model']['name']} ({env['model']['dtype']}), texts {texts}, prefix {cfg['prefixes']}, "
-          f"continuation {cfg['continuation']}, {cfg['retrieval_trials']} pass-key trials per text, "
-          f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} CPU threads\n")
+    print(
+        f"{env['model']['name']} ({env['model']['dtype']}), texts {texts}, prefix {cfg['prefixes']}, "
+        f"continuation {cfg['continuation']}, {cfg['retrieval_trials']} pass-key trials per text, "
+        f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} CPU threads\n"
+    )
     print("| method | ratio (prompt) | ratio (end) | PPL delta | pass keys |")
     print("|---|---|---|---|---|")
     rows = summary_rows(result)
@@ -35,7 +37,11 @@ def main(path: str) -> int:
 
     for r in sorted(rows, key=group):
         acc = f"{r['retrieval_correct']}/{r['retrieval_trials']}" if r["retrieval_trials"] else "-"
-        name = f"**{r['method']}**" if r["method"].startswith("nexusquant-") and "prerope" not in r["method"] else r["method"]
+        name = (
+            f"**{r['method']}**"
+            if r["method"].startswith("nexusquant-") and "prerope" not in r["method"]
+            else r["method"]
+        )
         print(f"| {name} | {r['ratio']:.2f}x | {r['ratio_end']:.2f}x | {r['ppl_delta_pct']:+.2f}% | {acc} |")
     return 0
 

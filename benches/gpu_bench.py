@@ -98,9 +98,19 @@ def bench_codec(copy_gbs, results):
         code_bytes = codes.numel() + scales.numel() * 2
         q_gbs = (in_bytes + code_bytes) / (q_ms / 1e3) / 1e9
         d_gbs = (in_bytes + code_bytes) / (d_ms / 1e3) / 1e9
-        rows.append(dict(bits=bits, vectors=n, quantize_ms=q_ms, quantize_GBps=q_gbs, quantize_vs_copy=q_gbs / copy_gbs,
-                         dequantize_ms=d_ms, dequantize_GBps=d_gbs, dequantize_vs_copy=d_gbs / copy_gbs,
-                         codes_differing_from_cpu=mismatched))
+        rows.append(
+            dict(
+                bits=bits,
+                vectors=n,
+                quantize_ms=q_ms,
+                quantize_GBps=q_gbs,
+                quantize_vs_copy=q_gbs / copy_gbs,
+                dequantize_ms=d_ms,
+                dequantize_GBps=d_gbs,
+                dequantize_vs_copy=d_gbs / copy_gbs,
+                codes_differing_from_cpu=mismatched,
+            )
+        )
         print(rows[-1], flush=True)
     results["codec"] = rows
 
@@ -144,7 +154,9 @@ def bench_decode_attention(copy_gbs, results):
 
             # Reference: the same compressed cache dequantized, then SDPA in float32.
             full_k, full_v = layer.materialize(_copy_view(view))
-            ref = F.scaled_dot_product_attention(q.float(), full_k.float(), full_v.float(), scale=scale, enable_gqa=True)
+            ref = F.scaled_dot_product_attention(
+                q.float(), full_k.float(), full_v.float(), scale=scale, enable_gqa=True
+            )
             got = nq_step().transpose(1, 2).float()
             rel = ((got - ref).norm() / ref.norm()).item()
             kf = torch.cat([k, nk], 2)
@@ -159,12 +171,23 @@ def bench_decode_attention(copy_gbs, results):
             g_sdpa = graph_timed(sdpa_step)
             kv_fp16 = 2 * kf.numel() * 2
             kv_nq = layer.nbytes()
-            rows.append(dict(batch=batch, tokens=tokens, nexusquant_ms=t_nq, sdpa_fp16_ms=t_sdpa,
-                             speedup=t_sdpa / t_nq, nexusquant_gpu_ms=g_nq, sdpa_fp16_gpu_ms=g_sdpa,
-                             gpu_speedup=(g_sdpa / g_nq) if g_nq and g_sdpa else None,
-                             nexusquant_floor_ms=kv_nq / (copy_gbs * 1e9) * 1e3,
-                             sdpa_floor_ms=kv_fp16 / (copy_gbs * 1e9) * 1e3,
-                             rel_error_vs_dequantized=rel, kv_fp16_MB=kv_fp16 / 1e6, kv_nexusquant_MB=kv_nq / 1e6))
+            rows.append(
+                dict(
+                    batch=batch,
+                    tokens=tokens,
+                    nexusquant_ms=t_nq,
+                    sdpa_fp16_ms=t_sdpa,
+                    speedup=t_sdpa / t_nq,
+                    nexusquant_gpu_ms=g_nq,
+                    sdpa_fp16_gpu_ms=g_sdpa,
+                    gpu_speedup=(g_sdpa / g_nq) if g_nq and g_sdpa else None,
+                    nexusquant_floor_ms=kv_nq / (copy_gbs * 1e9) * 1e3,
+                    sdpa_floor_ms=kv_fp16 / (copy_gbs * 1e9) * 1e3,
+                    rel_error_vs_dequantized=rel,
+                    kv_fp16_MB=kv_fp16 / 1e6,
+                    kv_nexusquant_MB=kv_nq / 1e6,
+                )
+            )
             print(rows[-1], flush=True)
             layer = k = v = full_k = full_v = None
             torch.cuda.empty_cache()
@@ -180,9 +203,17 @@ def _copy_view(view):
 def llama3_8b(layers=32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
-                      num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=262144,
-                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    cfg = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        max_position_embeddings=262144,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -196,8 +227,14 @@ def bench_end_to_end(results, contexts=(32768, 131072), new_tokens=128, layers=3
     weights = torch.cuda.memory_allocated()
     rows = []
     total = torch.cuda.get_device_properties(0).total_memory
-    e2e = results["end_to_end"] = dict(rows=rows, weights_GB=weights / 1e9, device_memory_GB=total / 1e9,
-                                       layers=layers, new_tokens=new_tokens, longest_context_extrapolated={})
+    e2e = results["end_to_end"] = dict(
+        rows=rows,
+        weights_GB=weights / 1e9,
+        device_memory_GB=total / 1e9,
+        layers=layers,
+        new_tokens=new_tokens,
+        longest_context_extrapolated={},
+    )
     modes = ("bf16 DynamicCache", *(f"nexusquant {p}" for p in presets))
     e2e["settings"] = {p: resolve_settings(p).as_dict() for p in presets}
     for ctx in contexts:
@@ -218,8 +255,14 @@ def bench_end_to_end(results, contexts=(32768, 131072), new_tokens=128, layers=3
                     nxt = out.logits[:, -1:].argmax(-1)
                     seq = torch.cat([ids, nxt], 1)
                     t0 = time.perf_counter()
-                    gen = model.generate(seq, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                         pad_token_id=0, **with_cache(model, cache))
+                    gen = model.generate(
+                        seq,
+                        max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens,
+                        do_sample=False,
+                        pad_token_id=0,
+                        **with_cache(model, cache),
+                    )
                     torch.cuda.synchronize()
                     decode_s = time.perf_counter() - t0
                     if session is not None:
@@ -227,8 +270,16 @@ def bench_end_to_end(results, contexts=(32768, 131072), new_tokens=128, layers=3
                     else:
                         kv_bytes = sum(l.keys.numel() * 2 + l.values.numel() * 2 for l in cache.layers)
                 peak = torch.cuda.max_memory_allocated()
-                rows.append(dict(context=ctx, mode=mode, peak_GB=peak / 1e9, kv_GB=kv_bytes / 1e9, prefill_s=prefill_s,
-                                 decode_tokens_per_s=(gen.shape[1] - seq.shape[1]) / decode_s))
+                rows.append(
+                    dict(
+                        context=ctx,
+                        mode=mode,
+                        peak_GB=peak / 1e9,
+                        kv_GB=kv_bytes / 1e9,
+                        prefill_s=prefill_s,
+                        decode_tokens_per_s=(gen.shape[1] - seq.shape[1]) / decode_s,
+                    )
+                )
             except Exception as e:  # record and go on: one failing row must not lose the others
                 import traceback
 
@@ -256,46 +307,69 @@ class _null:
 
 
 def tables(results) -> str:
-    lines = [f"Measured on {results['device']} ({results['date']}), `python benches/gpu_bench.py --phase {results['phase']}`.", ""]
+    lines = [
+        f"Measured on {results['device']} ({results['date']}), `python benches/gpu_bench.py --phase {results['phase']}`.",
+        "",
+    ]
     if "copy_GBps" in results:
         lines.append(f"Device-to-device copy: {results['copy_GBps']:.0f} GB/s (bytes read + written).\n")
     if "codec" in results:
-        lines += ["| bits | quantize GB/s | vs copy | dequantize GB/s | vs copy | codes differing from CPU |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| bits | quantize GB/s | vs copy | dequantize GB/s | vs copy | codes differing from CPU |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in results["codec"]:
-            lines.append(f"| {r['bits']} | {r['quantize_GBps']:.0f} | {r['quantize_vs_copy']:.0%} | {r['dequantize_GBps']:.0f} | "
-                         f"{r['dequantize_vs_copy']:.0%} | {r['codes_differing_from_cpu']} |")
+            lines.append(
+                f"| {r['bits']} | {r['quantize_GBps']:.0f} | {r['quantize_vs_copy']:.0%} | {r['dequantize_GBps']:.0f} | "
+                f"{r['dequantize_vs_copy']:.0%} | {r['codes_differing_from_cpu']} |"
+            )
         lines.append("")
     if "decode_attention" in results:
         f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         x = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
-        lines += ["Per call (host launch included, what a decode step pays) and GPU only (the same calls "
-                  "replayed from a CUDA graph); floor = bytes the call must read / copy bandwidth.", "",
-                  "| batch | tokens | nexusquant ms | SDPA fp16 ms | speedup | nexusquant GPU ms | SDPA GPU ms | "
-                  "GPU speedup | floor ms nq / SDPA | KV MB fp16 → nexusquant | rel. error |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "Per call (host launch included, what a decode step pays) and GPU only (the same calls "
+            "replayed from a CUDA graph); floor = bytes the call must read / copy bandwidth.",
+            "",
+            "| batch | tokens | nexusquant ms | SDPA fp16 ms | speedup | nexusquant GPU ms | SDPA GPU ms | "
+            "GPU speedup | floor ms nq / SDPA | KV MB fp16 → nexusquant | rel. error |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in results["decode_attention"]:
-            lines.append(f"| {r['batch']} | {r['tokens']} | {r['nexusquant_ms']:.3f} | {r['sdpa_fp16_ms']:.3f} | "
-                         f"{r['speedup']:.2f}x | {f(r.get('nexusquant_gpu_ms'))} | {f(r.get('sdpa_fp16_gpu_ms'))} | "
-                         f"{x(r.get('gpu_speedup'))} | {f(r.get('nexusquant_floor_ms'))} / {f(r.get('sdpa_floor_ms'))} | "
-                         f"{r['kv_fp16_MB']:.0f} → {r['kv_nexusquant_MB']:.0f} | {r['rel_error_vs_dequantized']:.1e} |")
+            lines.append(
+                f"| {r['batch']} | {r['tokens']} | {r['nexusquant_ms']:.3f} | {r['sdpa_fp16_ms']:.3f} | "
+                f"{r['speedup']:.2f}x | {f(r.get('nexusquant_gpu_ms'))} | {f(r.get('sdpa_fp16_gpu_ms'))} | "
+                f"{x(r.get('gpu_speedup'))} | {f(r.get('nexusquant_floor_ms'))} / {f(r.get('sdpa_floor_ms'))} | "
+                f"{r['kv_fp16_MB']:.0f} → {r['kv_nexusquant_MB']:.0f} | {r['rel_error_vs_dequantized']:.1e} |"
+            )
         lines.append("")
     if "end_to_end" in results:
         e = results["end_to_end"]
-        lines += [f"Llama-3-8B-shaped ({e.get('layers', 32)} layers), random bf16 weights ({e['weights_GB']:.1f} GB), "
-                  f"device memory {e['device_memory_GB']:.0f} GB, {e.get('new_tokens', 128)} new tokens, batch 1.", "",
-                  "| context | cache | peak GB | KV GB | prefill s | decode tok/s |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"Llama-3-8B-shaped ({e.get('layers', 32)} layers), random bf16 weights ({e['weights_GB']:.1f} GB), "
+            f"device memory {e['device_memory_GB']:.0f} GB, {e.get('new_tokens', 128)} new tokens, batch 1.",
+            "",
+            "| context | cache | peak GB | KV GB | prefill s | decode tok/s |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in e["rows"]:
             if "error" in r:
                 lines.append(f"| {r['context']} | {r['mode']} | failed: {r['error'][:80]} | | | |")
                 continue
-            lines.append(f"| {r['context']} | {r['mode']} | {r['peak_GB']:.1f} | {r['kv_GB']:.2f} | {r['prefill_s']:.1f} | {r['decode_tokens_per_s']:.1f} |")
+            lines.append(
+                f"| {r['context']} | {r['mode']} | {r['peak_GB']:.1f} | {r['kv_GB']:.2f} | {r['prefill_s']:.1f} | {r['decode_tokens_per_s']:.1f} |"
+            )
         lines.append("")
         for p, st in e.get("settings", {}).items():
-            lines.append(f"nexusquant {p}: evict {st['evict']}, demote {st['demote']}, key/value bits {st['key_bits']}/{st['value_bits']}, "
-                         f"recent window {st['recent_window']}.")
+            lines.append(
+                f"nexusquant {p}: evict {st['evict']}, demote {st['demote']}, key/value bits {st['key_bits']}/{st['value_bits']}, "
+                f"recent window {st['recent_window']}."
+            )
         lines.append("")
         for mode, n in e["longest_context_extrapolated"].items():
-            lines.append(f"Longest context that fits ({mode}), extrapolated from the peak memory per token: {n:,} tokens.")
+            lines.append(
+                f"Longest context that fits ({mode}), extrapolated from the peak memory per token: {n:,} tokens."
+            )
     return "\n".join(lines)
 
 
@@ -309,8 +383,13 @@ def main():
     ap.add_argument("--presets", default="balanced", help="e2e: nexusquant presets run beside the bf16 cache")
     args = ap.parse_args()
     assert gpu.available(), "CUDA kernels unavailable"
-    results = dict(device=torch.cuda.get_device_name(0), date=str(date.today()), phase=args.phase,
-                   torch=torch.__version__, host=platform.node())
+    results = dict(
+        device=torch.cuda.get_device_name(0),
+        date=str(date.today()),
+        phase=args.phase,
+        torch=torch.__version__,
+        host=platform.node(),
+    )
     if args.phase in ("kernels", "all"):
         results["copy_GBps"] = copy_bandwidth()
         bench_codec(results["copy_GBps"], results)
@@ -327,8 +406,14 @@ def main():
     if args.phase in ("kernels", "all"):
         save()
     if args.phase in ("e2e", "all"):
-        bench_end_to_end(results, tuple(int(c) for c in args.contexts.split(",")), args.new_tokens, args.layers, save,
-                         tuple(args.presets.split(",")))
+        bench_end_to_end(
+            results,
+            tuple(int(c) for c in args.contexts.split(",")),
+            args.new_tokens,
+            args.layers,
+            save,
+            tuple(args.presets.split(",")),
+        )
     print(save())
 
 

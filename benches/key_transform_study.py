@@ -129,7 +129,9 @@ def code_values(spec: str, v: torch.Tensor) -> tuple[torch.Tensor, int]:
     center = v.mean(2, keepdim=True)
     codec = get_codec(v.shape[-1], bits, 0)
     codes, scales = encode_tensor(codec, v - center)
-    return decode_tensor(codec, codes, scales, torch.float32) + center, codes.numel() + scales.numel() * 2 + center.numel() * 2
+    return decode_tensor(
+        codec, codes, scales, torch.float32
+    ) + center, codes.numel() + scales.numel() * 2 + center.numel() * 2
 
 
 def run_variant(model, cache, cont_ids, spec: str, prefix: int, cos, sin, queries=None):
@@ -174,7 +176,9 @@ def main() -> int:
     ap.add_argument("--text", nargs="+", default=["alice29", "lcet10", "decode.c"])
     ap.add_argument("--prefix", type=int, default=1024)
     ap.add_argument("--continuation", type=int, default=128)
-    ap.add_argument("--offset", type=float, default=0.0, help="start of the prefix as a fraction of the text (0.5: the middle)")
+    ap.add_argument(
+        "--offset", type=float, default=0.0, help="start of the prefix as a fraction of the text (0.5: the middle)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -197,8 +201,10 @@ def main() -> int:
             d = 100 * (math.exp(nll(first, logits, cont[0]) - base) - 1)
             row = {"text": text.name, "prefix": args.prefix, "variant": spec, "ppl_delta_pct": d, **info}
             rows.append(row)
-            print(f"{text.name:10s} {spec:24s} ratio {info['ratio']:6.2f} key bits {info['key_bits']:5.2f}  dPPL {d:+7.2f}%",
-                  flush=True)
+            print(
+                f"{text.name:10s} {spec:24s} ratio {info['ratio']:6.2f} key bits {info['key_bits']:5.2f}  dPPL {d:+7.2f}%",
+                flush=True,
+            )
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -206,8 +212,10 @@ def main() -> int:
     print("\nmeans over texts")
     for spec in args.variants:
         sel = [r for r in rows if r["variant"] == spec]
-        print(f"{spec:24s} ratio {sum(r['ratio'] for r in sel) / len(sel):6.2f} key bits "
-              f"{sum(r['key_bits'] for r in sel) / len(sel):5.2f}  dPPL {sum(r['ppl_delta_pct'] for r in sel) / len(sel):+7.2f}%")
+        print(
+            f"{spec:24s} ratio {sum(r['ratio'] for r in sel) / len(sel):6.2f} key bits "
+            f"{sum(r['key_bits'] for r in sel) / len(sel):5.2f}  dPPL {sum(r['ppl_delta_pct'] for r in sel) / len(sel):+7.2f}%"
+        )
     return 0
 
 

@@ -59,9 +59,16 @@ def build_model(args):
     if args.smoke:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=args.layers,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=512,
-                          max_position_embeddings=8192)
+        cfg = LlamaConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=args.layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            vocab_size=512,
+            max_position_embeddings=8192,
+        )
         torch.manual_seed(0)
         return LlamaForCausalLM(cfg).eval()
     from gpu_bench import llama3_8b
@@ -85,12 +92,17 @@ def split(model, devices: list, force_hooks: bool = False) -> dict:
     from accelerate import dispatch_model
 
     # Values as from_pretrained passes them: a GPU's index, or "cpu".
-    dm = split_device_map(model, [torch.device(d).index or 0 if torch.device(d).type == "cuda" else "cpu"
-                                  for d in devices])
+    dm = split_device_map(
+        model, [torch.device(d).index or 0 if torch.device(d).type == "cuda" else "cpu" for d in devices]
+    )
     # Exactly what transformers' from_pretrained(device_map=...) does: the cache argument is left
     # where it is; every other input of a layer is moved to the layer's device by a hook.
-    dispatch_model(model, device_map=dm, skip_keys=model._skip_keys_device_placement,
-                   force_hooks=force_hooks or all(torch.device(d).type == "cpu" for d in devices))
+    dispatch_model(
+        model,
+        device_map=dm,
+        skip_keys=model._skip_keys_device_placement,
+        force_hooks=force_hooks or all(torch.device(d).type == "cpu" for d in devices),
+    )
     return {k: str(v) for k, v in dm.items()}
 
 
@@ -154,8 +166,12 @@ def placement(cache, model) -> dict:
             kv_bytes[str(dev)] += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
             if layer.keys.device != dev:
                 wrong.append(f"layer {i}: keys on {layer.keys.device}, weights on {dev}")
-    return dict(layers_per_device=dict(per_device), kv_bytes_per_device=dict(kv_bytes), wrong=wrong,
-                code_tensors_checked=codes_checked)
+    return dict(
+        layers_per_device=dict(per_device),
+        kv_bytes_per_device=dict(kv_bytes),
+        wrong=wrong,
+        code_tensors_checked=codes_checked,
+    )
 
 
 class CompressTimer:
@@ -185,6 +201,7 @@ class CompressTimer:
                 e.record(stream)
                 timer.pairs.append((str(layer.device), s, e))
                 return out
+
             return wrapper
 
         att._scores = timed(self.orig_scores, lambda a: a[0])
@@ -228,9 +245,16 @@ def run_once(model, ids, new_tokens, compressed: bool, devices, timer: CompressT
         seq = torch.cat([ids, nxt.to(ids.device)], 1)
         del out
         t0 = time.perf_counter()
-        gen = model.generate(seq, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=0, output_logits=True, return_dict_in_generate=True,
-                             **with_cache(model, cache))
+        gen = model.generate(
+            seq,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **with_cache(model, cache),
+        )
         sync(devices)
         decode_s = time.perf_counter() - t0
         fused = None
@@ -253,8 +277,11 @@ def run_once(model, ids, new_tokens, compressed: bool, devices, timer: CompressT
         code_tensors_checked=place["code_tensors_checked"],
         decode_read_codes_in_every_layer=fused,
     )
-    logits = dict(prefill=prefill_logits, steps=torch.stack(gen.logits, 1).float().cpu(),
-                  tokens=gen.sequences[:, seq.shape[1]:].cpu())
+    logits = dict(
+        prefill=prefill_logits,
+        steps=torch.stack(gen.logits, 1).float().cpu(),
+        tokens=gen.sequences[:, seq.shape[1] :].cpu(),
+    )
     del cache, gen, session
     return row, logits
 
@@ -276,8 +303,12 @@ def compare(a: dict, b: dict) -> dict:
         x, y = a[k], b[k]
         diff = (x - y).abs().max().item()
         scale = x.abs().max().item()
-        res[k] = dict(max_abs_diff=diff, max_abs_logit=scale, rel=diff / scale if scale else 0.0,
-                      bit_identical=bool(torch.equal(x, y)))
+        res[k] = dict(
+            max_abs_diff=diff,
+            max_abs_logit=scale,
+            rel=diff / scale if scale else 0.0,
+            bit_identical=bool(torch.equal(x, y)),
+        )
     same = a["tokens"].shape == b["tokens"].shape and bool(torch.equal(a["tokens"], b["tokens"]))
     res["tokens_identical"] = same
     res["within_tolerance"] = same and all(res[k]["rel"] <= LOGIT_RTOL for k in ("prefill", "steps"))
@@ -288,10 +319,12 @@ def compare(a: dict, b: dict) -> dict:
         i = int(differing[0])
         top = x[:, i].topk(2, dim=-1).values
         res["first_differing_step"] = dict(
-            step=i, max_abs_diff=per_step[i].item(),
+            step=i,
+            max_abs_diff=per_step[i].item(),
             greedy_token_same=bool(torch.equal(x[:, i].argmax(-1), y[:, i].argmax(-1))),
             top2_margin=(top[:, 0] - top[:, 1]).min().item(),
-            tokens_same_before=bool(torch.equal(a["tokens"][:, :i], b["tokens"][:, :i])))
+            tokens_same_before=bool(torch.equal(a["tokens"][:, :i], b["tokens"][:, :i])),
+        )
     return res
 
 
@@ -325,8 +358,13 @@ def kernel_placement(model, devices, context: int) -> dict:
         for dev, n_layers in layers.items():
             if per.get(dev, 0) * total_layers != total * n_layers:
                 ok = False
-    return dict(context=context, new_tokens=3, kernels={k: dict(v) for k, v in counts.items()},
-                layers_per_device=dict(layers), proportional_to_layers=ok)
+    return dict(
+        context=context,
+        new_tokens=3,
+        kernels={k: dict(v) for k, v in counts.items()},
+        layers_per_device=dict(layers),
+        proportional_to_layers=ok,
+    )
 
 
 def tables(res: dict) -> str:
@@ -341,8 +379,11 @@ def tables(res: dict) -> str:
         f"layers {e['layers'] // 2}–{e['layers'] - 1} with norm and head on cuda:1.",
         "",
         "Allocated before the runs (weights, kernel tables): "
-        + "; ".join(f"{k}: " + ", ".join(f"{d} {v:.1f} GB" for d, v in a.items())
-                    for k, a in e.get("allocated_GB_before_runs", {}).items()) + ".",
+        + "; ".join(
+            f"{k}: " + ", ".join(f"{d} {v:.1f} GB" for d, v in a.items())
+            for k, a in e.get("allocated_GB_before_runs", {}).items()
+        )
+        + ".",
         "",
         "| placement | cache | peak GB cuda:0 | peak GB cuda:1 | KV GB (cuda:0 + cuda:1) | prefill s | "
         "compress s | decode tok/s |",
@@ -356,9 +397,11 @@ def tables(res: dict) -> str:
         kv = r["kv_GB_per_device"]
         kv_s = " + ".join(f"{kv.get(d, 0.0):.2f}" for d in ("cuda:0", "cuda:1")) if len(kv) > 1 else f"{r['kv_GB']:.2f}"
         comp = f"{r['compress_s']:.2f}" if r["cache"].startswith("nexusquant") else "–"
-        lines.append(f"| {r['placement']} | {r['cache']}{' #' + str(r['repeat']) if r.get('repeat') else ''} | "
-                     f"{pk.get('cuda:0', 0):.1f} | {pk.get('cuda:1', 0):.1f} | {kv_s} | {r['prefill_s']:.2f} | "
-                     f"{comp} | {r['decode_tokens_per_s']:.1f} |")
+        lines.append(
+            f"| {r['placement']} | {r['cache']}{' #' + str(r['repeat']) if r.get('repeat') else ''} | "
+            f"{pk.get('cuda:0', 0):.1f} | {pk.get('cuda:1', 0):.1f} | {kv_s} | {r['prefill_s']:.2f} | "
+            f"{comp} | {r['decode_tokens_per_s']:.1f} |"
+        )
     lines.append("")
     for name, c in e.get("comparisons", {}).items():
         if "error" in c:
@@ -369,22 +412,32 @@ def tables(res: dict) -> str:
             f"(bit-identical {c['prefill']['bit_identical']}); decode logits max |Δ| {c['steps']['max_abs_diff']:.3g} "
             f"over {e['new_tokens']} steps (bit-identical {c['steps']['bit_identical']}); "
             f"within tolerance (max |Δ| ≤ {LOGIT_RTOL:g} × max |logit|): {c['within_tolerance']}"
-            + (f"; first differing decode step {c['first_differing_step']['step']} (max |Δ| "
-               f"{c['first_differing_step']['max_abs_diff']:.3g}, top-2 logit margin there "
-               f"{c['first_differing_step']['top2_margin']:.3g}, same greedy token "
-               f"{c['first_differing_step']['greedy_token_same']})" if "first_differing_step" in c else "") + ".")
+            + (
+                f"; first differing decode step {c['first_differing_step']['step']} (max |Δ| "
+                f"{c['first_differing_step']['max_abs_diff']:.3g}, top-2 logit margin there "
+                f"{c['first_differing_step']['top2_margin']:.3g}, same greedy token "
+                f"{c['first_differing_step']['greedy_token_same']})"
+                if "first_differing_step" in c
+                else ""
+            )
+            + "."
+        )
     for r in e["rows"]:
         if r.get("cache", "").startswith("nexusquant") and "error" not in r and r["placement"] == "split":
-            lines.append(f"- Placement ({r['placement']}, repeat {r.get('repeat', 1)}): layers per device "
-                         f"{r['layers_per_device']}; {r['code_tensors_checked']} code tensors and every other cache "
-                         f"tensor checked, {r['misplaced_count']} off their layer's device; decode read the codes "
-                         f"(fused kernel) in every layer: {r['decode_read_codes_in_every_layer']}.")
+            lines.append(
+                f"- Placement ({r['placement']}, repeat {r.get('repeat', 1)}): layers per device "
+                f"{r['layers_per_device']}; {r['code_tensors_checked']} code tensors and every other cache "
+                f"tensor checked, {r['misplaced_count']} off their layer's device; decode read the codes "
+                f"(fused kernel) in every layer: {r['decode_read_codes_in_every_layer']}."
+            )
     kp = e.get("kernel_placement")
     if kp and "kernels" in kp:
         per = "; ".join(f"`{k}` {v}" for k, v in sorted(kp["kernels"].items()))
-        lines.append(f"- Kernels per GPU (profiled split run, prefill {kp['context']} + {kp['new_tokens']} tokens): "
-                     f"{per}; layers per GPU {kp['layers_per_device']}; counts proportional to the layers: "
-                     f"{kp['proportional_to_layers']}.")
+        lines.append(
+            f"- Kernels per GPU (profiled split run, prefill {kp['context']} + {kp['new_tokens']} tokens): "
+            f"{per}; layers per GPU {kp['layers_per_device']}; counts proportional to the layers: "
+            f"{kp['proportional_to_layers']}."
+        )
     elif kp:
         lines.append(f"- Kernels per GPU: {kp}")
     return "\n".join(lines)
@@ -396,7 +449,9 @@ def main():
     ap.add_argument("--context", type=int, default=65536)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2, help="runs of each configuration: timing spread and run-to-run logits")
+    ap.add_argument(
+        "--repeats", type=int, default=2, help="runs of each configuration: timing spread and run-to-run logits"
+    )
     ap.add_argument("--devices", default="cuda:0,cuda:1")
     ap.add_argument("--profile-context", type=int, default=4096)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script, measures nothing")
@@ -413,11 +468,19 @@ def main():
         assert gpu.available(devices[0]) and gpu.available(devices[1]), "CUDA kernels unavailable"
     res = dict(
         device_name=torch.cuda.get_device_name(gpus[0]) if gpus else platform.processor() or "cpu",
-        gpus=len(gpus), date=str(date.today()), torch=torch.__version__, transformers=transformers.__version__,
-        accelerate=accelerate.__version__, host=platform.node(), context=args.context, new_tokens=args.new_tokens,
-        layers=args.layers, logit_rtol=LOGIT_RTOL,
+        gpus=len(gpus),
+        date=str(date.today()),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        accelerate=accelerate.__version__,
+        host=platform.node(),
+        context=args.context,
+        new_tokens=args.new_tokens,
+        layers=args.layers,
+        logit_rtol=LOGIT_RTOL,
         command="python benches/multi_gpu.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        rows=[], comparisons={},
+        rows=[],
+        comparisons={},
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -490,14 +553,17 @@ def main():
                     pairs.append((f"run to run ({placement}), {label}", (placement, label, 1), (placement, label, 2)))
         for name, ka, kb in pairs:
             a, b = logits.get(ka), logits.get(kb)
-            res["comparisons"][name] = compare(a, b) if a is not None and b is not None else dict(
-                error="a run failed: nothing to compare")
+            res["comparisons"][name] = (
+                compare(a, b) if a is not None and b is not None else dict(error="a run failed: nothing to compare")
+            )
         a, b = logits.get(("one GPU", "nexusquant balanced", 1)), logits.get(("one GPU", "bf16 DynamicCache", 1))
         if a is not None and b is not None:  # context only: how far compression moves the logits
             c = compare(b, a)
-            res["nexusquant_vs_bf16_one_gpu"] = dict(prefill_bit_identical=c["prefill"]["bit_identical"],
-                                                     decode_max_abs_diff=c["steps"]["max_abs_diff"],
-                                                     tokens_identical=c["tokens_identical"])
+            res["nexusquant_vs_bf16_one_gpu"] = dict(
+                prefill_bit_identical=c["prefill"]["bit_identical"],
+                decode_max_abs_diff=c["steps"]["max_abs_diff"],
+                tokens_identical=c["tokens_identical"],
+            )
         print(save())
 
 

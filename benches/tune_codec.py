@@ -22,9 +22,7 @@ def main() -> None:
         print(f"bits={bits}: mse={best[0]:.5f} scale_factor={best[1]}")
     for bits, ratios in ((3, np.arange(0.35, 0.8, 0.025)), (4, np.arange(0.2, 0.36, 0.01))):
         best = min(
-            (mse(x, bits, sf, rr), round(sf, 3), round(rr, 3))
-            for sf in np.arange(0.95, 1.4, 0.025)
-            for rr in ratios
+            (mse(x, bits, sf, rr), round(sf, 3), round(rr, 3)) for sf in np.arange(0.95, 1.4, 0.025) for rr in ratios
         )
         print(f"bits={bits}: mse={best[0]:.5f} scale_factor={best[1]} residual_ratio={best[2]}")
 

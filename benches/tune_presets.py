@@ -70,9 +70,20 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     wanted = set(args.texts.split(","))
     texts = [p for p in segments(out) if Path(p).name.split(".middle")[0] in wanted]
-    result = run(texts=texts, prefixes=[args.prefix], continuation=args.continuation, methods=[], presets=["balanced"],
-                 variants=args.variants or GRID, retrieval_trials=args.trials, seed=1, out=out, plot=False,
-                 progress=False, echo=lambda s: print(s, file=sys.stderr))
+    result = run(
+        texts=texts,
+        prefixes=[args.prefix],
+        continuation=args.continuation,
+        methods=[],
+        presets=["balanced"],
+        variants=args.variants or GRID,
+        retrieval_trials=args.trials,
+        seed=1,
+        out=out,
+        plot=False,
+        progress=False,
+        echo=lambda s: print(s, file=sys.stderr),
+    )
     rows = sorted(summary_rows(result), key=lambda r: r["ratio"])
     print(f"\nprefix {args.prefix}, continuation {args.continuation}, texts {', '.join(Path(t).name for t in texts)}")
     print(f"{'variant':58s} {'ratio':>6s} {'dppl':>8s} {'pass key':>9s}")

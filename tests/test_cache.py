@@ -116,8 +116,17 @@ def test_eviction_equals_an_explicitly_pruned_cache(family):
     model = make_tiny(family)
     ids = _ids(110, seed=2)
     prompt, cont = ids[:, :96], ids[:, 96:]
-    knobs = dict(evict=0.5, demote=0.2, key_bits=16, value_bits=16, coarse_key_bits=16, coarse_value_bits=16,
-                 recent_window=8, block=64, sink_tokens=2)
+    knobs = dict(
+        evict=0.5,
+        demote=0.2,
+        key_bits=16,
+        value_bits=16,
+        coarse_key_bits=16,
+        coarse_value_bits=16,
+        recent_window=8,
+        block=64,
+        sink_tokens=2,
+    )
     cache = nq.NexusQuantCache(model.config, record_positions=True, **knobs)
     full = DynamicCache()
     with torch.no_grad():
@@ -276,8 +285,7 @@ def test_multi_turn_with_the_same_cache():
             got = model(turn2, **with_cache(model, cache), use_cache=True).logits
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
         with nq.nexusquant_evict(model, quality="balanced", recent_window=8) as s:
-            out = model.generate(turn1, max_new_tokens=5, do_sample=False, pad_token_id=0,
-                                 return_dict_in_generate=True)
+            out = model.generate(turn1, max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
             cache = output_cache(out)
             seen1 = cache.get_seq_length()
             ids2 = torch.cat([out.sequences, turn2], dim=1)
@@ -310,7 +318,9 @@ def _tensor_bytes(obj, seen=None) -> int:
 def test_nbytes_counts_every_tensor_held():
     model = make_tiny("gemma3")
     ids = _ids(200, seed=11)
-    _, cache, stats = compressed_logits(model, ids[:, :160], ids[:, 160:], quality="balanced", recent_window=8, block=16, demote=0.2)
+    _, cache, stats = compressed_logits(
+        model, ids[:, :160], ids[:, 160:], quality="balanced", recent_window=8, block=16, demote=0.2
+    )
     for layer in cache.layers:
         assert layer.nbytes() == _tensor_bytes(layer)
     assert stats["nbytes"] == sum(layer.nbytes() for layer in cache.layers)
@@ -327,8 +337,14 @@ def test_bad_settings_raise_clear_errors():
     with pytest.raises(nq.NexusQuantError, match="unknown setting"):
         with nq.nexusquant_evict(model, evict_rate=0.5):
             pass
-    for bad in (dict(evict=1.2), dict(key_bits=5), dict(scorer="magic"), dict(evict=0.6, demote=0.5),
-                dict(pool_kernel=4), dict(key_domain="sideways")):
+    for bad in (
+        dict(evict=1.2),
+        dict(key_bits=5),
+        dict(scorer="magic"),
+        dict(evict=0.6, demote=0.5),
+        dict(pool_kernel=4),
+        dict(key_domain="sideways"),
+    ):
         with pytest.raises(nq.NexusQuantError):
             nq.NexusQuantCache(model.config, **bad)
     assert isinstance(nq.NexusQuantError("x"), ValueError)
@@ -361,8 +377,16 @@ def test_families_are_supported_on_current_transformers():
 def test_unsupported_model_is_named():
     from transformers import BertConfig, BertLMHeadModel
 
-    model = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=32, is_decoder=True))
+    model = BertLMHeadModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            is_decoder=True,
+        )
+    )
     with pytest.raises(nq.NexusQuantError, match="model type 'bert' is not supported"):
         with nq.nexusquant_evict(model):
             pass

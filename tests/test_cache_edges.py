@@ -111,7 +111,9 @@ def test_codec_pickles_and_is_shared_by_deepcopy():
     assert again.encode(x).to_bytes() == codec.encode(x).to_bytes()
 
 
-@pytest.mark.parametrize("args", [(64, 2, -1), (64, 2, 2**64), (64, 2, 1.5), (2**70, 2, 0), (64, 2**70, 0), (64, "2", 0)])
+@pytest.mark.parametrize(
+    "args", [(64, 2, -1), (64, 2, 2**64), (64, 2, 1.5), (2**70, 2, 0), (64, 2**70, 0), (64, "2", 0)]
+)
 def test_codec_arguments_out_of_range_are_nexusquant_errors(args):
     with pytest.raises(nq.NexusQuantError):
         nq.E8Codec(*args)

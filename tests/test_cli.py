@@ -12,15 +12,18 @@ import pytest
 from nexusquant.cli import main
 
 
-@pytest.mark.parametrize("argv", [
-    ["eval", "--threads", "0"],
-    ["eval", "--threads", "-2"],
-    ["eval", "--methods", ""],
-    ["eval", "--presets", ","],
-    ["eval", "--prefix", "0"],
-    ["eval", "--continuation", "0"],
-    ["eval", "--retrieval-trials", "-1"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "--threads", "0"],
+        ["eval", "--threads", "-2"],
+        ["eval", "--methods", ""],
+        ["eval", "--presets", ","],
+        ["eval", "--prefix", "0"],
+        ["eval", "--continuation", "0"],
+        ["eval", "--retrieval-trials", "-1"],
+    ],
+)
 def test_bad_eval_arguments_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -60,8 +63,9 @@ def test_inspect_into_a_closed_pipe_is_quiet(tmp_path):
     path = tmp_path / "c.nqkv"
     nq.save_cache(cache, path)
     # `nexusquant inspect FILE | head -1`: the reader closes the pipe after one line.
-    with subprocess.Popen([sys.executable, "-m", "nexusquant.cli", "inspect", str(path)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as inspect:
+    with subprocess.Popen(
+        [sys.executable, "-m", "nexusquant.cli", "inspect", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as inspect:
         assert inspect.stdout is not None and inspect.stderr is not None
         inspect.stdout.close()  # nobody reads: the first write fails with EPIPE
         err = inspect.stderr.read().decode()

@@ -183,8 +183,11 @@ def test_e8_nearest_bad_input(x, pattern):
         nq.e8_nearest(x)
 
 
-@pytest.mark.parametrize("x", [np.zeros((3, 8), np.float64), np.zeros((3, 8), np.int32), np.zeros((3, 8), np.float16)],
-                         ids=["float64", "int32", "float16"])
+@pytest.mark.parametrize(
+    "x",
+    [np.zeros((3, 8), np.float64), np.zeros((3, 8), np.int32), np.zeros((3, 8), np.float16)],
+    ids=["float64", "int32", "float16"],
+)
 def test_e8_nearest_wrong_dtype_raises_nexusquant_error(x):
     """Only float32 is accepted (nothing is converted silently); other dtypes say so."""
     with pytest.raises(NexusQuantError, match="float32|dtype"):
@@ -387,8 +390,25 @@ def test_error_type_is_a_picklable_value_error():
         (lambda: _poke(torch.ones(4, 128, dtype=torch.bfloat16), (0, 9), float("nan")), r"vector 0 holds NaN"),
         (lambda: _poke(torch.ones(4, 128), (2, 1), float("inf")), r"vector 2 holds NaN or infinity"),
     ],
-    ids=["last-dim", "transposed", "scalar", "empty", "empty-middle", "empty-torch", "float64", "int32",
-         "uint16", "torch-float64", "torch-int64", "list", "nan", "inf", "fp16-inf", "bf16-nan", "torch-inf"],
+    ids=[
+        "last-dim",
+        "transposed",
+        "scalar",
+        "empty",
+        "empty-middle",
+        "empty-torch",
+        "float64",
+        "int32",
+        "uint16",
+        "torch-float64",
+        "torch-int64",
+        "list",
+        "nan",
+        "inf",
+        "fp16-inf",
+        "bf16-nan",
+        "torch-inf",
+    ],
 )
 def test_encode_bad_input(make, pattern):
     with pytest.raises(NexusQuantError, match=pattern):
@@ -500,8 +520,14 @@ def test_threads_give_the_sequential_results():
         out = []
         for _ in range(5):
             enc = codec.encode(x)
-            out.append((enc.to_bytes(), codec.decode(enc), nq.e8_nearest(e8_in[k]),
-                        codec.decode(E8Encoded.from_bytes(enc.to_bytes()))))
+            out.append(
+                (
+                    enc.to_bytes(),
+                    codec.decode(enc),
+                    nq.e8_nearest(e8_in[k]),
+                    codec.decode(E8Encoded.from_bytes(enc.to_bytes())),
+                )
+            )
         return out
 
     with ThreadPoolExecutor(8) as pool:

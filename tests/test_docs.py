@@ -22,8 +22,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Set NEXUSQUANT_SLOW_DOCS=1 to run them anyway.
 SLOW = {
     ("docs/EVAL.md", 14): "runs the whole quick evaluation (SmolLM2-135M, about 70 s on 2 cores) and an all-methods "
-                          "evaluation at 2048 tokens with 20 pass-key trials (an hour); tests/test_eval.py runs "
-                          "evaluate() on small inputs",
+    "evaluation at 2048 tokens with 20 pass-key trials (an hour); tests/test_eval.py runs "
+    "evaluate() on small inputs",
 }
 
 
@@ -32,8 +32,9 @@ def _blocks():
         text = doc.read_text(encoding="utf-8")
         for m in re.finditer(r"^```python\n(.*?)^```", text, flags=re.S | re.M):
             line = text[: m.start()].count("\n") + 1
-            yield pytest.param(doc.relative_to(ROOT).as_posix(), line, m.group(1),
-                               id=f"{doc.relative_to(ROOT).as_posix()}:{line}")
+            yield pytest.param(
+                doc.relative_to(ROOT).as_posix(), line, m.group(1), id=f"{doc.relative_to(ROOT).as_posix()}:{line}"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +48,27 @@ def setup(tmp_path_factory):
     if not (smollm2 / "config.json").exists():
         load_model("smollm2")  # converts the packaged GGUF once
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("docs-model")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    text = (ROOT / "python" / "nexusquant" / "eval" / "corpus" / "alice29.txt").read_text(encoding="utf-8", errors="replace")
+    text = (ROOT / "python" / "nexusquant" / "eval" / "corpus" / "alice29.txt").read_text(
+        encoding="utf-8", errors="replace"
+    )
     long_document = text[:3000]
     ids = tokenizer(long_document, return_tensors="pt").input_ids
     (path / "my.txt").write_text(text[:4000], encoding="utf-8")

@@ -242,8 +242,16 @@ def test_per_token_int_roundtrip_and_bytes():
 
 def test_evaluate_rejects_short_text(tiny):
     with pytest.raises(NexusQuantError, match="tokens"):
-        evaluate(tiny, CharTokenizer(), texts=[("short", "x" * 50)], prefixes=[64], continuation=8,
-                 methods=["int"], retrieval_trials=0, progress=False)
+        evaluate(
+            tiny,
+            CharTokenizer(),
+            texts=[("short", "x" * 50)],
+            prefixes=[64],
+            continuation=8,
+            methods=["int"],
+            retrieval_trials=0,
+            progress=False,
+        )
 
 
 # ------------------------------------------------------------------ CLI
@@ -269,8 +277,24 @@ def test_cli_smollm2_end_to_end(tmp_path, capsys):
     from nexusquant.cli import main
 
     out = tmp_path / "run"
-    rc = main(["eval", "--prefix", "128", "--continuation", "8", "--retrieval-trials", "2", "--threads", "2",
-               "--methods", "nexusquant,snapkv,streamingllm,int2", "--out", str(out), "--quiet"])
+    rc = main(
+        [
+            "eval",
+            "--prefix",
+            "128",
+            "--continuation",
+            "8",
+            "--retrieval-trials",
+            "2",
+            "--threads",
+            "2",
+            "--methods",
+            "nexusquant,snapkv,streamingllm,int2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "nexusquant-balanced" in printed and "snapkv@balanced" in printed
@@ -283,6 +307,8 @@ def test_cli_smollm2_end_to_end(tmp_path, capsys):
         assert rows[name]["prompt"]["ratio"] > 1.0
         assert rows[name]["end"]["ratio"] > 1.0
     # Eviction peers hold 16-bit tokens, so matching nexusquant's ratio means keeping few of them.
-    assert rows["snapkv@balanced"]["prompt"]["ratio"] == pytest.approx(rows["nexusquant-balanced"]["prompt"]["ratio"], rel=0.05)
+    assert rows["snapkv@balanced"]["prompt"]["ratio"] == pytest.approx(
+        rows["nexusquant-balanced"]["prompt"]["ratio"], rel=0.05
+    )
     assert r["texts"][0]["name"] == "alice29" and r["environment"]["model"]["dtype"] == "bfloat16"
     assert Path(r["json_path"]).name == "eval.json"

@@ -31,15 +31,23 @@ def _prefilled(model, ids, **knobs):
 
 def _continue(model, cache, cont, knobs):
     with nq.nexusquant_evict(model, **knobs), torch.no_grad():
-        return torch.cat([model(cont[:, i : i + 1], use_cache=True, **with_cache(model, cache)).logits
-                          for i in range(cont.shape[1])], 1)
+        return torch.cat(
+            [
+                model(cont[:, i : i + 1], use_cache=True, **with_cache(model, cache)).logits
+                for i in range(cont.shape[1])
+            ],
+            1,
+        )
 
 
-@pytest.mark.parametrize("family,knobs", [
-    ("llama", dict(quality="balanced", recent_window=8, demote=0.2)),  # both E8 tiers
-    ("gemma3", dict(quality="max", recent_window=8, key_bits=3)),
-    ("qwen2", dict(quality="high", recent_window=8, key_domain="pre_rope")),
-])
+@pytest.mark.parametrize(
+    "family,knobs",
+    [
+        ("llama", dict(quality="balanced", recent_window=8, demote=0.2)),  # both E8 tiers
+        ("gemma3", dict(quality="max", recent_window=8, key_bits=3)),
+        ("qwen2", dict(quality="high", recent_window=8, key_domain="pre_rope")),
+    ],
+)
 def test_round_trip_is_exact(tmp_path, family, knobs):
     model = make_tiny(family)
     ids = _ids(420)
@@ -56,7 +64,9 @@ def test_round_trip_is_exact(tmp_path, family, knobs):
     assert torch.equal(loaded.token_ids, prompt)
     for a, b in zip(cache.layers, loaded.layers):
         ka, va, sa, ma = a._compressed_parts()
-        kb, vb, sb, mb = b._compressed_parts() if b.rope_adapter or knobs.get("key_domain") != "pre_rope" else (None,) * 4
+        kb, vb, sb, mb = (
+            b._compressed_parts() if b.rope_adapter or knobs.get("key_domain") != "pre_rope" else (None,) * 4
+        )
         if kb is not None:
             assert torch.equal(ka, kb) and torch.equal(va, vb)
         assert torch.equal(a.win_k, b.win_k) and torch.equal(a.win_v, b.win_v)
@@ -73,8 +83,9 @@ def test_padded_batch_and_generate_after_load(tmp_path):
     mask[1, :30] = 0
     knobs = dict(quality="balanced", recent_window=8)
     with nq.nexusquant_evict(model, **knobs):
-        out = model.generate(batch, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            batch, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0, return_dict_in_generate=True
+        )
     from nexusquant.compat import output_cache
 
     cache = output_cache(out)
@@ -82,8 +93,12 @@ def test_padded_batch_and_generate_after_load(tmp_path):
     loaded = nq.load_cache(tmp_path / "b.nqkv", model)
     assert loaded.layers[0].fine.valid is not None  # ragged rows survive
     full_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-    kw = dict(attention_mask=torch.cat([full_mask, torch.ones(2, 1, dtype=mask.dtype)], 1), max_new_tokens=5,
-              do_sample=False, pad_token_id=0)
+    kw = dict(
+        attention_mask=torch.cat([full_mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=0,
+    )
     with nq.nexusquant_evict(model, **knobs):
         ids2 = torch.cat([out.sequences, torch.full((2, 1), 7)], 1)
         a = model.generate(ids2, **with_cache(model, cache), **kw)

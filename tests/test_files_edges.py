@@ -68,6 +68,7 @@ def _set(key, value):
             del d[key]
         else:
             d[key] = value
+
     return edit
 
 
@@ -80,33 +81,46 @@ def _layer0(key, value):
             del m["layers"][0][key]
         else:
             m["layers"][0][key] = value
+
     return edit
 
 
-@pytest.mark.parametrize("name,edit", [
-    ("no fingerprint", dict(meta=_set("fingerprint", _DELETE))),
-    ("layers null", dict(meta=_set("layers", None))),
-    ("layers of strings", dict(meta=_set("layers", ["x", "y"]))),
-    ("settings a list", dict(meta=_set("settings", [1, 2]))),
-    ("seen a string", dict(meta=_layer0("seen", "many"))),
-    ("batch missing", dict(meta=_layer0("batch", _DELETE))),
-    ("dtype unknown", dict(meta=_layer0("dtype", "float8"))),
-    ("fine length huge", dict(meta=_layer0("fine", {"length": 10**9}))),
-    ("heads wrong", dict(meta=_layer0("heads", 3))),
-    ("token shape wrong", dict(meta=_set("token_ids_shape", [1, 5]))),
-    ("deeply nested JSON", dict(raw_meta=b'{"format": "nexusquant-kv-cache", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}")),
-    ("META not JSON", dict(raw_meta=b"{not json")),
-    ("missing array", dict(layer=_set("win_v", _DELETE))),
-    ("window of the wrong shape", dict(layer=lambda d: d.update(win_k=d["win_k"][:, :, :-1]))),
-    ("window of the wrong dtype", dict(layer=lambda d: d.update(win_k=d["win_k"].astype(np.float64)))),
-    ("center of the wrong shape", dict(layer=lambda d: d.update(k_center=np.concatenate([d["k_center"]] * 2, 2)))),
-    ("validity not bool", dict(layer=lambda d: d.update(win_valid=d["win_valid"].astype(np.uint8)))),
-    ("offsets of the wrong length", dict(layer=lambda d: d.update({"fine.k.offsets": d["fine.k.offsets"][:-1]}))),
-    ("codes swapped between tiers", dict(layer=lambda d: d.update({"fine.k.packed": d["coarse.k.packed"],
-                                                                   "fine.k.offsets": d["coarse.k.offsets"]}))),
-    ("unknown array", dict(layer=_set("surprise", np.zeros(3, np.float32)))),
-    ("layer not a directory", dict(layer=lambda d: d.clear())),
-])
+@pytest.mark.parametrize(
+    "name,edit",
+    [
+        ("no fingerprint", dict(meta=_set("fingerprint", _DELETE))),
+        ("layers null", dict(meta=_set("layers", None))),
+        ("layers of strings", dict(meta=_set("layers", ["x", "y"]))),
+        ("settings a list", dict(meta=_set("settings", [1, 2]))),
+        ("seen a string", dict(meta=_layer0("seen", "many"))),
+        ("batch missing", dict(meta=_layer0("batch", _DELETE))),
+        ("dtype unknown", dict(meta=_layer0("dtype", "float8"))),
+        ("fine length huge", dict(meta=_layer0("fine", {"length": 10**9}))),
+        ("heads wrong", dict(meta=_layer0("heads", 3))),
+        ("token shape wrong", dict(meta=_set("token_ids_shape", [1, 5]))),
+        (
+            "deeply nested JSON",
+            dict(raw_meta=b'{"format": "nexusquant-kv-cache", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"),
+        ),
+        ("META not JSON", dict(raw_meta=b"{not json")),
+        ("missing array", dict(layer=_set("win_v", _DELETE))),
+        ("window of the wrong shape", dict(layer=lambda d: d.update(win_k=d["win_k"][:, :, :-1]))),
+        ("window of the wrong dtype", dict(layer=lambda d: d.update(win_k=d["win_k"].astype(np.float64)))),
+        ("center of the wrong shape", dict(layer=lambda d: d.update(k_center=np.concatenate([d["k_center"]] * 2, 2)))),
+        ("validity not bool", dict(layer=lambda d: d.update(win_valid=d["win_valid"].astype(np.uint8)))),
+        ("offsets of the wrong length", dict(layer=lambda d: d.update({"fine.k.offsets": d["fine.k.offsets"][:-1]}))),
+        (
+            "codes swapped between tiers",
+            dict(
+                layer=lambda d: d.update(
+                    {"fine.k.packed": d["coarse.k.packed"], "fine.k.offsets": d["coarse.k.offsets"]}
+                )
+            ),
+        ),
+        ("unknown array", dict(layer=_set("surprise", np.zeros(3, np.float32)))),
+        ("layer not a directory", dict(layer=lambda d: d.clear())),
+    ],
+)
 def test_checksum_valid_files_with_bad_contents_raise_nexusquant_error(saved, tmp_path, name, edit):
     model, _, sections = saved
     path = _rewrite(sections, tmp_path / "bad.nqkv", **edit)
@@ -185,8 +199,13 @@ def test_cache_from_a_float32_model_continues_in_a_bfloat16_one(tmp_path):
     assert layer.win_k.dtype == torch.bfloat16 and layer.sink_k.dtype == torch.bfloat16
     assert layer.fine.keys.dequantize().dtype == torch.bfloat16
     with nq.nexusquant_evict(model16, quality="balanced", recent_window=8):
-        out = model16.generate(torch.cat([loaded.token_ids, _ids(2, seed=1)], 1), **with_cache(model16, loaded),
-                               max_new_tokens=3, do_sample=False, pad_token_id=0)
+        out = model16.generate(
+            torch.cat([loaded.token_ids, _ids(2, seed=1)], 1),
+            **with_cache(model16, loaded),
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=0,
+        )
     assert out.shape[1] == 95
 
 

@@ -83,7 +83,7 @@ def _attention_case(b, hkv, group, head_dim, tier_bits, tier_tokens, dtype, n_si
     win_valid[:, -1] = True  # the new token sees itself
     fp_mask = None
     allowed = torch.ones(b, hkv, tfp, dtype=torch.bool, device="cuda")
-    allowed[:, :, n_sink:] = win_valid[:, None, w_total - window:]
+    allowed[:, :, n_sink:] = win_valid[:, None, w_total - window :]
     if masked:
         fp_mask = torch.rand(b, hkv, tfp, device="cuda", generator=gen) > 0.3
         fp_mask[:, :, -1] = True
@@ -99,7 +99,9 @@ def _attention_case(b, hkv, group, head_dim, tier_bits, tier_tokens, dtype, n_si
     v_center = randn(b, hkv, 1, head_dim).to(dtype)
     scaling = head_dim**-0.5
     out = torch.full((b, 1, hq, head_dim), float("nan"), dtype=dtype, device="cuda")  # poisoned
-    got = gpu.decode_attention(query, key, value, n_sink, fp_mask, win_valid, tiers, k_center, v_center, scaling, out=out)
+    got = gpu.decode_attention(
+        query, key, value, n_sink, fp_mask, win_valid, tiers, k_center, v_center, scaling, out=out
+    )
     want = gpu.decode_attention_reference(query, key, value, allowed, tiers, k_center, v_center, scaling)
     args = (query, key, value, n_sink, fp_mask, win_valid, tiers, k_center, v_center, scaling)
     return got, want, args
@@ -153,12 +155,19 @@ def test_generation_on_cuda_matches_cpu(family):
     ids = torch.randint(3, 90, (2, 150))
     knobs = dict(quality="balanced", recent_window=8, block=16, demote=0.2)  # both E8 tiers
     with nq.nexusquant_evict(model, **knobs), torch.no_grad():
-        cpu = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0,
-                             output_scores=True, return_dict_in_generate=True)
+        cpu = model.generate(
+            ids, max_new_tokens=20, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
+        )
     model = model.cuda()
     with nq.nexusquant_evict(model, **knobs) as s, torch.no_grad():
-        gpu_out = model.generate(ids.cuda(), max_new_tokens=20, do_sample=False, pad_token_id=0,
-                                 output_scores=True, return_dict_in_generate=True)
+        gpu_out = model.generate(
+            ids.cuda(),
+            max_new_tokens=20,
+            do_sample=False,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
         layer = s.cache.layers[0]
         assert layer.fine.keys.codes.is_cuda
         assert layer.last_view.lazy_tiers  # decode read the codes through the kernel
@@ -206,8 +215,14 @@ def test_device_map_split_matches_one_gpu(family, key_domain):
 
     def run():
         with nq.nexusquant_evict(model, **knobs) as s, torch.no_grad():
-            out = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0,
-                                 output_logits=True, return_dict_in_generate=True)
+            out = model.generate(
+                ids,
+                max_new_tokens=20,
+                do_sample=False,
+                pad_token_id=0,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
         return out, s.cache
 
     one, _ = run()
@@ -218,8 +233,16 @@ def test_device_map_split_matches_one_gpu(family, key_domain):
     assert [d.index for d in devices] == [0, 1]
     for layer, dev in zip(cache.layers, devices):
         assert layer.device == dev
-        for t in (layer.sink_k, layer.win_k, layer.win_valid, layer.k_center, layer.fine.keys.codes,
-                  layer.fine.values.scales, layer.coarse.keys.codes, layer.coarse.values.codes):
+        for t in (
+            layer.sink_k,
+            layer.win_k,
+            layer.win_valid,
+            layer.k_center,
+            layer.fine.keys.codes,
+            layer.fine.values.scales,
+            layer.coarse.keys.codes,
+            layer.coarse.values.codes,
+        ):
             assert t.device == dev
         if key_domain == "post_rope":
             assert layer.last_view.lazy_tiers  # decode attention read the codes (kernel on this GPU)
@@ -244,8 +267,13 @@ def test_cache_file_loads_into_a_split_model(tmp_path, key_domain):
 
     def continue_from(cache):  # 20 single-token steps: a block of 16 is compressed on the way
         with nq.nexusquant_evict(model, **knobs), torch.no_grad():
-            return torch.cat([model(cont[:, i : i + 1], use_cache=True, **with_cache(model, cache)).logits
-                              for i in range(cont.shape[1])], 1)
+            return torch.cat(
+                [
+                    model(cont[:, i : i + 1], use_cache=True, **with_cache(model, cache)).logits
+                    for i in range(cont.shape[1])
+                ],
+                1,
+            )
 
     with nq.nexusquant_evict(model, **knobs), torch.no_grad():
         cache = DynamicCache()

@@ -13,8 +13,9 @@ HERE = os.path.dirname(__file__)
 
 def _python(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_import_nexusquant_then_set_attn_implementation_in_a_fresh_process():
@@ -106,7 +107,7 @@ def test_package_imports_have_no_circle():
         stack.append(m)
         for d in sorted(graph[m]):
             if state.get(d) == 1:
-                circle = stack[stack.index(d):] + [d]
+                circle = stack[stack.index(d) :] + [d]
                 raise AssertionError("import circle: " + " -> ".join(circle))
             if d not in state:
                 visit(d)

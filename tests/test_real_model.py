@@ -60,7 +60,9 @@ def _ppl(model, ids, cache, knobs):
 @pytest.fixture(scope="module")
 def measured(smollm2, corpus_text):
     model, tok = smollm2
-    ids = tok(corpus_text("alice29.txt"), return_tensors="pt", add_special_tokens=False).input_ids[:, : PREFIX + CONTINUATION]
+    ids = tok(corpus_text("alice29.txt"), return_tensors="pt", add_special_tokens=False).input_ids[
+        :, : PREFIX + CONTINUATION
+    ]
     base, _ = _ppl(model, ids, DynamicCache(), None)
     out = {}
     for preset in MEASURED:

@@ -36,9 +36,11 @@ def test_allocation_spends_the_budget_and_follows_the_variances():
         assert bool((bits[:-1] >= bits[1:]).all()), "a larger variance never gets fewer bits"
     bits = allocate_bits(var, 6)
     assert bits[4:].sum() == 0, "components without variance cost nothing"
+
     # Each bit goes where it removes the most error: no single move of one bit lowers the total.
     def err(b):
         return sum(float(v) * GAUSSIAN_MSE[int(x)] for v, x in zip(var, b))
+
     base = err(bits)
     for i in range(6):
         for j in range(6):
@@ -185,7 +187,10 @@ def test_transform_coded_cache_file_round_trip(tiny, tmp_path):
     assert torch.equal(a, b)
     assert loaded.nbytes() == cache.nbytes() and info["file_bytes"] > 0
     layer = loaded.layers[0]
-    assert isinstance(layer.fine.keys.rows[0][0].basis, torch.Tensor) and layer.fine.keys.rows[0][0].basis.dtype == torch.int8
+    assert (
+        isinstance(layer.fine.keys.rows[0][0].basis, torch.Tensor)
+        and layer.fine.keys.rows[0][0].basis.dtype == torch.int8
+    )
 
 
 @pytest.mark.parametrize("field,bad", [("bits", "width9"), ("step", "negative"), ("codes", "short"), ("basis", "wide")])
@@ -247,7 +252,9 @@ def test_transform_coded_cache_on_cuda_matches_cpu():
         with torch.no_grad(), nq.nexusquant_evict(model, quality="balanced") as s:
             cache = nq.NexusQuantCache(model, preset=s.settings)
             model(ids[:, :-8].to(device), **with_cache(model, cache))
-            steps = [model(ids[:, i : i + 1].to(device), **with_cache(model, cache)).logits[:, -1] for i in range(292, 300)]
+            steps = [
+                model(ids[:, i : i + 1].to(device), **with_cache(model, cache)).logits[:, -1] for i in range(292, 300)
+            ]
         assert s.settings.key_codec == "pca"
         logits[device] = torch.stack(steps).float().cpu()
     # Same codes up to float rounding of the basis fit on another device: the logits stay close.

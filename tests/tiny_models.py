@@ -20,33 +20,111 @@ def _common(**kw):
 
 FAMILIES = {
     # name: (config class, kwargs); head_dim noted in the comment
-    "llama": (tf.LlamaConfig, _common(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                     rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-                                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                      "original_max_position_embeddings": 256})),  # GQA, hd 64
-    "mistral": (tf.MistralConfig, _common(hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=1, head_dim=128,
-                                         sliding_window=48)),  # MQA, hd 128, sliding window
-    "qwen2": (tf.Qwen2Config, _common(hidden_size=160, intermediate_size=256, num_hidden_layers=2,
-                                     num_attention_heads=2, num_key_value_heads=2)),  # MHA, hd 80, q/k/v bias
-    "qwen3": (tf.Qwen3Config, _common(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=128)),  # q/k norm
-    "phi3": (tf.Phi3Config, _common(hidden_size=192, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2, partial_rotary_factor=0.5,
-                                   pad_token_id=0)),  # hd 96, partial rotary
-    "gemma2": (tf.Gemma2Config, _common(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                       num_attention_heads=2, num_key_value_heads=1, head_dim=256,
-                                       sliding_window=40, attn_logit_softcapping=50.0,
-                                       final_logit_softcapping=30.0)),  # hd 256, softcap, sliding + global
-    "gemma3": (tf.Gemma3TextConfig, _common(hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                                           num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                           sliding_window=40,
-                                           layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
-    "gpt_neox": (tf.GPTNeoXConfig, _common(hidden_size=160, intermediate_size=256, num_hidden_layers=2,
-                                          num_attention_heads=2, rotary_pct=0.25)),  # MHA, hd 80, partial rotary
-    "gptj": (tf.GPTJConfig, dict(vocab_size=VOCAB, n_positions=2048, n_embd=128, n_layer=2, n_head=2,
-                                 rotary_dim=32, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)),  # interleaved
+    "llama": (
+        tf.LlamaConfig,
+        _common(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256,
+            },
+        ),
+    ),  # GQA, hd 64
+    "mistral": (
+        tf.MistralConfig,
+        _common(
+            hidden_size=256,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=128,
+            sliding_window=48,
+        ),
+    ),  # MQA, hd 128, sliding window
+    "qwen2": (
+        tf.Qwen2Config,
+        _common(
+            hidden_size=160, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2
+        ),
+    ),  # MHA, hd 80, q/k/v bias
+    "qwen3": (
+        tf.Qwen3Config,
+        _common(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=128,
+        ),
+    ),  # q/k norm
+    "phi3": (
+        tf.Phi3Config,
+        _common(
+            hidden_size=192,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            partial_rotary_factor=0.5,
+            pad_token_id=0,
+        ),
+    ),  # hd 96, partial rotary
+    "gemma2": (
+        tf.Gemma2Config,
+        _common(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=256,
+            sliding_window=40,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        ),
+    ),  # hd 256, softcap, sliding + global
+    "gemma3": (
+        tf.Gemma3TextConfig,
+        _common(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            sliding_window=40,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        ),
+    ),
+    "gpt_neox": (
+        tf.GPTNeoXConfig,
+        _common(hidden_size=160, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, rotary_pct=0.25),
+    ),  # MHA, hd 80, partial rotary
+    "gptj": (
+        tf.GPTJConfig,
+        dict(
+            vocab_size=VOCAB,
+            n_positions=2048,
+            n_embd=128,
+            n_layer=2,
+            n_head=2,
+            rotary_dim=32,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+        ),
+    ),  # interleaved
 }
 
 

@@ -29,6 +29,7 @@ SUPPORTED_MODEL_TYPES = (
     "gptj",
 )
 
+
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's self-attention modules: those with a ``layer_idx`` and key/value projections."""
     found = []
@@ -63,15 +64,22 @@ def layer_plan(config: Any) -> list[Optional[int]]:
     return plan
 
 
-
 def model_fingerprint(config: Any) -> dict[str, Any]:
     """What a saved cache must match: architecture, layer and head shapes, rotary parameters."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
     rope = {}
-    for name in ("rope_parameters", "rope_theta", "rope_scaling", "partial_rotary_factor", "rotary_pct", "rotary_dim",
-                 "rotary_emb_base", "max_position_embeddings"):
+    for name in (
+        "rope_parameters",
+        "rope_theta",
+        "rope_scaling",
+        "partial_rotary_factor",
+        "rotary_pct",
+        "rotary_dim",
+        "rotary_emb_base",
+        "max_position_embeddings",
+    ):
         value = getattr(text, name, None)
         if value is not None:
             rope[name] = value
@@ -97,9 +105,7 @@ def check_supported(model: torch.nn.Module) -> list[torch.nn.Module]:
     text = cfg.get_text_config(decoder=True)
     mtype = getattr(text, "model_type", None)
     if mtype not in SUPPORTED_MODEL_TYPES:
-        raise NexusQuantError(
-            f"model type {mtype!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+        raise NexusQuantError(f"model type {mtype!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     mods = attention_modules(model)
     if not mods:
         raise NexusQuantError(f"{type(model).__name__} has no attention modules with a layer_idx: cannot attach")

@@ -40,7 +40,9 @@ def _reference_attention(module, query, key, value, attention_mask, dropout, sca
     if softcap is not None:
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if eager is None:
-            raise NexusQuantError(f"{type(module).__name__} soft-caps attention logits but has no eager_attention_forward")
+            raise NexusQuantError(
+                f"{type(module).__name__} soft-caps attention logits but has no eager_attention_forward"
+            )
         # Our mask interface makes SDPA-style boolean masks (or None for plain causal); the eager
         # path adds its mask to the logits, so it needs the additive form.
         allowed = _as_bool(attention_mask)
@@ -69,7 +71,9 @@ def _causal(q: int, kv: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(kv, device=device)[None, :] <= qi)[None, None]
 
 
-def _window_mask(view: LayerView, model_mask: Optional[torch.Tensor], q: int, sliding: Optional[int], device) -> torch.Tensor:
+def _window_mask(
+    view: LayerView, model_mask: Optional[torch.Tensor], q: int, sliding: Optional[int], device
+) -> torch.Tensor:
     """bool ``(B or 1, 1, q, W)`` for the window, ending with this forward's ``q`` tokens."""
     layer = view.layer
     w = view.window
@@ -134,7 +138,9 @@ def _new_token_validity(model_mask: Optional[torch.Tensor], q: int) -> Optional[
     return torch.diagonal(m, dim1=-2, dim2=-1)
 
 
-def _scores(layer: NexusQuantLayer, view: LayerView, module, query, key, value, allowed, scaling, softcap) -> torch.Tensor:
+def _scores(
+    layer: NexusQuantLayer, view: LayerView, module, query, key, value, allowed, scaling, softcap
+) -> torch.Tensor:
     """Importance of the window's tokens ``(B, H_kv, W)`` from the configured scorer."""
     fn = SCORERS.get(layer.settings.scorer)
     if fn is None:
@@ -172,8 +178,11 @@ def _fused_decode(layer: NexusQuantLayer, view: LayerView, query, key, value, mo
             win = _window_mask(view, model_mask, q, sliding, key.device)
             masks = []
             if view.compressed:
-                c = view.comp_valid[:, :, None, :] if view.comp_valid is not None else torch.ones(
-                    1, 1, 1, view.compressed, dtype=torch.bool, device=key.device)
+                c = (
+                    view.comp_valid[:, :, None, :]
+                    if view.comp_valid is not None
+                    else torch.ones(1, 1, 1, view.compressed, dtype=torch.bool, device=key.device)
+                )
                 masks.append(c.expand(b, hkv, 1, view.compressed))
             masks.append(win.expand(b, hkv, 1, view.window))
             fp_mask = torch.cat(masks, dim=-1).reshape(b, hkv, -1).contiguous()
@@ -181,8 +190,9 @@ def _fused_decode(layer: NexusQuantLayer, view: LayerView, query, key, value, mo
             (t.keys.codes, t.keys.scales, t.values.codes, t.values.scales, t.valid, t.keys.codec, t.values.codec)
             for t in view.lazy_tiers
         ]
-        return gpu.decode_attention(query, key, value, view.compressed, fp_mask, layer.win_valid, tiers,
-                                    layer.k_center, layer.v_center, scaling)
+        return gpu.decode_attention(
+            query, key, value, view.compressed, fp_mask, layer.win_valid, tiers, layer.k_center, layer.v_center, scaling
+        )
     g = hq // hkv
     qg = query.reshape(b, hkv, g, d).float()
     # Full-precision part: sinks and window, with their masks.
@@ -211,9 +221,15 @@ def _fused_decode(layer: NexusQuantLayer, view: LayerView, query, key, value, mo
         n = tier.keys.scales.shape[2]
         valid = None if tier.valid is None else tier.valid.reshape(b * hkv, n)
         pm, pl, pa = gpu.decode_attention_partials_reference(
-            kc, vc, q_rot.reshape(b * hkv, g, pp).contiguous(), q_center.reshape(b * hkv, g).contiguous(),
-            tier.keys.codes.reshape(b * hkv, n, -1), tier.keys.scales.reshape(b * hkv, n),
-            tier.values.codes.reshape(b * hkv, n, -1), tier.values.scales.reshape(b * hkv, n), valid,
+            kc,
+            vc,
+            q_rot.reshape(b * hkv, g, pp).contiguous(),
+            q_center.reshape(b * hkv, g).contiguous(),
+            tier.keys.codes.reshape(b * hkv, n, -1),
+            tier.keys.scales.reshape(b * hkv, n),
+            tier.values.codes.reshape(b * hkv, n, -1),
+            tier.values.scales.reshape(b * hkv, n),
+            valid,
         )
         mm, ll, aa = _merge_splits(pm, pl, pa)  # (BH, g), (BH, g), (BH, g, P)
         a = torch.matmul(aa, inv_rot)  # back to the head dimension
@@ -246,7 +262,9 @@ def nexusquant_attention(
     ``(B, H_kv, T, D)``; returns ``((B, q, H_q, D), None)``."""
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
-            raise NexusQuantError(f"{type(module).__name__} passes {name!r} to attention, which nexusquant does not support")
+            raise NexusQuantError(
+                f"{type(module).__name__} passes {name!r} to attention, which nexusquant does not support"
+            )
     softcap = kwargs.pop("softcap", None)
     sliding = kwargs.get("sliding_window")
     if scaling is None:

@@ -276,8 +276,16 @@ class NexusQuantLayer(CacheLayerMixin):
             c = self.sink_k.shape[2]
         else:
             keys, values, c = self.win_k.view_as(self.win_k), self.win_v, 0
-        view = LayerView(self, c, w_before + q, q, seen_before, self.sink_seq if c else None,
-                         self.sink_valid if c else None, lazy_tiers=tiers)
+        view = LayerView(
+            self,
+            c,
+            w_before + q,
+            q,
+            seen_before,
+            self.sink_seq if c else None,
+            self.sink_valid if c else None,
+            lazy_tiers=tiers,
+        )
         return keys, values, view
 
     def materialize(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,7 +367,17 @@ class NexusQuantLayer(CacheLayerMixin):
         return None
 
     def _map_batch(self, fn) -> None:
-        for name in ("sink_k", "sink_v", "sink_seq", "sink_valid", "win_k", "win_v", "win_valid", "k_center", "v_center"):
+        for name in (
+            "sink_k",
+            "sink_v",
+            "sink_seq",
+            "sink_valid",
+            "win_k",
+            "win_v",
+            "win_valid",
+            "k_center",
+            "v_center",
+        ):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
@@ -519,7 +537,9 @@ class NexusQuantLayer(CacheLayerMixin):
             rank = torch.empty_like(order)
             rank.scatter_(-1, order, torch.arange(n, device=dev).expand(b, h, n))
             to_fine = (rank < n_fine[:, None, None]) & cand_valid[:, None, :]
-            to_coarse = (rank >= n_fine[:, None, None]) & (rank < (n_fine + n_coarse)[:, None, None]) & cand_valid[:, None, :]
+            to_coarse = (
+                (rank >= n_fine[:, None, None]) & (rank < (n_fine + n_coarse)[:, None, None]) & cand_valid[:, None, :]
+            )
         else:
             to_fine = cand_valid[:, None, :].expand(b, h, n)
             to_coarse = torch.zeros_like(to_fine)
@@ -545,8 +565,13 @@ class NexusQuantLayer(CacheLayerMixin):
             if self.k_center is not None:
                 k = k - self.k_center
                 v = v - self.v_center
-            tier.append(k, v, seq if self.needs_positions else None, None if bool(valid.all()) else valid,
-                        key_metric=self.query_moment if tier is self.fine else None)
+            tier.append(
+                k,
+                v,
+                seq if self.needs_positions else None,
+                None if bool(valid.all()) else valid,
+                key_metric=self.query_moment if tier is self.fine else None,
+            )
             if tier is self.fine:
                 self.query_moment = None  # the basis is fitted: the prompt's queries are not kept
         # Keep the recent window.
@@ -587,7 +612,17 @@ class NexusQuantLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         """Every byte this layer holds: codes, scales, full-precision tokens, indices, masks."""
         total = 0
-        for name in ("sink_k", "sink_v", "sink_seq", "sink_valid", "win_k", "win_v", "win_valid", "k_center", "v_center"):
+        for name in (
+            "sink_k",
+            "sink_v",
+            "sink_seq",
+            "sink_valid",
+            "win_k",
+            "win_v",
+            "win_valid",
+            "k_center",
+            "v_center",
+        ):
             t = getattr(self, name)
             if t is not None:
                 total += t.numel() * t.element_size()
@@ -609,7 +644,9 @@ class NexusQuantLayer(CacheLayerMixin):
         sinks = 0 if self.sink_k is None else self.sink_k.shape[2]
         nb = self.nbytes()
         unc = self.uncompressed_nbytes()
-        elements = 2 * self.batch * self.heads * (sinks + fine + coarse + self.window_len) * getattr(self, "head_dim", 0)
+        elements = (
+            2 * self.batch * self.heads * (sinks + fine + coarse + self.window_len) * getattr(self, "head_dim", 0)
+        )
         return {
             "sliding": self.is_sliding,
             "tokens_seen": self.seen,
@@ -673,7 +710,13 @@ class NexusQuantCache(Cache):
     :meth:`NexusQuantLayer.catch_up` for what differs).
     """
 
-    def __init__(self, config: Any, preset: Union[str, CompressionSettings] = "balanced", record_positions: bool = False, **knobs: Any):
+    def __init__(
+        self,
+        config: Any,
+        preset: Union[str, CompressionSettings] = "balanced",
+        record_positions: bool = False,
+        **knobs: Any,
+    ):
         if hasattr(config, "config") and hasattr(config, "forward"):
             config = config.config
         self.settings = resolve_settings(preset, **knobs)

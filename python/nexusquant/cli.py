@@ -73,20 +73,52 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="smollm2", help="packaged model (smollm2, gemma3-270m) or a local transformers directory")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="model dtype; full-precision parts of every cache are held in it, so bfloat16/float16 give fair ratios")
-    p.add_argument("--text", nargs="+", default=list(DEFAULT_TEXTS), metavar="FILE",
-                   help="text files, or packaged texts: alice29, lcet10, GPL-3, decode.c")
+    p.add_argument(
+        "--model", default="smollm2", help="packaged model (smollm2, gemma3-270m) or a local transformers directory"
+    )
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="model dtype; full-precision parts of every cache are held in it, so bfloat16/float16 give fair ratios",
+    )
+    p.add_argument(
+        "--text",
+        nargs="+",
+        default=list(DEFAULT_TEXTS),
+        metavar="FILE",
+        help="text files, or packaged texts: alice29, lcet10, GPL-3, decode.c",
+    )
     p.add_argument("--prefix", type=_int_list, default=[512], metavar="P[,P...]", help="prefix lengths in tokens")
     p.add_argument("--continuation", type=_positive_int, default=64, metavar="C", help="continuation tokens scored")
-    p.add_argument("--methods", type=_str_list, default=list(DEFAULT_METHODS), metavar="M[,M...]",
-                   help=f"'all' or some of: {', '.join(ALL_METHODS)} (or int2, int4, quanto-int2, quanto-int4, hqq-int2, hqq-int4)")
-    p.add_argument("--presets", type=_str_list, default=["balanced"], metavar="Q[,Q...]",
-                   help="nexusquant presets (high, balanced, max); eviction peers are matched to each one's real ratio")
-    p.add_argument("--variant", action="append", default=[], metavar="[PRESET:]KNOB=V[,KNOB=V...]",
-                   help="also run nexusquant with these knobs (repeatable), e.g. evict=0,demote=0 or max:evict=0.75,key_bits=3")
-    p.add_argument("--retrieval-trials", type=_count, default=5, metavar="N", help="pass-key trials per text, prefix and method (0: none)")
+    p.add_argument(
+        "--methods",
+        type=_str_list,
+        default=list(DEFAULT_METHODS),
+        metavar="M[,M...]",
+        help=f"'all' or some of: {', '.join(ALL_METHODS)} (or int2, int4, quanto-int2, quanto-int4, hqq-int2, hqq-int4)",
+    )
+    p.add_argument(
+        "--presets",
+        type=_str_list,
+        default=["balanced"],
+        metavar="Q[,Q...]",
+        help="nexusquant presets (high, balanced, max); eviction peers are matched to each one's real ratio",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="[PRESET:]KNOB=V[,KNOB=V...]",
+        help="also run nexusquant with these knobs (repeatable), e.g. evict=0,demote=0 or max:evict=0.75,key_bits=3",
+    )
+    p.add_argument(
+        "--retrieval-trials",
+        type=_count,
+        default=5,
+        metavar="N",
+        help="pass-key trials per text, prefix and method (0: none)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the pass-key trials")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default="nexusquant-eval", metavar="DIR", help="where eval.json and eval.png go")
@@ -103,7 +135,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise NexusQuantError(f"cannot create the output directory {args.out}: {e.strerror or e}") from None
-    quick = (args.prefix == [512] and args.continuation == 64 and args.retrieval_trials < 20)
+    quick = args.prefix == [512] and args.continuation == 64 and args.retrieval_trials < 20
     run(
         model=args.model,
         dtype=args.dtype,
@@ -121,7 +153,9 @@ def _run_eval(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     if quick:
-        print(f"this was a quick run; the README's evaluation (about 75 minutes on 2 CPU cores) is:\n  {FULL_EVAL_COMMAND}")
+        print(
+            f"this was a quick run; the README's evaluation (about 75 minutes on 2 CPU cores) is:\n  {FULL_EVAL_COMMAND}"
+        )
     return 0
 
 
@@ -130,8 +164,8 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
         "inspect",
         help="print a .nqkv cache file's header, per-layer sizes and ratios; verify every checksum",
         description="Read a compressed-cache file written by nexusquant.save_cache, verifying the header's and every "
-                    "section's checksum, and print the model fingerprint, settings, per-layer sizes and ratios. "
-                    "Exit status 2 (with the reason) for a damaged or foreign file.",
+        "section's checksum, and print the model fingerprint, settings, per-layer sizes and ratios. "
+        "Exit status 2 (with the reason) for a damaged or foreign file.",
     )
     p.add_argument("file", metavar="FILE", help="a .nqkv file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -101,7 +101,9 @@ class EvictSession:
         if self.settings.key_domain == "pre_rope":
             pe = kwargs.get("position_embeddings")
             if pe is None:
-                raise NexusQuantError(f"{type(module).__name__} got no position_embeddings: key_domain='pre_rope' needs them")
+                raise NexusQuantError(
+                    f"{type(module).__name__} got no position_embeddings: key_domain='pre_rope' needs them"
+                )
             adapter = self._adapters.get(id(module))
             if adapter is None:
                 adapter = self._adapters[id(module)] = RopeAdapter(module)

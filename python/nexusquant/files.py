@@ -66,7 +66,11 @@ def _pack_tier_codes(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> tu
     c = _np(codes)
     s = _np(scales).view(np.uint16)
     b, h = s.shape[0], s.shape[1]
-    blobs = [pack_codes(np.ascontiguousarray(c[i, j]), np.ascontiguousarray(s[i, j]), bits) for i in range(b) for j in range(h)]
+    blobs = [
+        pack_codes(np.ascontiguousarray(c[i, j]), np.ascontiguousarray(s[i, j]), bits)
+        for i in range(b)
+        for j in range(h)
+    ]
     offsets = np.zeros(len(blobs) + 1, dtype=np.uint64)
     offsets[1:] = np.cumsum([len(x) for x in blobs])
     return b"".join(blobs), offsets
@@ -75,7 +79,12 @@ def _pack_tier_codes(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> tu
 def _unpack_tier_codes(blob: bytes, offsets: np.ndarray, shape: tuple[int, int, int], code_bytes: int, device):
     b, h, t = shape
     codes, scales = [], []
-    if len(offsets) != b * h + 1 or int(offsets[0]) != 0 or int(offsets[-1]) != len(blob) or bool(np.any(np.diff(offsets.astype(np.int64)) < 0)):
+    if (
+        len(offsets) != b * h + 1
+        or int(offsets[0]) != 0
+        or int(offsets[-1]) != len(blob)
+        or bool(np.any(np.diff(offsets.astype(np.int64)) < 0))
+    ):
         raise NexusQuantError("corrupt cache file: code stream offsets do not match the stored streams")
     # Each stream holds t vectors: its codes and scales decode to exactly this many bytes, so no
     # stream may expand further (a few bytes of a crafted stream must not become gigabytes).
@@ -105,8 +114,9 @@ def _transform_arrays(prefix: str, keys: TransformCodedKeys) -> dict[str, np.nda
     return out
 
 
-def _restore_transform(arrays: dict[str, Any], prefix: str, b: int, f: int, n: int, take_array, where: str,
-                       device) -> list[list[KeyTransformCode]]:
+def _restore_transform(
+    arrays: dict[str, Any], prefix: str, b: int, f: int, n: int, take_array, where: str, device
+) -> list[list[KeyTransformCode]]:
     """Transform-coded keys of ``b`` rows of ``n`` tokens and ``f`` = heads x head_dim, each array
     checked against the others and the model (widths 1–8, steps positive and finite)."""
     rows = []
@@ -130,22 +140,37 @@ def _restore_transform(arrays: dict[str, Any], prefix: str, b: int, f: int, n: i
             "bits": bits,
             "codes": take_array(f"{p}.codes", (n, (int(bits.sum()) + 7) // 8), (np.dtype(np.uint8),)),
         }
-        rows.append([KeyTransformCode(**{name: torch.from_numpy(np.ascontiguousarray(a)).to(device)
-                                         for name, a in arrs.items()})])
+        rows.append(
+            [
+                KeyTransformCode(
+                    **{name: torch.from_numpy(np.ascontiguousarray(a)).to(device) for name, a in arrs.items()}
+                )
+            ]
+        )
     return rows
 
 
 def _layer_arrays(layer: NexusQuantLayer) -> tuple[dict[str, Any], dict[str, Any]]:
     arrays: dict[str, Any] = {}
-    meta: dict[str, Any] = {"seen": layer.seen, "first_compression_done": layer.first_compression_done,
-                            "dropped": layer.dropped, "prompt_tokens": layer.prompt_tokens,
-                            "sliding_window": layer.sliding_window, "record_positions": layer.record_positions,
-                            "rope_key": layer.rope_key}
+    meta: dict[str, Any] = {
+        "seen": layer.seen,
+        "first_compression_done": layer.first_compression_done,
+        "dropped": layer.dropped,
+        "prompt_tokens": layer.prompt_tokens,
+        "sliding_window": layer.sliding_window,
+        "record_positions": layer.record_positions,
+        "rope_key": layer.rope_key,
+    }
     if not layer.is_initialized:
         meta["initialized"] = False
         return arrays, meta
-    meta.update(initialized=True, dtype=str(layer.dtype).replace("torch.", ""), batch=layer.batch,
-                heads=layer.heads, head_dim=layer.head_dim)
+    meta.update(
+        initialized=True,
+        dtype=str(layer.dtype).replace("torch.", ""),
+        batch=layer.batch,
+        heads=layer.heads,
+        head_dim=layer.head_dim,
+    )
     for name in _LAYER_TENSORS:
         t = getattr(layer, name)
         if t is not None:
@@ -192,7 +217,9 @@ def save_cache(cache: Any, path: Union[str, Path], token_ids: Optional[torch.Ten
         raise NexusQuantError("save_cache needs a cache compressed by nexusquant (every layer a NexusQuantLayer)")
     fingerprint = getattr(cache, "fingerprint", None)
     if fingerprint is None:
-        raise NexusQuantError("this cache does not know its model; create it with NexusQuantCache(model.config) or nexusquant_evict")
+        raise NexusQuantError(
+            "this cache does not know its model; create it with NexusQuantCache(model.config) or nexusquant_evict"
+        )
     ids = token_ids if token_ids is not None else getattr(cache, "token_ids", None)
     seen = layers[0].seen
     if ids is not None:
@@ -397,7 +424,9 @@ def _section_bound(meta: dict[str, Any]) -> int:
         streams = 4 * (b * h + 1) * (8 + _STREAM_SLACK)
         # Transform-coded keys: per row an int8 basis of at most (h d)^2 bytes and its vectors.
         streams += b * ((h * d) ** 2 + 16 * h * d + 6 * _ARRAY_OVERHEAD)
-        bound = max(bound, n * per_token + tiers * per_tier_token + 2 * b * h * d * item + streams + 32 * _ARRAY_OVERHEAD)
+        bound = max(
+            bound, n * per_token + tiers * per_tier_token + 2 * b * h * d * item + streams + 32 * _ARRAY_OVERHEAD
+        )
         rope_bytes = max(rope_bytes, 2 * b * n * d * 4)
     rope_bytes *= max(1, len(meta.get("rope_tables", {})))
     return max(bound, rope_bytes + 8 * _ARRAY_OVERHEAD)
@@ -427,7 +456,11 @@ def _layer_placement(model: Any, n: int) -> list[tuple[torch.device, torch.dtype
 def _array(arrays: dict[str, Any], name: str, shape: tuple, dtypes: tuple, where: str) -> np.ndarray:
     a = arrays.get(name)
     if not isinstance(a, np.ndarray) or a.dtype not in dtypes or tuple(a.shape) != tuple(shape):
-        got = f"{a.dtype} {tuple(a.shape)}" if isinstance(a, np.ndarray) else ("missing" if a is None else type(a).__name__)
+        got = (
+            f"{a.dtype} {tuple(a.shape)}"
+            if isinstance(a, np.ndarray)
+            else ("missing" if a is None else type(a).__name__)
+        )
         want = " or ".join(str(d) for d in dtypes)
         raise _corrupt(f"{where}: array {name!r} is {got}, expected {want} {tuple(shape)}")
     return a
@@ -438,8 +471,15 @@ def _positions(a: np.ndarray, seen: int, where: str, name: str) -> None:
         raise _corrupt(f"{where}: {name} holds sequence indices outside [0, {seen})")
 
 
-def _restore_layer(layer: NexusQuantLayer, meta: dict[str, Any], arrays: Any, device, dtype: torch.dtype,
-                   model_shape: tuple[int, int], where: str) -> None:
+def _restore_layer(
+    layer: NexusQuantLayer,
+    meta: dict[str, Any],
+    arrays: Any,
+    device,
+    dtype: torch.dtype,
+    model_shape: tuple[int, int],
+    where: str,
+) -> None:
     """Check every array of one layer against META and the model, then set the layer's state.
 
     Full-precision arrays are converted to ``dtype`` (the model's), so that a cache saved from a
@@ -471,7 +511,9 @@ def _restore_layer(layer: NexusQuantLayer, meta: dict[str, Any], arrays: Any, de
         return _array(arrays, name, shape, dtypes, where)
 
     # Full-precision sinks and window: their lengths come from the arrays, checked against each other.
-    s_len = arrays["sink_k"].shape[2] if isinstance(arrays.get("sink_k"), np.ndarray) and arrays["sink_k"].ndim == 4 else 0
+    s_len = (
+        arrays["sink_k"].shape[2] if isinstance(arrays.get("sink_k"), np.ndarray) and arrays["sink_k"].ndim == 4 else 0
+    )
     w_len = arrays["win_k"].shape[2] if isinstance(arrays.get("win_k"), np.ndarray) and arrays["win_k"].ndim == 4 else 0
     fine_n, coarse_n = meta["fine"]["length"], meta["coarse"]["length"]
     if s_len + w_len + fine_n + coarse_n > seen:
@@ -509,8 +551,12 @@ def _restore_layer(layer: NexusQuantLayer, meta: dict[str, Any], arrays: Any, de
         parts: list[tuple[str, Any]] = []
         for part, qt in (("k", tier.keys), ("v", tier.values)):
             if isinstance(qt, TransformCodedKeys):
-                parts.append(("transform", _restore_transform(arrays, f"{tier_name}.{part}.tc", b, h * d, n, need, where,
-                                                              device)))
+                parts.append(
+                    (
+                        "transform",
+                        _restore_transform(arrays, f"{tier_name}.{part}.tc", b, h * d, n, need, where, device),
+                    )
+                )
             elif qt.codec is None:
                 parts.append(("raw", need(f"{tier_name}.{part}.raw", (b, h, n, d), vec)))
             else:
@@ -622,8 +668,15 @@ def _load_cache(path: Path, model: Any) -> NexusQuantCache:
             elif kind == "LAYR":
                 if layer_i < n_layers:
                     device, dtype = placement[layer_i]
-                    _restore_layer(cache.layers[layer_i], meta["layers"][layer_i], payload, device, dtype,
-                                   model_shape, f"layer {layer_i}")
+                    _restore_layer(
+                        cache.layers[layer_i],
+                        meta["layers"][layer_i],
+                        payload,
+                        device,
+                        dtype,
+                        model_shape,
+                        f"layer {layer_i}",
+                    )
                     layer_i += 1
                 elif rope_arrays is None:
                     rope_arrays = payload
@@ -646,8 +699,16 @@ def _load_cache(path: Path, model: Any) -> NexusQuantCache:
         saved_np = _NP_FLOAT[rope_meta[key]["dtype"]]
         cos, sin = rope_arrays[f"{key}.cos"], rope_arrays[f"{key}.sin"]
         for name, a in (("cos", cos), ("sin", sin)):
-            if not isinstance(a, np.ndarray) or a.dtype != saved_np or a.ndim != 3 or a.shape != cos.shape or a.shape[1] < seen:
-                raise _corrupt(f"rotary table {key}.{name} is not {saved_np} (batch, >= {seen} tokens, dim) like its pair")
+            if (
+                not isinstance(a, np.ndarray)
+                or a.dtype != saved_np
+                or a.ndim != 3
+                or a.shape != cos.shape
+                or a.shape[1] < seen
+            ):
+                raise _corrupt(
+                    f"rotary table {key}.{name} is not {saved_np} (batch, >= {seen} tokens, dim) like its pair"
+                )
         table = RopeTable()
         dt = _TORCH[rope_meta[key]["dtype"]]
         device, dtype = placement[0]

@@ -109,16 +109,32 @@ class CompressionSettings:
         for name in ("key_bits", "value_bits", "coarse_key_bits", "coarse_value_bits"):
             v = getattr(self, name)
             check(v in _TIER_BITS and not isinstance(v, bool), f"{name} must be one of {_TIER_BITS}, got {v!r}")
-        for name, lo in (("sink_tokens", 0), ("recent_window", 1), ("block", 1), ("score_window", 1), ("pool_kernel", 1)):
+        for name, lo in (
+            ("sink_tokens", 0),
+            ("recent_window", 1),
+            ("block", 1),
+            ("score_window", 1),
+            ("pool_kernel", 1),
+        ):
             v = getattr(self, name)
-            check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, got {v!r}")
+            check(
+                isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+                f"{name} must be an integer >= {lo}, got {v!r}",
+            )
         check(self.pool_kernel % 2 == 1, f"pool_kernel must be odd, got {self.pool_kernel}")
         check(self.scorer in SCORERS, f"scorer must be one of {sorted(SCORERS)}, got {self.scorer!r}")
         check(self.key_domain in _KEY_DOMAINS, f"key_domain must be one of {_KEY_DOMAINS}, got {self.key_domain!r}")
         check(self.key_codec in _KEY_CODECS, f"key_codec must be one of {_KEY_CODECS}, got {self.key_codec!r}")
-        check(isinstance(self.key_rate, (int, float)) and not isinstance(self.key_rate, bool) and 0.0 < self.key_rate <= 8.0,
-              f"key_rate must be a number in (0, 8], got {self.key_rate!r}")
-        check(isinstance(self.seed, int) and 0 <= self.seed < 2**64, f"seed must be a non-negative integer, got {self.seed!r}")
+        check(
+            isinstance(self.key_rate, (int, float))
+            and not isinstance(self.key_rate, bool)
+            and 0.0 < self.key_rate <= 8.0,
+            f"key_rate must be a number in (0, 8], got {self.key_rate!r}",
+        )
+        check(
+            isinstance(self.seed, int) and 0 <= self.seed < 2**64,
+            f"seed must be a non-negative integer, got {self.seed!r}",
+        )
         check(isinstance(self.center, bool), "center must be True or False")
 
     def replace(self, **changes: Any) -> CompressionSettings:

@@ -143,8 +143,10 @@ class RopeTable:
             m = (self.cos.to(device), self.sin.to(device))
         elif m[0].shape[1] < n:
             have = m[0].shape[1]
-            m = (torch.cat([m[0], self.cos[:, have:].to(device)], dim=1),
-                 torch.cat([m[1], self.sin[:, have:].to(device)], dim=1))
+            m = (
+                torch.cat([m[0], self.cos[:, have:].to(device)], dim=1),
+                torch.cat([m[1], self.sin[:, have:].to(device)], dim=1),
+            )
         self._mirrors[device] = m
         return m
 

@@ -47,6 +47,7 @@ def dense_rotation_torch(head_dim: int, bits: int, seed: int, device: str) -> tu
 def _torch_tables(head_dim: int, bits: int, seed: int, device: str) -> tuple[torch.Tensor, ...]:
     """Codebooks (every codeword, rotated domain, scale 1) and the inverse rotation as dense tensors."""
     codec = get_codec(head_dim, bits, seed)
+
     def book(n_codes: int, code_bytes: int, stage_bits: int) -> torch.Tensor:
         # Decode every code of one 8-dimensional group at scale 1 (fp16 0x3C00), in the rotated domain.
         probe = get_codec(8, stage_bits, 0)

@@ -149,7 +149,9 @@ class TransformCodedKeys:
     def length(self) -> int:
         return sum(c.length for c in self.rows[0]) if self.rows else 0
 
-    def append(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None, metric: Optional[torch.Tensor] = None) -> None:
+    def append(
+        self, x: torch.Tensor, valid: Optional[torch.Tensor] = None, metric: Optional[torch.Tensor] = None
+    ) -> None:
         """Code ``x`` ``(B, H, T, head_dim)``; ``valid`` bool ``(B, T)`` marks the tokens the basis is
         fitted on (padding excluded); ``metric`` ``(B, F, F)`` is the queries' second moment (see
         :func:`~nexusquant.transform.fit_key_transform`), None for plain principal components."""
@@ -157,8 +159,11 @@ class TransformCodedKeys:
         flat = x.permute(0, 2, 1, 3).reshape(b, t, h * d)
         if not self.rows:
             self.rows = [
-                [fit_key_transform(flat[i], self.rate, None if valid is None else valid[i],
-                                   None if metric is None else metric[i])]
+                [
+                    fit_key_transform(
+                        flat[i], self.rate, None if valid is None else valid[i], None if metric is None else metric[i]
+                    )
+                ]
                 for i in range(b)
             ]
             return
@@ -192,10 +197,19 @@ class TransformCodedKeys:
 class Tier:
     """Keys and values of one tier, with each token's sequence index and validity."""
 
-    def __init__(self, head_dim: int, key_bits: int, value_bits: int, seed: int, dtype: torch.dtype,
-                 key_rate: Optional[float] = None):
+    def __init__(
+        self,
+        head_dim: int,
+        key_bits: int,
+        value_bits: int,
+        seed: int,
+        dtype: torch.dtype,
+        key_rate: Optional[float] = None,
+    ):
         self.keys: Union[QuantizedTensor, TransformCodedKeys] = (
-            QuantizedTensor(head_dim, key_bits, seed, dtype) if key_rate is None else TransformCodedKeys(head_dim, key_rate, dtype)
+            QuantizedTensor(head_dim, key_bits, seed, dtype)
+            if key_rate is None
+            else TransformCodedKeys(head_dim, key_rate, dtype)
         )
         self.values = QuantizedTensor(head_dim, value_bits, seed, dtype)
         self.seq: Optional[torch.Tensor] = None  # int32 (B, H, T)
@@ -222,7 +236,11 @@ class Tier:
             self.keys.append(k)
         self.values.append(v)
         if seq is not None:
-            seq = seq.to(torch.int16 if int(seq.max().item()) < 2**15 and (self.seq is None or self.seq.dtype == torch.int16) else torch.int32)
+            seq = seq.to(
+                torch.int16
+                if int(seq.max().item()) < 2**15 and (self.seq is None or self.seq.dtype == torch.int16)
+                else torch.int32
+            )
             if self.seq is not None and self.seq.dtype != seq.dtype:
                 self.seq = self.seq.to(torch.int32)
             self.seq = seq if self.seq is None else torch.cat([self.seq, seq], dim=2)

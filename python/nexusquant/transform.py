@@ -90,8 +90,11 @@ def _reconstruct(q: torch.Tensor, step: torch.Tensor, levels: torch.Tensor) -> t
 
 def _best_steps(c: torch.Tensor, bits: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
     """Per component, the step of the sweep with the smallest squared error on ``c`` ``(T, K)``."""
-    sd = c.pow(2).mean(0).sqrt().clamp(min=1e-12) if weights is None else (
-        (c.pow(2) * weights[:, None]).sum(0) / weights.sum().clamp(min=1)).sqrt().clamp(min=1e-12)
+    sd = (
+        c.pow(2).mean(0).sqrt().clamp(min=1e-12)
+        if weights is None
+        else ((c.pow(2) * weights[:, None]).sum(0) / weights.sum().clamp(min=1)).sqrt().clamp(min=1e-12)
+    )
     base = sd * torch.tensor(GAUSSIAN_STEP, dtype=c.dtype, device=c.device)[bits.long()]
     levels = (2**bits).to(torch.int64)
     sweep = torch.tensor(_STEP_SWEEP, dtype=c.dtype, device=c.device)
@@ -105,8 +108,13 @@ def _best_steps(c: torch.Tensor, bits: torch.Tensor, weights: Optional[torch.Ten
     return cand.gather(0, best[None, :])[0]
 
 
-def _choose_components(weight: torch.Tensor, bits_per_token: float, side_bits_per_component: float,
-                       side_bits_fixed: float, max_bits: int = MAX_BITS) -> torch.Tensor:
+def _choose_components(
+    weight: torch.Tensor,
+    bits_per_token: float,
+    side_bits_per_component: float,
+    side_bits_fixed: float,
+    max_bits: int = MAX_BITS,
+) -> torch.Tensor:
     """Bits per component (sorted by ``weight``, descending) for a budget that also pays for the
     basis: keeping K components costs ``K * side_bits_per_component + side_bits_fixed`` bits per
     token before any code bit. Tries every K and keeps the allocation of least (Gaussian model)

@@ -128,7 +128,9 @@ def _bytes_record(cache: Any, config: Any, tokens: int) -> dict[str, Any]:
     }
 
 
-def _score_continuation(fwd: _Forward, cache: Any, ids: list[int], prefix: int, continuation: int, config: Any) -> dict[str, Any]:
+def _score_continuation(
+    fwd: _Forward, cache: Any, ids: list[int], prefix: int, continuation: int, config: Any
+) -> dict[str, Any]:
     seq = torch.tensor([ids[: prefix + continuation]])
     logits = fwd(seq[:, :prefix], cache)
     prompt = _bytes_record(cache, config, prefix)
@@ -243,7 +245,9 @@ def evaluate(
     for t in texts_loaded:
         need = prefixes[-1] + continuation
         if len(t.ids) < need:
-            raise NexusQuantError(f"text {t.name!r} has {len(t.ids)} tokens; prefix {prefixes[-1]} + continuation {continuation} needs {need}")
+            raise NexusQuantError(
+                f"text {t.name!r} has {len(t.ids)} tokens; prefix {prefixes[-1]} + continuation {continuation} needs {need}"
+            )
     fwd = _Forward(model)
     config = model.config
     results: list[dict[str, Any]] = []
@@ -265,9 +269,15 @@ def evaluate(
                         if method.kind == "baseline":
                             row["one_forward_ppl"] = _one_forward_ppl(fwd, text.ids, prefix, continuation)
                             base_row = row
-                            baselines.append({"text": text.name, "prefix": prefix, "ppl": row["ppl"],
-                                              "one_forward_ppl": row["one_forward_ppl"],
-                                              "retrieval_accuracy": row["retrieval"]["accuracy"]})
+                            baselines.append(
+                                {
+                                    "text": text.name,
+                                    "prefix": prefix,
+                                    "ppl": row["ppl"],
+                                    "one_forward_ppl": row["one_forward_ppl"],
+                                    "retrieval_accuracy": row["retrieval"]["accuracy"],
+                                }
+                            )
                         if method.family == "nexusquant":
                             anchors[method.preset or ""] = row["prompt"]["ratio"]
                         assert base_row is not None
@@ -328,12 +338,14 @@ def _run_method(
         outcomes = []
         for trial in trials:
             state: dict[str, Any] = {"cache": run.new_cache()}
-            outcomes.append(run_trial(
-                step=lambda ids: fwd(ids, state["cache"]),
-                prefill=lambda ids: fwd(ids, state["cache"]),
-                trial=trial,
-                tokenizer=tokenizer,
-            ))
+            outcomes.append(
+                run_trial(
+                    step=lambda ids: fwd(ids, state["cache"]),
+                    prefill=lambda ids: fwd(ids, state["cache"]),
+                    trial=trial,
+                    tokenizer=tokenizer,
+                )
+            )
             bar.update(1)
     by_depth: dict[str, list[int]] = {}
     for o in outcomes:
@@ -418,8 +430,21 @@ def run(
             with open(partial, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row, allow_nan=True) + "\n")
 
-    result = evaluate(lm, tok, texts, prefixes, continuation, methods, presets, retrieval_trials, seed, progress,
-                      model_name=model, on_result=on_result, variants=variants)
+    result = evaluate(
+        lm,
+        tok,
+        texts,
+        prefixes,
+        continuation,
+        methods,
+        presets,
+        retrieval_trials,
+        seed,
+        progress,
+        model_name=model,
+        on_result=on_result,
+        variants=variants,
+    )
     result["environment"]["wall_seconds"] = round(time.perf_counter() - t0, 1)
     echo(format_table(result))
     for note in result["notes"]:

@@ -115,12 +115,24 @@ class Method:
             if why is not None:
                 raise NexusQuantError(why)
             # transformers' defaults: groups of 64 along head_dim, a 128-token full-precision residual.
-            desc = {"backend": self.family, "nbits": self.bits, "q_group_size": 64, "residual_length": 128, "axis_key": 0, "axis_value": 0}
+            desc = {
+                "backend": self.family,
+                "nbits": self.bits,
+                "q_group_size": 64,
+                "residual_length": 128,
+                "axis_key": 0,
+                "axis_value": 0,
+            }
             yield MethodRun(self, model, lambda: QuantizedCache(self.family, model.config, nbits=self.bits), desc)
         elif kind == "int":
             assert self.bits is not None
             bits = self.bits
-            yield MethodRun(self, model, lambda: peers.PerTokenIntCache(model.config, bits), {"bits": bits, "per": "token", "scale": "fp16 scale and minimum per vector"})
+            yield MethodRun(
+                self,
+                model,
+                lambda: peers.PerTokenIntCache(model.config, bits),
+                {"bits": bits, "per": "token", "scale": "fp16 scale and minimum per vector"},
+            )
         else:
             raise NexusQuantError(f"internal: unknown method kind {kind!r}")
 

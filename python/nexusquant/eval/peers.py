@@ -121,7 +121,9 @@ def _rotary_angles(module: torch.nn.Module, positions: torch.Tensor, like: torch
 _ROTATION_MEMO: dict[tuple, torch.Tensor] = {}  # one entry: (rotary module, start, ...) -> R^T
 
 
-def _mean_future_rotation(module: torch.nn.Module, adapter: RopeAdapter, start: int, d: int, device: torch.device) -> torch.Tensor:
+def _mean_future_rotation(
+    module: torch.nn.Module, adapter: RopeAdapter, start: int, d: int, device: torch.device
+) -> torch.Tensor:
     """``R^T`` with ``R`` the rotary rotation averaged over positions ``start .. start + 512``.
 
     Each basis vector e_i is rotated at every future position p with the model's own code; row i of
@@ -175,7 +177,9 @@ def expected_attention_scores(x: ScoreInputs) -> torch.Tensor:
     q_pos = torch.arange(seen - q_len, seen, device=key.device)
     cos, sin = _rotary_angles(module, q_pos, query)
     r = cos.shape[-1]
-    pre = adapter.rotate(query, cos[:, None].expand(b, hq, q_len, r), sin[:, None].expand(b, hq, q_len, r), inverse=True)
+    pre = adapter.rotate(
+        query, cos[:, None].expand(b, hq, q_len, r), sin[:, None].expand(b, hq, q_len, r), inverse=True
+    )
     pre = pre[:, :, EA_SINKS:]
     mu = pre.mean(dim=2)  # (B, Hq, D)
     centred = pre - mu[:, :, None]
@@ -247,7 +251,9 @@ def _quantize_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
     return packed, scale, lo16
 
 
-def _dequantize_per_token(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_per_token(
+    packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
     per = 8 // bits
     mask = (1 << bits) - 1
     shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
@@ -287,7 +293,9 @@ class PerTokenIntLayer(DynamicLayer):
             else:
                 out.append(new)
             packed, scale, lo = _quantize_per_token(new, self.bits)
-            self._parts[name] = [torch.cat([a, b], dim=2) for a, b in zip(parts, (packed, scale, lo))] if parts else [packed, scale, lo]
+            self._parts[name] = (
+                [torch.cat([a, b], dim=2) for a, b in zip(parts, (packed, scale, lo))] if parts else [packed, scale, lo]
+            )
         self.seen += key_states.shape[2]
         return out[0], out[1]
 
@@ -352,4 +360,3 @@ def fp16_reference_nbytes(config: Any, seen: int, batch: int = 1) -> int:
         held = seen if window is None else min(seen, window - 1)
         total += 2 * batch * heads * held * head_dim * 2
     return total
-

@@ -9,8 +9,18 @@ from .report import summary_rows
 
 __all__ = ["plot_results"]
 
-_MARKERS = {"nexusquant": "o", "nexusquant-prerope": "D", "nexusquant-variant": "h", "snapkv": "s", "expected-attention": "^", "knorm": "v",
-            "streamingllm": "<", "quanto": "P", "hqq": "X", "int": "*"}
+_MARKERS = {
+    "nexusquant": "o",
+    "nexusquant-prerope": "D",
+    "nexusquant-variant": "h",
+    "snapkv": "s",
+    "expected-attention": "^",
+    "knorm": "v",
+    "streamingllm": "<",
+    "quanto": "P",
+    "hqq": "X",
+    "int": "*",
+}
 
 
 def _lines(rows: list[dict[str, Any]], families: list[str]) -> list[tuple[str, list[dict[str, Any]]]]:
@@ -59,8 +69,13 @@ def plot_results(result: dict[str, Any], path: Union[str, Path]) -> None:
         ax = axes[0][col]
         ax.axhline(0.0, color="black", lw=1, ls="--", label="uncompressed")
         for fam, pts in _lines(here, families):
-            ax.plot([p["ratio"] for p in pts], [p["ppl_delta_pct"] for p in pts], marker=_MARKERS.get(fam, "o"),
-                    ls="-" if len(pts) > 1 else "none", label=pts[0]["label"] if fam != "nexusquant-variant" else pts[0]["method"])
+            ax.plot(
+                [p["ratio"] for p in pts],
+                [p["ppl_delta_pct"] for p in pts],
+                marker=_MARKERS.get(fam, "o"),
+                ls="-" if len(pts) > 1 else "none",
+                label=pts[0]["label"] if fam != "nexusquant-variant" else pts[0]["method"],
+            )
         style_x(ax)
         deltas = [r["ppl_delta_pct"] for r in here]
         ax.set_yscale("symlog", linthresh=1.0)
@@ -73,8 +88,12 @@ def plot_results(result: dict[str, Any], path: Union[str, Path]) -> None:
             acc = base["retrieval_accuracy"]
             ax.axhline(acc if acc is not None else 0.0, color="black", lw=1, ls="--", label="uncompressed")
             for fam, pts in _lines(here, families):
-                ax.plot([p["ratio"] for p in pts], [p["retrieval_accuracy"] for p in pts], marker=_MARKERS.get(fam, "o"),
-                        ls="-" if len(pts) > 1 else "none")
+                ax.plot(
+                    [p["ratio"] for p in pts],
+                    [p["retrieval_accuracy"] for p in pts],
+                    marker=_MARKERS.get(fam, "o"),
+                    ls="-" if len(pts) > 1 else "none",
+                )
             style_x(ax)
             ax.set_ylim(-0.05, 1.05)
             ax.set_ylabel(f"pass-key accuracy ({base['retrieval_trials']} trials)")
@@ -83,6 +102,10 @@ def plot_results(result: dict[str, Any], path: Union[str, Path]) -> None:
     env = result["environment"]
     m = env["model"]
     texts = ", ".join(t["name"] for t in result["texts"])
-    fig.suptitle(f"{m['name']} ({m['dtype']}), nexusquant {env['nexusquant']}\ntexts: {texts} (means over texts)",
-                 fontsize="medium", x=0.02, ha="left")
+    fig.suptitle(
+        f"{m['name']} ({m['dtype']}), nexusquant {env['nexusquant']}\ntexts: {texts} (means over texts)",
+        fontsize="medium",
+        x=0.02,
+        ha="left",
+    )
     fig.savefig(str(path), dpi=110)

@@ -33,22 +33,24 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         correct = sum(r["retrieval"]["correct"] for r in rs)
         base_trials = trials
         base_correct = sum(round((r["retrieval"]["baseline_accuracy"] or 0) * r["retrieval"]["trials"]) for r in rs)
-        rows.append({
-            "prefix": prefix,
-            "method": method,
-            "family": rs[0]["family"],
-            "label": rs[0]["label"],
-            "kind": rs[0]["kind"],
-            "texts": len(rs),
-            "ratio": sum(r["prompt"]["ratio"] for r in rs) / len(rs),
-            "ratio_end": sum(r["end"]["ratio"] for r in rs) / len(rs),
-            "bits_per_element": sum(r["prompt"]["bits_per_element"] for r in rs) / len(rs),
-            "ppl_delta_pct": sum(r["ppl_delta_pct"] for r in rs) / len(rs),
-            "retrieval_correct": correct,
-            "retrieval_trials": trials,
-            "retrieval_accuracy": correct / trials if trials else None,
-            "baseline_retrieval_accuracy": base_correct / base_trials if base_trials else None,
-        })
+        rows.append(
+            {
+                "prefix": prefix,
+                "method": method,
+                "family": rs[0]["family"],
+                "label": rs[0]["label"],
+                "kind": rs[0]["kind"],
+                "texts": len(rs),
+                "ratio": sum(r["prompt"]["ratio"] for r in rs) / len(rs),
+                "ratio_end": sum(r["end"]["ratio"] for r in rs) / len(rs),
+                "bits_per_element": sum(r["prompt"]["bits_per_element"] for r in rs) / len(rs),
+                "ppl_delta_pct": sum(r["ppl_delta_pct"] for r in rs) / len(rs),
+                "retrieval_correct": correct,
+                "retrieval_trials": trials,
+                "retrieval_accuracy": correct / trials if trials else None,
+                "baseline_retrieval_accuracy": base_correct / base_trials if base_trials else None,
+            }
+        )
     return rows
 
 

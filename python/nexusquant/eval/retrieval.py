@@ -62,7 +62,12 @@ def _first_number(text: str) -> str:
     return m.group(0) if m else ""
 
 
-def run_trial(step: Callable[[torch.Tensor], torch.Tensor], prefill: Callable[[torch.Tensor], torch.Tensor], trial: PasskeyTrial, tokenizer: Any) -> dict[str, Any]:
+def run_trial(
+    step: Callable[[torch.Tensor], torch.Tensor],
+    prefill: Callable[[torch.Tensor], torch.Tensor],
+    trial: PasskeyTrial,
+    tokenizer: Any,
+) -> dict[str, Any]:
     """Run one trial; ``prefill(ids)`` and ``step(ids)`` return the last position's logits ``(V,)``
     over a fresh cache of the method under test.
 

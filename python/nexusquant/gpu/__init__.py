@@ -320,17 +320,38 @@ def encode(codec, x):
     if _fast_codec(codec, xs):
         fn = _function(index, (("NQ_CODEC_P", p), ("NQ_CODEC_BITS", codec.bits)), True, f"nq_quantize_fast_{suffix}")
         args = (
-            xs.data_ptr(), n, signs.data_ptr(), _single_block_scale(p), np.float32(codec.scale_factor), rr,
-            abs_t.data_ptr(), par_t.data_ptr(), key_t.data_ptr(), codes.data_ptr(), scales.data_ptr(),
+            xs.data_ptr(),
+            n,
+            signs.data_ptr(),
+            _single_block_scale(p),
+            np.float32(codec.scale_factor),
+            rr,
+            abs_t.data_ptr(),
+            par_t.data_ptr(),
+            key_t.data_ptr(),
+            codes.data_ptr(),
+            scales.data_ptr(),
             errors.data_ptr(),
         )
         _launch(fn, (_grid(n, _WARPS * (256 // p), index),), (_WARPS * 32,), args, index)
     else:
         fn = _function(index, (), True, f"nq_quantize_{suffix}")
         args = (
-            xs.data_ptr(), np.int32(n), np.int32(d), np.int32(p), signs.data_ptr(), blocks.data_ptr(),
-            bscale.data_ptr(), np.float32(codec.scale_factor), rr, np.int32(codec.bits),
-            abs_t.data_ptr(), par_t.data_ptr(), key_t.data_ptr(), codes.data_ptr(), scales.data_ptr(),
+            xs.data_ptr(),
+            np.int32(n),
+            np.int32(d),
+            np.int32(p),
+            signs.data_ptr(),
+            blocks.data_ptr(),
+            bscale.data_ptr(),
+            np.float32(codec.scale_factor),
+            rr,
+            np.int32(codec.bits),
+            abs_t.data_ptr(),
+            par_t.data_ptr(),
+            key_t.data_ptr(),
+            codes.data_ptr(),
+            scales.data_ptr(),
             errors.data_ptr(),
         )
         _launch(fn, (math.ceil(n / _WARPS),), (_WARPS * 32,), args, index)
@@ -363,14 +384,33 @@ def decode(codec, codes, scales, dtype):
     p = codec.padded_dim
     if _fast_codec(codec, out):
         fn = _function(index, (("NQ_CODEC_P", p), ("NQ_CODEC_BITS", codec.bits)), True, f"nq_dequantize_fast_{suffix}")
-        args = (c.data_ptr(), s.data_ptr(), n, signs.data_ptr(), _single_block_scale(p), rr, abs_t.data_ptr(),
-                par_t.data_ptr(), out.data_ptr())
+        args = (
+            c.data_ptr(),
+            s.data_ptr(),
+            n,
+            signs.data_ptr(),
+            _single_block_scale(p),
+            rr,
+            abs_t.data_ptr(),
+            par_t.data_ptr(),
+            out.data_ptr(),
+        )
         _launch(fn, (_grid(n, _WARPS * (256 // p), index),), (_WARPS * 32,), args, index)
     else:
         fn = _function(index, (), True, f"nq_dequantize_{suffix}")
         args = (
-            c.data_ptr(), s.data_ptr(), np.int32(n), np.int32(codec.head_dim), np.int32(p), signs.data_ptr(),
-            blocks.data_ptr(), bscale.data_ptr(), rr, np.int32(codec.bits), abs_t.data_ptr(), par_t.data_ptr(),
+            c.data_ptr(),
+            s.data_ptr(),
+            np.int32(n),
+            np.int32(codec.head_dim),
+            np.int32(p),
+            signs.data_ptr(),
+            blocks.data_ptr(),
+            bscale.data_ptr(),
+            rr,
+            np.int32(codec.bits),
+            abs_t.data_ptr(),
+            par_t.data_ptr(),
             out.data_ptr(),
         )
         _launch(fn, (math.ceil(n / _WARPS),), (_WARPS * 32,), args, index)
@@ -391,7 +431,7 @@ _ATTN_PARAMS = struct.Struct("<12Q5q2f" + "5Q3q2f" * 2)
 assert _ATTN_PARAMS.size == 288
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 256  # NQ_AMAXS: partial states per (batch, KV head), the merge's shared buffer
-_MIN_CHUNK = 256   # tokens per block at least: below that a block's fixed costs dominate
+_MIN_CHUNK = 256  # tokens per block at least: below that a block's fixed costs dominate
 _BLOCKS_PER_SM = 4  # resident blocks of the attention kernel (registers: ~128 per thread)
 # Warps per block of the attention module (a compile-time define, NQ_AW); the launch must match.
 _ATT_WARPS = 4
@@ -477,17 +517,32 @@ def _plan(index: int, dtype, tiers) -> tuple:
     if any(t[5].head_dim != kc0.head_dim or t[5].seed != kc0.seed or t[6].seed != kc0.seed for t in tiers):
         raise NexusQuantError("decode attention: all tiers must share one rotation (head_dim and seed)")
     bits = [b for t in tiers for b in (t[5].bits, t[6].bits)] + [0, 0]
-    defines = (("NQ_ATT_P", p), ("NQ_ATT_KB0", bits[0]), ("NQ_ATT_VB0", bits[1]), ("NQ_ATT_KB1", bits[2]),
-               ("NQ_ATT_VB1", bits[3]), ("NQ_ATT_T", _ATT_DTYPE[suffix]), ("NQ_AW", _ATT_WARPS))
+    defines = (
+        ("NQ_ATT_P", p),
+        ("NQ_ATT_KB0", bits[0]),
+        ("NQ_ATT_VB0", bits[1]),
+        ("NQ_ATT_KB1", bits[2]),
+        ("NQ_ATT_VB1", bits[3]),
+        ("NQ_ATT_T", _ATT_DTYPE[suffix]),
+        ("NQ_AW", _ATT_WARPS),
+    )
     fn = _function(index, defines, False, f"nq_attend_{suffix}")
     signs = _rotation(kc0.head_dim, kc0.bits, kc0.seed, index)[0]
     res = tuple(float(c.residual_ratio or 1.0) for t in tiers for c in (t[5], t[6])) + (1.0, 1.0)
-    plan = _plans[key] = (fn.ptr, signs.data_ptr(), _half_table(index).data_ptr(), float(_single_block_scale(p)), p, res)
+    plan = _plans[key] = (
+        fn.ptr,
+        signs.data_ptr(),
+        _half_table(index).data_ptr(),
+        float(_single_block_scale(p)),
+        p,
+        res,
+    )
     return plan
 
 
-def decode_attention(query, key, value, n_sink: int, fp_mask, win_valid, tiers, k_center, v_center, scaling: float,
-                     out=None):
+def decode_attention(
+    query, key, value, n_sink: int, fp_mask, win_valid, tiers, k_center, v_center, scaling: float, out=None
+):
     """Attention of one new query per sequence over a layer's compressed tiers and its
     full-precision sinks and window, in one kernel launch.
 
@@ -551,9 +606,25 @@ def decode_attention(query, key, value, n_sink: int, fp_mask, win_valid, tiers, 
     if out is None:
         out = torch.empty(b, 1, hq, d, dtype=dtype, device=query.device)
     vals = [
-        query.data_ptr(), out.data_ptr(), key.data_ptr(), value.data_ptr(),
-        fp_mask.data_ptr() if fp_mask is not None else 0, win_valid.data_ptr(), kc_ptr, vc_ptr, signs_ptr,
-        table_ptr, ws[4], ws[5], tfp, n_sink, win_valid.shape[1], g, hkv, bscale, scaling * _LOG2E,
+        query.data_ptr(),
+        out.data_ptr(),
+        key.data_ptr(),
+        value.data_ptr(),
+        fp_mask.data_ptr() if fp_mask is not None else 0,
+        win_valid.data_ptr(),
+        kc_ptr,
+        vc_ptr,
+        signs_ptr,
+        table_ptr,
+        ws[4],
+        ws[5],
+        tfp,
+        n_sink,
+        win_valid.shape[1],
+        g,
+        hkv,
+        bscale,
+        scaling * _LOG2E,
     ]
     for i, t in enumerate((t0, t1)):
         if t is None:
@@ -564,8 +635,18 @@ def decode_attention(query, key, value, n_sink: int, fp_mask, win_valid, tiers, 
         if (kp | vp) & 15:
             raise NexusQuantError("decode attention: code arrays must be 16-byte aligned")
         valid = t[4]
-        vals += [kp, t[1].data_ptr(), vp, t[3].data_ptr(), valid.data_ptr() if valid is not None else 0,
-                 tokens[i], counts[i], chunk, res[2 * i], res[2 * i + 1]]
+        vals += [
+            kp,
+            t[1].data_ptr(),
+            vp,
+            t[3].data_ptr(),
+            valid.data_ptr() if valid is not None else 0,
+            tokens[i],
+            counts[i],
+            chunk,
+            res[2 * i],
+            res[2 * i + 1],
+        ]
     buf, kp_arr = _param_buffer()
     _ATTN_PARAMS.pack_into(buf, 0, *vals)
     if not _ONE_GPU:
