@@ -41,7 +41,8 @@ def main() -> None:
         scalar = min(float(((uniform_scalar(x, bits, c) - x) ** 2).mean()) for c in np.arange(0.5, 4.0, 0.05))
         gain_db = 10 * np.log10(scalar / e8)
         print(
-            f"| {bits} | {rate:.4f} | {e8:.5f} | {shannon:.5f} | {e8 / shannon:.2f}x | {scalar:.5f} | {gain_db:+.2f} dB |"
+            f"| {bits} | {rate:.4f} | {e8:.5f} | {shannon:.5f} | {e8 / shannon:.2f}x | {scalar:.5f} | "
+            f"{gain_db:+.2f} dB |"
         )
 
 

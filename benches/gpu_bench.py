@@ -92,8 +92,11 @@ def bench_codec(copy_gbs, results):
         rc, rs = codec.encode_arrays(*as_codec_input(sample.cpu()))
         mismatched = int((c.cpu().numpy() != rc).any(axis=1).sum() + (s.cpu().numpy().view(np.uint16) != rs).sum())
         codes, scales = gpu.encode(codec, x)
-        q_ms = timed(lambda: gpu.encode(codec, x), reps=10)
-        d_ms = timed(lambda: gpu.decode(codec, codes, scales, torch.float16), reps=10)
+        # Default arguments bind this iteration's values (each lambda is called only inside timed()).
+        q_ms = timed(lambda codec=codec: gpu.encode(codec, x), reps=10)
+        d_ms = timed(
+            lambda codec=codec, codes=codes, scales=scales: gpu.decode(codec, codes, scales, torch.float16), reps=10
+        )
         in_bytes = x.numel() * 2
         code_bytes = codes.numel() + scales.numel() * 2
         q_gbs = (in_bytes + code_bytes) / (q_ms / 1e3) / 1e9
@@ -148,7 +151,8 @@ def bench_decode_attention(copy_gbs, results):
             assert view.lazy_tiers, "fused path not taken"
             scale = 128**-0.5
 
-            def nq_step():
+            # The steps are called (and captured) only in this iteration; default arguments bind its values.
+            def nq_step(view=view, q=q, keys=keys, values=values, scale=scale):
                 view.consumed = False
                 return nexusquant_attention(stub, q, keys, values, None, scaling=scale)[0]
 
@@ -162,7 +166,7 @@ def bench_decode_attention(copy_gbs, results):
             kf = torch.cat([k, nk], 2)
             vf = torch.cat([v, nk], 2)
 
-            def sdpa_step():
+            def sdpa_step(q=q, kf=kf, vf=vf, scale=scale):
                 return F.scaled_dot_product_attention(q, kf, vf, scale=scale, enable_gqa=True)
 
             t_nq = timed(nq_step)
@@ -190,6 +194,7 @@ def bench_decode_attention(copy_gbs, results):
             )
             print(rows[-1], flush=True)
             layer = k = v = full_k = full_v = None
+            del nq_step, sdpa_step  # their default arguments would otherwise outlive this iteration's names
             torch.cuda.empty_cache()
     results["decode_attention"] = rows
 
@@ -308,7 +313,8 @@ class _null:
 
 def tables(results) -> str:
     lines = [
-        f"Measured on {results['device']} ({results['date']}), `python benches/gpu_bench.py --phase {results['phase']}`.",
+        f"Measured on {results['device']} ({results['date']}), "
+        f"`python benches/gpu_bench.py --phase {results['phase']}`.",
         "",
     ]
     if "copy_GBps" in results:
@@ -320,8 +326,8 @@ def tables(results) -> str:
         ]
         for r in results["codec"]:
             lines.append(
-                f"| {r['bits']} | {r['quantize_GBps']:.0f} | {r['quantize_vs_copy']:.0%} | {r['dequantize_GBps']:.0f} | "
-                f"{r['dequantize_vs_copy']:.0%} | {r['codes_differing_from_cpu']} |"
+                f"| {r['bits']} | {r['quantize_GBps']:.0f} | {r['quantize_vs_copy']:.0%} | "
+                f"{r['dequantize_GBps']:.0f} | {r['dequantize_vs_copy']:.0%} | {r['codes_differing_from_cpu']} |"
             )
         lines.append("")
     if "decode_attention" in results:
@@ -357,13 +363,14 @@ def tables(results) -> str:
                 lines.append(f"| {r['context']} | {r['mode']} | failed: {r['error'][:80]} | | | |")
                 continue
             lines.append(
-                f"| {r['context']} | {r['mode']} | {r['peak_GB']:.1f} | {r['kv_GB']:.2f} | {r['prefill_s']:.1f} | {r['decode_tokens_per_s']:.1f} |"
+                f"| {r['context']} | {r['mode']} | {r['peak_GB']:.1f} | {r['kv_GB']:.2f} | {r['prefill_s']:.1f} | "
+                f"{r['decode_tokens_per_s']:.1f} |"
             )
         lines.append("")
         for p, st in e.get("settings", {}).items():
             lines.append(
-                f"nexusquant {p}: evict {st['evict']}, demote {st['demote']}, key/value bits {st['key_bits']}/{st['value_bits']}, "
-                f"recent window {st['recent_window']}."
+                f"nexusquant {p}: evict {st['evict']}, demote {st['demote']}, "
+                f"key/value bits {st['key_bits']}/{st['value_bits']}, recent window {st['recent_window']}."
             )
         lines.append("")
         for mode, n in e["longest_context_extrapolated"].items():

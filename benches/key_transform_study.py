@@ -202,7 +202,8 @@ def main() -> int:
             row = {"text": text.name, "prefix": args.prefix, "variant": spec, "ppl_delta_pct": d, **info}
             rows.append(row)
             print(
-                f"{text.name:10s} {spec:24s} ratio {info['ratio']:6.2f} key bits {info['key_bits']:5.2f}  dPPL {d:+7.2f}%",
+                f"{text.name:10s} {spec:24s} ratio {info['ratio']:6.2f} key bits {info['key_bits']:5.2f}  "
+                f"dPPL {d:+7.2f}%",
                 flush=True,
             )
             if args.out:
@@ -214,7 +215,8 @@ def main() -> int:
         sel = [r for r in rows if r["variant"] == spec]
         print(
             f"{spec:24s} ratio {sum(r['ratio'] for r in sel) / len(sel):6.2f} key bits "
-            f"{sum(r['key_bits'] for r in sel) / len(sel):5.2f}  dPPL {sum(r['ppl_delta_pct'] for r in sel) / len(sel):+7.2f}%"
+            f"{sum(r['key_bits'] for r in sel) / len(sel):5.2f}  "
+            f"dPPL {sum(r['ppl_delta_pct'] for r in sel) / len(sel):+7.2f}%"
         )
     return 0
 

@@ -353,7 +353,7 @@ def kernel_placement(model, devices, context: int) -> dict:
     layers = collections.Counter(str(d) for d in layer_devices(model))
     total_layers = sum(layers.values())
     ok = bool(counts)
-    for name, per in counts.items():
+    for per in counts.values():
         total = sum(per.values())
         for dev, n_layers in layers.items():
             if per.get(dev, 0) * total_layers != total * n_layers:
@@ -408,7 +408,8 @@ def tables(res: dict) -> str:
             lines.append(f"- {name}: {c['error']}")
             continue
         lines.append(
-            f"- {name}: tokens identical {c['tokens_identical']}; prefill logits max |Δ| {c['prefill']['max_abs_diff']:.3g} "
+            f"- {name}: tokens identical {c['tokens_identical']}; "
+            f"prefill logits max |Δ| {c['prefill']['max_abs_diff']:.3g} "
             f"(bit-identical {c['prefill']['bit_identical']}); decode logits max |Δ| {c['steps']['max_abs_diff']:.3g} "
             f"over {e['new_tokens']} steps (bit-identical {c['steps']['bit_identical']}); "
             f"within tolerance (max |Δ| ≤ {LOGIT_RTOL:g} × max |logit|): {c['within_tolerance']}"

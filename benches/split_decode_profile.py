@@ -55,7 +55,10 @@ def run(label, compressed, n=60):
         out = model(ids, use_cache=True, logits_to_keep=1)
         cache = output_cache(out)
         tok = out.logits[:, -1:].argmax(-1).to("cuda:0")
-        step = lambda t: model(t, use_cache=True, **with_cache(model, cache)).logits[:, -1:].argmax(-1).to("cuda:0")
+
+        def step(t):
+            return model(t, use_cache=True, **with_cache(model, cache)).logits[:, -1:].argmax(-1).to("cuda:0")
+
         for _ in range(3):
             tok = step(tok)
         sync()

@@ -132,7 +132,7 @@ def test_eviction_equals_an_explicitly_pruned_cache(family):
     with torch.no_grad():
         model(prompt, **with_cache(model, full), use_cache=True)
     with nq.nexusquant_evict(model, **knobs), torch.no_grad():
-        out = model(prompt, **with_cache(model, cache), use_cache=True)
+        model(prompt, **with_cache(model, cache), use_cache=True)
         # Build the pruned cache from the uncompressed keys at the kept positions.
         pruned = DynamicCache()
         for li, layer in enumerate(cache.layers):

@@ -199,7 +199,7 @@ def test_inspect_command_prints_report_and_rejects_damage(saved, tmp_path, capsy
     out = capsys.readouterr().out
     assert "checksums verified" in out and f"{len(good):,}" in out
     assert main(["inspect", "--json", str(path)]) == 0
-    assert '"file_bytes": %d' % len(good) in capsys.readouterr().out
+    assert f'"file_bytes": {len(good)}' in capsys.readouterr().out
     bad = tmp_path / "bad.nqkv"
     damaged = bytearray(good)
     damaged[len(good) // 2] ^= 0x10

@@ -96,7 +96,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         type=_str_list,
         default=list(DEFAULT_METHODS),
         metavar="M[,M...]",
-        help=f"'all' or some of: {', '.join(ALL_METHODS)} (or int2, int4, quanto-int2, quanto-int4, hqq-int2, hqq-int4)",
+        help=f"'all' or some of: {', '.join(ALL_METHODS)} "
+        "(or int2, int4, quanto-int2, quanto-int4, hqq-int2, hqq-int4)",
     )
     p.add_argument(
         "--presets",
@@ -154,7 +155,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     )
     if quick:
         print(
-            f"this was a quick run; the README's evaluation (about 75 minutes on 2 CPU cores) is:\n  {FULL_EVAL_COMMAND}"
+            "this was a quick run; the README's evaluation (about 75 minutes on 2 CPU cores) is:\n"
+            f"  {FULL_EVAL_COMMAND}"
         )
     return 0
 
@@ -193,8 +195,10 @@ def format_inspect(info: dict) -> str:
     lines = [
         f"file            {info['path']}",
         f"format version  {info['format_version']}, {info['sections']} sections, checksums {info['checksums']}",
-        f"model           {model.get('model_type')} {model.get('architectures') or ''}: {model.get('num_hidden_layers')} layers, "
-        f"{model.get('num_attention_heads')} heads / {model.get('num_key_value_heads')} KV heads, head_dim {model.get('head_dim')}",
+        f"model           {model.get('model_type')} {model.get('architectures') or ''}: "
+        f"{model.get('num_hidden_layers')} layers, "
+        f"{model.get('num_attention_heads')} heads / {model.get('num_key_value_heads')} KV heads, "
+        f"head_dim {model.get('head_dim')}",
         f"prefix tokens   {info.get('token_ids_shape')}",
         "settings        " + ", ".join(f"{k}={v}" for k, v in settings.items()),
         f"file bytes      {info['file_bytes']:,}",

@@ -412,7 +412,7 @@ def _section_bound(meta: dict[str, Any]) -> int:
     if shape is not None:
         bound = max(bound, 4 * shape[0] * shape[1])
     rope_bytes = 0
-    for i, layer in enumerate(meta["layers"]):
+    for layer in meta["layers"]:
         if not layer.get("initialized"):
             continue
         b, h, d, n = layer["batch"], layer["heads"], layer["head_dim"], layer["seen"]

@@ -246,7 +246,8 @@ def evaluate(
         need = prefixes[-1] + continuation
         if len(t.ids) < need:
             raise NexusQuantError(
-                f"text {t.name!r} has {len(t.ids)} tokens; prefix {prefixes[-1]} + continuation {continuation} needs {need}"
+                f"text {t.name!r} has {len(t.ids)} tokens; "
+                f"prefix {prefixes[-1]} + continuation {continuation} needs {need}"
             )
     fwd = _Forward(model)
     config = model.config
@@ -337,11 +338,12 @@ def _run_method(
         bar.update(1)
         outcomes = []
         for trial in trials:
-            state: dict[str, Any] = {"cache": run.new_cache()}
+            # run_trial calls both right away; the default argument binds this trial's cache.
+            trial_cache = run.new_cache()
             outcomes.append(
                 run_trial(
-                    step=lambda ids: fwd(ids, state["cache"]),
-                    prefill=lambda ids: fwd(ids, state["cache"]),
+                    step=lambda ids, c=trial_cache: fwd(ids, c),
+                    prefill=lambda ids, c=trial_cache: fwd(ids, c),
                     trial=trial,
                     tokenizer=tokenizer,
                 )

@@ -105,7 +105,8 @@ def attach_rotary(model: torch.nn.Module) -> None:
     rotary = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
     if len(rotary) != 1:
         raise NexusQuantError(
-            f"the expected-attention peer needs exactly one rotary embedding module, {type(model).__name__} has {len(rotary)}"
+            "the expected-attention peer needs exactly one rotary embedding module, "
+            f"{type(model).__name__} has {len(rotary)}"
         )
     for m in attention_modules(model):
         _ROTARY[m] = rotary[0]

@@ -60,9 +60,11 @@ def format_table(result: dict[str, Any]) -> str:
     cfg = result["config"]
     m = env["model"]
     lines = [
-        f"nexusquant eval: {m['name']} ({m['model_type']}, {m['dtype']}, {m['layers']} layers, {m['kv_heads']} KV heads x {m['head_dim']}), "
+        f"nexusquant eval: {m['name']} ({m['model_type']}, {m['dtype']}, {m['layers']} layers, "
+        f"{m['kv_heads']} KV heads x {m['head_dim']}), "
         f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} threads on {env['device']}",
-        f"continuation {cfg['continuation']} tokens teacher-forced one per forward; pass key: {cfg['retrieval_trials']} trials "
+        f"continuation {cfg['continuation']} tokens teacher-forced one per forward; "
+        f"pass key: {cfg['retrieval_trials']} trials "
         "(depths 10%..90%, asked after the prefix is compressed); ratio = fp16 bytes of the uncompressed cache / bytes "
         "held after the prefill (ratio@end: after the continuation); bits = bits held per fp16 element",
     ]
@@ -76,7 +78,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines += ["", f"[{text}] prefix {prefix}{extra}", header, "-" * len(header)]
         for r in rows:
             lines.append(
-                f"{r['method']:<28} {r['prompt']['ratio']:>7.2f} {r['end']['ratio']:>9.2f} {r['prompt']['bits_per_element']:>6.2f} "
+                f"{r['method']:<28} {r['prompt']['ratio']:>7.2f} {r['end']['ratio']:>9.2f} "
+                f"{r['prompt']['bits_per_element']:>6.2f} "
                 f"{r['ppl']:>9.3f} {_pct(r['ppl_delta_pct']):>9} {_acc(r):>9} {r['seconds']:>6.1f}"
             )
     if len({r["text"] for r in result["results"]}) > 1:

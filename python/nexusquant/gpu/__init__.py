@@ -21,9 +21,8 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -147,7 +146,10 @@ def _probe(device: Any) -> bool:
         import warnings
 
         _failed[index] = str(e)
-        warnings.warn(f"nexusquant CUDA kernels failed to build on cuda:{index}; using the torch path: {e}")
+        # stacklevel 1: the caller is nexusquant's own dispatch, not user code.
+        warnings.warn(
+            f"nexusquant CUDA kernels failed to build on cuda:{index}; using the torch path: {e}", stacklevel=1
+        )
         return False
     return True
 
