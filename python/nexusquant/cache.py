@@ -68,10 +68,10 @@ class LayerView:
 
 
 def _cat(parts: list[Optional[torch.Tensor]], dim: int) -> Optional[torch.Tensor]:
-    parts = [p for p in parts if p is not None and p.shape[dim] > 0]
-    if not parts:
+    kept = [p for p in parts if p is not None and p.shape[dim] > 0]
+    if not kept:
         return None
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+    return kept[0] if len(kept) == 1 else torch.cat(kept, dim=dim)
 
 
 class NexusQuantLayer(CacheLayerMixin):
@@ -144,6 +144,12 @@ class NexusQuantLayer(CacheLayerMixin):
         return 0 if self.win_k is None else self.win_k.shape[2]
 
     @property
+    def window_size(self) -> int:
+        """``sliding_window`` of a sliding layer (read only where ``is_sliding`` holds)."""
+        assert self.sliding_window is not None, "not a sliding layer"
+        return self.sliding_window
+
+    @property
     def compressed_slots(self) -> int:
         n = 0 if self.sink_k is None else self.sink_k.shape[2]
         for t in (self.fine, self.coarse):
@@ -187,7 +193,7 @@ class NexusQuantLayer(CacheLayerMixin):
             # window may shrink here.
             # Window tokens have seq in [seen - W, seen - 1]; the first query (seq = seen) sees
             # seq > seen - sliding_window, so all but the last sliding_window - 1 are dead.
-            dead = max(0, self.window_len - (self.sliding_window - 1))
+            dead = max(0, self.window_len - (self.window_size - 1))
             if dead > 0:
                 assert self.win_k is not None and self.win_v is not None and self.win_valid is not None
                 self.win_k = self.win_k[:, :, dead:]
@@ -202,7 +208,7 @@ class NexusQuantLayer(CacheLayerMixin):
 
         if q == 1 and self._attention_is_nexusquant() and self._fused_decode_possible():
             keys, values, view = self._lazy_view(q, w_before, seen_before)
-            keys._nq_view = view  # type: ignore[attr-defined]
+            keys._nq_view = view
             self.last_view = view
             return keys, values
         comp_k, comp_v, comp_seq, comp_valid = self._compressed_parts()
@@ -263,7 +269,9 @@ class NexusQuantLayer(CacheLayerMixin):
         if not tiers or any(t.keys.codec is None or t.values.codec is None for t in tiers):
             return False
         if self.device.type == "cuda":
-            return gpu.available(self.device) and gpu.fused_supported(tiers[0].keys.codec.padded_dim, 8)
+            codec = tiers[0].keys.codec
+            assert codec is not None  # checked above
+            return gpu.available(self.device) and gpu.fused_supported(codec.padded_dim, 8)
         return os.environ.get(FUSED_REFERENCE_ENV) == "1"
 
     def _lazy_view(self, q: int, w_before: int, seen_before: int):
@@ -271,6 +279,7 @@ class NexusQuantLayer(CacheLayerMixin):
         assert self.win_k is not None and self.win_v is not None
         tiers = tuple(t for t in (self.fine, self.coarse) if t is not None and t.length > 0)
         if self.sink_k is not None and self.sink_k.shape[2] > 0:
+            assert self.sink_v is not None
             keys = torch.cat([self.sink_k, self.win_k], dim=2)
             values = torch.cat([self.sink_v, self.win_v], dim=2)
             c = self.sink_k.shape[2]
@@ -437,7 +446,7 @@ class NexusQuantLayer(CacheLayerMixin):
         threshold = self.settings.recent_window + self.settings.block
         if self.is_sliding:
             # A sliding layer never holds more than sliding_window - 1 tokens: compress before that.
-            threshold = min(threshold, max(self.settings.recent_window + 1, self.sliding_window - 1))
+            threshold = min(threshold, max(self.settings.recent_window + 1, self.window_size - 1))
         return self.window_len >= threshold
 
     def observe_queries(self, query: torch.Tensor) -> None:
@@ -512,7 +521,7 @@ class NexusQuantLayer(CacheLayerMixin):
 
         if self.is_sliding:
             # Tokens older than the window are never attended again.
-            cand_valid = cand_valid & (cand_seq[None, :] > self.seen - self.sliding_window)
+            cand_valid = cand_valid & (cand_seq[None, :] > self.seen - self.window_size)
 
         real = cand_valid.sum(1)  # (B,) candidates per row
         if evicting:
@@ -563,6 +572,7 @@ class NexusQuantLayer(CacheLayerMixin):
                 self.k_center = (k * w8).sum(2, keepdim=True) / cnt
                 self.v_center = (v * w8).sum(2, keepdim=True) / cnt
             if self.k_center is not None:
+                assert self.v_center is not None  # set together
                 k = k - self.k_center
                 v = v - self.v_center
             tier.append(
@@ -597,7 +607,7 @@ class NexusQuantLayer(CacheLayerMixin):
 
     def _prune_outside_window(self) -> None:
         """Drop compressed tokens of a sliding layer that no future query can see."""
-        limit = self.seen - self.sliding_window  # a token stays visible while its seq > seen - window
+        limit = self.seen - self.window_size  # a token stays visible while its seq > seen - window
         for tier in (self.fine, self.coarse):
             if tier is None or tier.length == 0 or tier.seq is None:
                 continue
@@ -635,7 +645,7 @@ class NexusQuantLayer(CacheLayerMixin):
         """Bytes transformers' own cache would hold for the same tokens in fp16 (K and V)."""
         if not self.is_initialized:
             return 0
-        held = min(self.seen, self.sliding_window - 1) if self.is_sliding else self.seen
+        held = min(self.seen, self.window_size - 1) if self.is_sliding else self.seen
         return 2 * self.batch * self.heads * held * self.head_dim * dtype_bytes
 
     def stats(self) -> dict[str, Any]:
@@ -730,7 +740,7 @@ class NexusQuantCache(Cache):
         for i, layer in enumerate(layers):
             layer.attn_config = weakref.ref(text)
             layer.layer_idx = i
-        super().__init__(layers=layers)
+        super().__init__(layers=list(layers))  # a copy mypy types as Cache's (invariant) list of layers
 
     def get_mask_sizes(self, query_length: Any, layer_idx: int) -> tuple[int, int]:
         """transformers sizes a forward's masks here, before any layer runs: the moment to compress

@@ -83,6 +83,7 @@ class EvictSession:
         if cache is None:
             return
         idx = module.layer_idx
+        assert isinstance(idx, int)  # attention_modules picks modules with one
         layers = cache.layers
         while len(layers) <= idx:
             if getattr(cache, "layer_class_to_replicate", None) is None:
@@ -137,6 +138,7 @@ class EvictSession:
         if isinstance(old, (DynamicLayer, DynamicSlidingWindowLayer)) and getattr(old, "is_initialized", False):
             k, v = old.keys, old.values
             if k is not None and k.numel() > 0:
+                assert v is not None  # initialized with keys
                 new.lazy_initialization(k, v)
                 new.win_k, new.win_v = k, v
                 new.win_valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)

@@ -13,6 +13,7 @@ every array a layer holds, so that loading gives back exactly the same tensors.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import stat
 import threading
@@ -443,7 +444,7 @@ def _check_fingerprint(saved: dict[str, Any], model: Any) -> None:
 def _layer_placement(model: Any, n: int) -> list[tuple[torch.device, torch.dtype]]:
     """Device and floating dtype of each layer's attention weights (the model's dtype where the
     weights are not floating, e.g. quantized)."""
-    mods = sorted(attention_modules(model), key=lambda m: m.layer_idx)
+    mods = sorted(attention_modules(model), key=operator.attrgetter("layer_idx"))
     default_dtype = getattr(model, "dtype", torch.float32)
     out = []
     for i in range(n):
@@ -668,8 +669,10 @@ def _load_cache(path: Path, model: Any) -> NexusQuantCache:
             elif kind == "LAYR":
                 if layer_i < n_layers:
                     device, dtype = placement[layer_i]
+                    layer = cache.layers[layer_i]
+                    assert isinstance(layer, NexusQuantLayer)  # load_cache made the cache
                     _restore_layer(
-                        cache.layers[layer_i],
+                        layer,
                         meta["layers"][layer_i],
                         payload,
                         device,

@@ -122,6 +122,7 @@ class RopeTable:
             self.cos, self.sin = cos.detach(), sin.detach()
             self._mirrors.clear()
             return
+        assert self.sin is not None  # recorded with cos
         if start != self.length:
             if start < self.length:  # a re-run over positions already stored (e.g. a retried forward)
                 self.cos, self.sin = self.cos[:, :start], self.sin[:, :start]

@@ -105,6 +105,7 @@ class QuantizedTensor:
         if self.codes is None:
             self.codes, self.scales = codes, scales
         else:
+            assert self.scales is not None  # set with the codes
             self.codes = torch.cat([self.codes, codes], dim=2)
             self.scales = torch.cat([self.scales, scales], dim=2)
 

@@ -19,6 +19,7 @@ same prefix: they keep ``round(P / ratio)`` tokens at 16 bits.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import math
@@ -28,7 +29,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 
@@ -41,6 +42,9 @@ from .names import DEFAULT_TEXTS, FULL_EVAL_COMMAND
 from .plotting import plot_results
 from .report import format_table, write_json
 from .retrieval import make_trials, run_trial
+
+if TYPE_CHECKING:  # annotations only: importing it loads transformers' modeling code
+    from transformers import PreTrainedModel
 
 __all__ = ["evaluate", "run", "load_texts", "corpus_texts", "EvalText", "DEFAULT_TEXTS", "FULL_EVAL_COMMAND"]
 
@@ -155,7 +159,7 @@ def _trial_seed(seed: int, text: EvalText, prefix: int) -> int:
     return (seed * 1_000_003 + prefix * 7919 + zlib.crc32(text.name.encode())) & 0x7FFFFFFF
 
 
-def _environment(model: torch.nn.Module, model_name: Optional[str]) -> dict[str, Any]:
+def _environment(model: PreTrainedModel, model_name: Optional[str]) -> dict[str, Any]:
     import transformers
 
     cfg = model.config.get_text_config(decoder=True)
@@ -180,7 +184,7 @@ def _environment(model: torch.nn.Module, model_name: Optional[str]) -> dict[str,
 
 
 def evaluate(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     tokenizer: Any,
     texts: Optional[Sequence[Union[str, Path, tuple[str, str]]]] = None,
     prefixes: Sequence[int] = (512,),
@@ -309,7 +313,7 @@ def evaluate(
 
 def _run_method(
     method: Method,
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     fwd: _Forward,
     tokenizer: Any,
     config: Any,
@@ -338,12 +342,11 @@ def _run_method(
         bar.update(1)
         outcomes = []
         for trial in trials:
-            # run_trial calls both right away; the default argument binds this trial's cache.
-            trial_cache = run.new_cache()
+            forward = functools.partial(fwd, cache=run.new_cache())  # one fresh cache per trial
             outcomes.append(
                 run_trial(
-                    step=lambda ids, c=trial_cache: fwd(ids, c),
-                    prefill=lambda ids, c=trial_cache: fwd(ids, c),
+                    step=forward,
+                    prefill=forward,
                     trial=trial,
                     tokenizer=tokenizer,
                 )

@@ -11,7 +11,7 @@ import contextlib
 import importlib.util
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from transformers import DynamicCache
@@ -21,6 +21,9 @@ from ..evict import nexusquant_evict
 from ..presets import PRESETS, resolve_settings
 from . import peers
 from .names import ALL_METHODS, DEFAULT_METHODS, FAMILIES
+
+if TYPE_CHECKING:  # annotations only: importing it loads transformers' modeling code
+    from transformers import PreTrainedModel
 
 __all__ = [
     "Method",
@@ -97,7 +100,7 @@ class Method:
         return {}
 
     @contextlib.contextmanager
-    def open(self, model: torch.nn.Module, evict: Optional[float] = None) -> Iterator[MethodRun]:
+    def open(self, model: PreTrainedModel, evict: Optional[float] = None) -> Iterator[MethodRun]:
         """Attach to ``model`` for the block; yields a :class:`MethodRun`."""
         kind = self.kind
         if kind in ("nexusquant", "evict"):

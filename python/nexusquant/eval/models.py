@@ -95,7 +95,9 @@ def load_model(spec: str = "smollm2", dtype: Any = "float32", device: Optional[s
             tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf)
             model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf, dtype=torch.float32)
             # Keep plain float weights: the GGUF quantization was undone on load.
-            model.hf_quantizer = None
+            # transformers sets this attribute at run time but declares it nowhere, so torch's
+            # Module.__setattr__ typing (Tensor | Module) applies.
+            model.hf_quantizer = None  # type: ignore[assignment]
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             tmp = converted.with_name(converted.name + ".partial")
@@ -117,5 +119,5 @@ def load_model(spec: str = "smollm2", dtype: Any = "float32", device: Optional[s
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     model.eval()
     if device is not None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) loses the bound self
     return model, tok

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from .._core import NexusQuantError
 from ..architecture import attention_modules, layer_plan
@@ -289,7 +289,8 @@ class PerTokenIntLayer(DynamicLayer):
         for name, new in (("k", key_states), ("v", value_states)):
             parts = self._parts[name]
             if parts:
-                old = _dequantize_per_token(*parts, self.bits, new.dtype)
+                packed_old, scale_old, lo_old = parts
+                old = _dequantize_per_token(packed_old, scale_old, lo_old, self.bits, new.dtype)
                 out.append(torch.cat([old, new], dim=2))
             else:
                 out.append(new)
@@ -346,6 +347,7 @@ def held_nbytes(cache: Cache) -> int:
             continue
         total += _tensor_nbytes(getattr(layer, "_quantized_keys", None))
         total += _tensor_nbytes(getattr(layer, "_quantized_values", None))
+        assert isinstance(layer, CacheLayerMixin)  # an attention layer: it has keys and values
         total += _tensor_nbytes(layer.keys) + _tensor_nbytes(layer.values)
     return total
 

@@ -25,7 +25,7 @@ _MARKERS = {
 
 def _lines(rows: list[dict[str, Any]], families: list[str]) -> list[tuple[str, list[dict[str, Any]]]]:
     """(family, points sorted by ratio) per line; each nexusquant variant is a line of its own."""
-    out = []
+    out: list[tuple[str, list[dict[str, Any]]]] = []
     for fam in families:
         pts = sorted((r for r in rows if r["family"] == fam), key=lambda r: r["ratio"])
         if fam == "nexusquant-variant":
