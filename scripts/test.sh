@@ -14,10 +14,9 @@ cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 # The PyO3 bindings (rust/py.rs) only compile with the feature; +46 s, the rest is reused.
 cargo clippy --all-targets --features python --quiet -- -D warnings
-# TODO(lead): enable after the Python reformat
-# ruff check python tests benches
-# ruff format --check python tests benches
-# mypy
+ruff check python tests benches
+ruff format --check python tests benches
+mypy
 
 cargo test --release --quiet
 python -m pytest -q -p no:cacheprovider "$@"
