@@ -45,6 +45,19 @@ def test_import_nexusquant_after_transformers_registers_at_once():
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
 
 
+def test_importing_a_torch_module_first_registers_once_it_is_loaded():
+    """nexusquant.attention imports transformers' modeling code itself: the hook must wait for it
+    (this failed with an ImportError when a test module importing the harness was collected first)."""
+    for module in ("nexusquant.eval.harness", "nexusquant.attention", "nexusquant.files"):
+        run = _python(f"""
+            import {module}
+            from transformers import AttentionInterface
+            assert "nexusquant" in AttentionInterface._global_mapping
+            print("ok")
+        """)
+        assert run.returncode == 0 and run.stdout.strip() == "ok", (module, run.stderr[-3000:])
+
+
 def test_cli_help_does_not_import_torch():
     run = _python("""
         import sys

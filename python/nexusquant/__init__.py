@@ -66,6 +66,9 @@ def register_attention() -> None:
 # The modules nexusquant.attention imports from transformers (modeling_utils holds the registry
 # set_attn_implementation checks). Registration waits until none of them is half-imported.
 _TRANSFORMERS_MODULES = ("transformers.modeling_utils", "transformers.masking_utils", "transformers.cache_utils")
+# nexusquant.attention itself imports those modules: when it is the one importing them, it is
+# half-imported when they finish, so registration waits for it to finish too.
+_WATCHED = (*_TRANSFORMERS_MODULES, "nexusquant.attention")
 
 
 def _half_imported(name: str) -> bool:
@@ -79,7 +82,7 @@ class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
     itself when registration is done."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _TRANSFORMERS_MODULES:
+        if fullname not in _WATCHED:
             return None
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
@@ -115,14 +118,14 @@ class _RegisteringLoader(importlib.abc.Loader):
         name = module.__name__
         if "transformers.modeling_utils" not in sys.modules and name != "transformers.modeling_utils":
             return  # nothing can ask for the attention before the registry exists
-        if any(_half_imported(n) for n in _TRANSFORMERS_MODULES if n != name):
+        if any(_half_imported(n) for n in _WATCHED if n != name):
             return  # the one being imported will call back when it is done
         self._hook.done()
         register_attention()
 
 
 def _install_registration() -> None:
-    if "transformers.modeling_utils" in sys.modules and not any(map(_half_imported, _TRANSFORMERS_MODULES)):
+    if "transformers.modeling_utils" in sys.modules and not any(map(_half_imported, _WATCHED)):
         register_attention()
     elif not any(isinstance(f, _RegisterAfterTransformers) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterTransformers())
