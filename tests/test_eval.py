@@ -312,3 +312,22 @@ def test_cli_smollm2_end_to_end(tmp_path, capsys):
     )
     assert r["texts"][0]["name"] == "alice29" and r["environment"]["model"]["dtype"] == "bfloat16"
     assert Path(r["json_path"]).name == "eval.json"
+
+
+def test_quantized_cache_left_out_with_a_note_on_sliding_models():
+    """transformers' QuantizedCache refuses sliding-window layers: the evaluation says so and goes on
+    (a Gemma-3 run used to end in a ValueError after the nexusquant rows)."""
+    model = make_tiny("mistral", dtype=torch.bfloat16)
+    text = corpus_texts()["GPL-3"].read_text()[:2000]
+    result = evaluate(
+        model,
+        CharTokenizer(),
+        texts=[("gpl", text)],
+        prefixes=[96],
+        continuation=4,
+        methods=["quanto-int4", "int4"],
+        retrieval_trials=0,
+        progress=False,
+    )
+    assert {r["method"] for r in result["results"]} == {"uncompressed", "int4"}
+    assert any("QuantizedCache" in n for n in result["notes"])

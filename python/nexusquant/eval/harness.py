@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 import torch
 
 from .._core import NexusQuantError, __version__
+from ..architecture import layer_plan
 from ..compat import cache_kwarg
 from . import peers
 from .methods import DEFAULT_METHODS, Method, evict_for_ratio, expand_methods
@@ -244,6 +245,10 @@ def evaluate(
     if not prefixes or prefixes[0] < 16:
         raise NexusQuantError(f"prefix lengths must be at least 16 tokens, got {prefixes}")
     method_list, notes = expand_methods(list(methods), list(presets), variants)
+    if any(w is not None for w in layer_plan(model.config)) and any(m.kind == "quantized-cache" for m in method_list):
+        # transformers' QuantizedCache refuses models with sliding-window layers (Gemma-2/3, Mistral).
+        method_list = [m for m in method_list if m.kind != "quantized-cache"]
+        notes.append("QuantizedCache (quanto, HQQ): left out, transformers supports it only for full-attention models")
     method_list.sort(key=lambda m: _KIND_ORDER[m.kind])
     texts_loaded = load_texts(texts if texts is not None else DEFAULT_TEXTS, tokenizer)
     for t in texts_loaded:
