@@ -39,6 +39,18 @@ from .tiers import Tier, TransformCodedKeys
 __all__ = ["NexusQuantCache", "NexusQuantLayer", "LayerView", "ATTN_IMPLEMENTATION"]
 
 ATTN_IMPLEMENTATION = "nexusquant"
+# A layer's own tensors (the tiers hold theirs): what batch maps, byte counts and files go through.
+LAYER_TENSOR_FIELDS = (
+    "sink_k",
+    "sink_v",
+    "sink_seq",
+    "sink_valid",
+    "win_k",
+    "win_v",
+    "win_valid",
+    "k_center",
+    "v_center",
+)
 # Set to 1 to run the fused decode path on CPU tensors too, through its torch reference (tests of
 # the merging logic where no GPU is present). Read at each decode step, so a test sets it for
 # itself (monkeypatch.setenv) instead of switching a module global.
@@ -376,17 +388,7 @@ class NexusQuantLayer(CacheLayerMixin):
         return None
 
     def _map_batch(self, fn) -> None:
-        for name in (
-            "sink_k",
-            "sink_v",
-            "sink_seq",
-            "sink_valid",
-            "win_k",
-            "win_v",
-            "win_valid",
-            "k_center",
-            "v_center",
-        ):
+        for name in LAYER_TENSOR_FIELDS:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
@@ -622,17 +624,7 @@ class NexusQuantLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         """Every byte this layer holds: codes, scales, full-precision tokens, indices, masks."""
         total = 0
-        for name in (
-            "sink_k",
-            "sink_v",
-            "sink_seq",
-            "sink_valid",
-            "win_k",
-            "win_v",
-            "win_valid",
-            "k_center",
-            "v_center",
-        ):
+        for name in LAYER_TENSOR_FIELDS:
             t = getattr(self, name)
             if t is not None:
                 total += t.numel() * t.element_size()

@@ -34,7 +34,7 @@ from ._core import (
     write_nqkv,
 )
 from .architecture import attention_modules, model_fingerprint
-from .cache import NexusQuantCache, NexusQuantLayer, compression_stats
+from .cache import LAYER_TENSOR_FIELDS, NexusQuantCache, NexusQuantLayer, compression_stats
 from .presets import CompressionSettings
 from .rope import RopeTable
 from .tiers import TransformCodedKeys
@@ -44,7 +44,6 @@ __all__ = ["save_cache", "load_cache", "inspect_file", "model_fingerprint"]
 
 FORMAT_NAME = "nexusquant-kv-cache"
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_LAYER_TENSORS = ("sink_k", "sink_v", "sink_seq", "sink_valid", "win_k", "win_v", "win_valid", "k_center", "v_center")
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -172,7 +171,7 @@ def _layer_arrays(layer: NexusQuantLayer) -> tuple[dict[str, Any], dict[str, Any
         heads=layer.heads,
         head_dim=layer.head_dim,
     )
-    for name in _LAYER_TENSORS:
+    for name in LAYER_TENSOR_FIELDS:
         t = getattr(layer, name)
         if t is not None:
             arrays[name] = _np(t)
@@ -536,7 +535,7 @@ def _restore_layer(
     if "k_center" in arrays or "v_center" in arrays:
         values["k_center"] = need("k_center", (b, h, 1, d), vec)
         values["v_center"] = need("v_center", (b, h, 1, d), vec)
-    for name in _LAYER_TENSORS:
+    for name in LAYER_TENSOR_FIELDS:
         if name.startswith("sink") and not has_sinks and name in arrays:
             raise _corrupt(f"{where}: {name} without sink_k")
     if layer.needs_positions and has_sinks and values.get("sink_seq") is None and s_len:
