@@ -30,7 +30,17 @@ from typing import Optional
 
 import torch
 
-__all__ = ["KeyTransformCode", "fit_key_transform", "allocate_bits", "GAUSSIAN_STEP", "GAUSSIAN_MSE", "MAX_BITS"]
+__all__ = [
+    "KeyTransformCode",
+    "fit_key_transform",
+    "allocate_bits",
+    "pack_fixed",
+    "unpack_fixed",
+    "GAUSSIAN_STEP",
+    "GAUSSIAN_MSE",
+    "MAX_BITS",
+    "MIN_AMORTIZED_TOKENS",
+]
 
 MAX_BITS = 8
 MIN_AMORTIZED_TOKENS = 512
@@ -194,9 +204,6 @@ class KeyTransformCode:
         c = _analyse(x.float() - self.mean.float(), self.synthesis())
         q = _quantize(c, self.step.float(), 2 ** self.bits.to(torch.int64))
         return replace(self, codes=pack_fixed(q.to(torch.int64), self.bits))
-
-    def map(self, fn) -> KeyTransformCode:
-        return KeyTransformCode(*(fn(getattr(self, n)) for n in self._FIELDS))
 
 
 def _analyse(xc: torch.Tensor, synth: torch.Tensor) -> torch.Tensor:
