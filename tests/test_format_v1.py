@@ -62,3 +62,17 @@ def test_v1_file_saves_back_byte_for_byte(model, tmp_path):
                 assert a[name] == b[name], name
             else:
                 assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+
+
+def test_state_dicts_carry_a_loaded_cache(model):
+    """Layers' and tiers' state_dict()/load_state_dict() move everything a file holds: a fresh
+    cache given the loaded one's states continues to the stored logits."""
+    loaded = nq.load_cache(fixture.CACHE_FILE, model)
+    fresh = nq.load_cache(fixture.CACHE_FILE, model)
+    for src, dst in zip(loaded.layers, fresh.layers):
+        dst.load_state_dict({name: None for name in src.state_dict()})
+        dst.load_state_dict(src.state_dict())
+        for tier in ("fine", "coarse"):
+            getattr(dst, tier).load_state_dict(getattr(src, tier).state_dict())
+    expected = torch.from_numpy(np.load(fixture.LOGITS_FILE))
+    torch.testing.assert_close(fixture.next_logits(model, fresh), expected, atol=1e-5, rtol=1e-5)

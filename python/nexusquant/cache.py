@@ -621,6 +621,23 @@ class NexusQuantLayer(CacheLayerMixin):
                 self.sink_k = self.sink_v = self.sink_seq = self.sink_valid = None
 
     # ---------------------------------------------------------------- accounting
+    # The layer's own counters a ``.nqkv`` file records (META's per-layer keys, docs/FORMAT.md).
+    STATE_SCALARS = ("seen", "first_compression_done", "dropped", "prompt_tokens", "rope_key")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The layer's counters (``STATE_SCALARS``) and own tensors (``LAYER_TENSOR_FIELDS``, None
+        where absent); the tiers have their own :meth:`Tier.state_dict`. Tensors are not copies."""
+        state = {name: getattr(self, name) for name in self.STATE_SCALARS}
+        state.update((name, getattr(self, name)) for name in LAYER_TENSOR_FIELDS)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Set the counters and tensors :meth:`state_dict` names; a name not in ``state`` is left
+        as it is (a file of an uninitialized layer holds counters only)."""
+        for name in (*self.STATE_SCALARS, *LAYER_TENSOR_FIELDS):
+            if name in state:
+                setattr(self, name, state[name])
+
     def nbytes(self) -> int:
         """Every byte this layer holds: codes, scales, full-precision tokens, indices, masks."""
         total = 0

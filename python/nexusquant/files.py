@@ -171,10 +171,10 @@ def _layer_arrays(layer: NexusQuantLayer) -> tuple[dict[str, Any], dict[str, Any
         heads=layer.heads,
         head_dim=layer.head_dim,
     )
+    state = layer.state_dict()
     for name in LAYER_TENSOR_FIELDS:
-        t = getattr(layer, name)
-        if t is not None:
-            arrays[name] = _np(t)
+        if state[name] is not None:
+            arrays[name] = _np(state[name])
     for tier_name in ("fine", "coarse"):
         tier = getattr(layer, tier_name)
         meta[tier_name] = {"length": tier.length}
@@ -487,9 +487,7 @@ def _restore_layer(
     """
     if not isinstance(arrays, dict):
         raise _corrupt(f"{where} is not an array directory")
-    for key in ("seen", "first_compression_done", "dropped", "prompt_tokens"):
-        setattr(layer, key, meta[key])
-    layer.rope_key = meta.get("rope_key")
+    layer.load_state_dict({name: meta.get(name) for name in NexusQuantLayer.STATE_SCALARS})
     if not meta.get("initialized"):
         if arrays:
             raise _corrupt(f"{where} is not initialized but holds arrays {sorted(arrays)}")
@@ -581,22 +579,27 @@ def _restore_layer(
     def fp(a: np.ndarray) -> torch.Tensor:
         return _torch(a, _TORCH[meta["dtype"]], device).to(dtype)
 
-    for name, a in values.items():
-        if a is None:
-            continue
-        is_value = name.endswith(("_k", "_v", "center"))
-        setattr(layer, name, fp(a) if is_value else _torch(a, None, device))
+    layer.load_state_dict(
+        {
+            name: fp(a) if name.endswith(("_k", "_v", "center")) else _torch(a, None, device)
+            for name, a in values.items()
+            if a is not None
+        }
+    )
     for tier, n, parts, seq, valid in tier_state:
-        for (kind, data), qt in zip(parts, (tier.keys, tier.values)):
+        state: dict[str, Any] = {
+            "length": n,
+            "seq": None if seq is None else _torch(seq, None, device),
+            "valid": None if valid is None else _torch(valid, None, device),
+        }
+        for (kind, data), part in zip(parts, ("k", "v")):
             if kind == "raw":
-                qt.raw = fp(data)
+                state[f"{part}.raw"] = fp(data)
             elif kind == "transform":
-                qt.rows = data
+                state[f"{part}.rows"] = data
             else:
-                qt.codes, qt.scales = data
-        tier.seq = None if seq is None else _torch(seq, None, device)
-        tier.valid = None if valid is None else _torch(valid, None, device)
-        tier._length = n
+                state[f"{part}.codes"], state[f"{part}.scales"] = data
+        tier.load_state_dict(state)
 
 
 # What a checksum-valid file with bad contents could still raise below: each becomes a

@@ -13,7 +13,7 @@ on the device being a CPU.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -256,6 +256,34 @@ class Tier:
     @property
     def length(self) -> int:
         return getattr(self, "_length", 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the tier holds, by the names a ``.nqkv`` file uses (docs/FORMAT.md) without the
+        tier's prefix: ``length``, ``seq``, ``valid`` and per part (``k``, ``v``) ``{part}.raw``
+        (a 16-bit part), ``{part}.codes`` and ``{part}.scales`` (an E8 part) or ``{part}.rows``
+        (transform-coded keys). Tensors are the tier's own, not copies."""
+        state: dict[str, Any] = {"length": self.length, "seq": self.seq, "valid": self.valid}
+        for part, qt in (("k", self.keys), ("v", self.values)):
+            if isinstance(qt, TransformCodedKeys):
+                state[f"{part}.rows"] = qt.rows
+            elif qt.codec is None:
+                state[f"{part}.raw"] = qt.raw
+            else:
+                state[f"{part}.codes"], state[f"{part}.scales"] = qt.codes, qt.scales
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Set what :meth:`state_dict` returns (the caller has checked the shapes)."""
+        for part, qt in (("k", self.keys), ("v", self.values)):
+            if isinstance(qt, TransformCodedKeys):
+                qt.rows = state[f"{part}.rows"]
+            elif qt.codec is None:
+                qt.raw = state[f"{part}.raw"]
+            else:
+                qt.codes, qt.scales = state[f"{part}.codes"], state[f"{part}.scales"]
+        self.seq = state["seq"]
+        self.valid = state["valid"]
+        self._length = int(state["length"])
 
     def nbytes(self) -> int:
         extra = sum(t.numel() * t.element_size() for t in (self.seq, self.valid) if t is not None)
