@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import gpu
 from ._core import NexusQuantError
+from .allocation import allocate_tokens
 from .architecture import layer_plan, model_fingerprint
 from .presets import CompressionSettings, resolve_settings
 from .rope import RopeAdapter, RopeTable
@@ -497,7 +498,7 @@ class NexusQuantLayer(CacheLayerMixin):
         if n <= 0:
             return
         assert self.win_k is not None and self.win_v is not None and self.win_valid is not None
-        b, h, dev = self.batch, self.heads, self.device
+        b, h = self.batch, self.heads
         cand_k, cand_v = self.win_k[:, :, :n], self.win_v[:, :, :n]
         cand_valid = self.win_valid[:, :n]  # (B, n)
         cand_seq = self.window_seq()[:n]  # (n,)
@@ -525,35 +526,22 @@ class NexusQuantLayer(CacheLayerMixin):
             # Tokens older than the window are never attended again.
             cand_valid = cand_valid & (cand_seq[None, :] > self.seen - self.window_size)
 
-        real = cand_valid.sum(1)  # (B,) candidates per row
         if evicting:
             assert scores is not None
             if scores.shape[-1] != w:
                 raise NexusQuantError(f"internal: scores cover {scores.shape[-1]} tokens, the window holds {w}")
-            # Budgets are fractions of this prompt segment's real tokens; sinks and the recent
-            # window are full precision and count towards the fine share.
-            prompt_real = self.win_valid.sum(1)  # sinks are still counted here: win_valid is untouched
-            n_fine_total = torch.round((1.0 - s.evict - s.demote) * prompt_real.float()).long()
-            n_coarse = torch.round(s.demote * prompt_real.float()).long()
-            full_precision = prompt_real - real
-            n_fine = torch.minimum(torch.clamp(n_fine_total - full_precision, min=0), real)
-            n_coarse = torch.minimum(n_coarse, real - n_fine)
-            sc = scores[:, :, :n].float()
-            if self.fine is not None and self.fine.keys.codec is None and self.fine.keys.bits != 16:
-                # Transform-coded keys code all heads of a token together: keep the same tokens
-                # in every head, ranked by their mean score.
-                sc = sc.mean(1, keepdim=True).expand(b, h, n)
-            sc = sc.masked_fill(~cand_valid[:, None, :], float("-inf"))
-            order = torch.argsort(sc, dim=-1, descending=True, stable=True)  # (B, H, n)
-            rank = torch.empty_like(order)
-            rank.scatter_(-1, order, torch.arange(n, device=dev).expand(b, h, n))
-            to_fine = (rank < n_fine[:, None, None]) & cand_valid[:, None, :]
-            to_coarse = (
-                (rank >= n_fine[:, None, None]) & (rank < (n_fine + n_coarse)[:, None, None]) & cand_valid[:, None, :]
-            )
-        else:
-            to_fine = cand_valid[:, None, :].expand(b, h, n)
-            to_coarse = torch.zeros_like(to_fine)
+        # Budgets are fractions of this prompt segment's real tokens; sinks and the recent window
+        # are full precision and count towards the fine share (win_valid still counts the sinks).
+        # Transform-coded fine keys code all heads of a token together: the same tokens in every head.
+        to_fine, to_coarse = allocate_tokens(
+            scores[:, :, :n] if evicting and scores is not None else None,
+            cand_valid,
+            self.win_valid.sum(1),
+            s.evict,
+            s.demote,
+            self.fine is not None and self.fine.keys.codec is None and self.fine.keys.bits != 16,
+            h,
+        )
         self.prompt_tokens += int(cand_valid.sum().item()) if scores is not None else 0
         self.dropped += int((cand_valid[:, None, :].expand(b, h, n) & ~to_fine & ~to_coarse).sum().item())
 
