@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 import pytest
 import torch
 
+from nexusquant import NexusQuantError
 from nexusquant.allocation import allocate_tokens
 
 T, F = True, False
@@ -138,5 +139,5 @@ def test_allocate_tokens(case: Case) -> None:
 
 
 def test_scores_of_the_wrong_shape_are_refused() -> None:
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(NexusQuantError, match="expected"):
         allocate_tokens(torch.zeros(1, 2, 3), torch.ones(1, 3, dtype=torch.bool), torch.tensor([3]), 0.5, 0.0, False, 1)

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from ._core import NexusQuantError
+
 __all__ = ["allocate_tokens"]
 
 
@@ -54,7 +56,7 @@ def allocate_tokens(
         to_fine = cand_valid[:, None, :].expand(b, heads, n)
         return to_fine, torch.zeros_like(to_fine)
     if scores.shape != (b, heads, n):
-        raise ValueError(f"scores have shape {tuple(scores.shape)}, expected {(b, heads, n)}")
+        raise NexusQuantError(f"internal: scores have shape {tuple(scores.shape)}, expected {(b, heads, n)}")
     real = cand_valid.sum(1)  # (B,) candidates per row
     n_fine_total = torch.round((1.0 - evict - demote) * prompt_real.float()).long()
     n_coarse = torch.round(demote * prompt_real.float()).long()
