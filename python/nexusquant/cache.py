@@ -539,7 +539,8 @@ class NexusQuantLayer(CacheLayerMixin):
             self.win_valid.sum(1),
             s.evict,
             s.demote,
-            self.fine is not None and self.fine.keys.codec is None and self.fine.keys.bits != 16,
+            # transform-coded keys code all heads of a token together: the same tokens in every head
+            self.fine is not None and isinstance(self.fine.keys, TransformCodedKeys),
             h,
         )
         self.prompt_tokens += int(cand_valid.sum().item()) if scores is not None else 0
