@@ -307,6 +307,8 @@ def _tensor_bytes(obj, seen=None) -> int:
         return obj.numel() * obj.element_size()
     if isinstance(obj, (list, tuple)):
         return sum(_tensor_bytes(x, seen) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(x, seen) for x in obj.values())
     if hasattr(obj, "__dict__") and type(obj).__module__.startswith("nexusquant"):
         for k, v in vars(obj).items():
             if k in ("settings", "rope_tables", "rope_adapter", "last_view", "codec"):

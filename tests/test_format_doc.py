@@ -129,3 +129,11 @@ def test_every_setting_is_documented():
     keys, _ = _doc_meta()
     documented = {k.split(".", 1)[1] for k in keys if k.startswith("settings.")}
     assert documented == set(CompressionSettings().as_dict())
+
+
+def test_file_settings_keys_are_the_settings_fields():
+    # The file names its settings itself: a renamed or added field must be added there on purpose.
+    from nexusquant.files import FILE_SETTINGS_KEYS
+
+    assert len(set(FILE_SETTINGS_KEYS)) == len(FILE_SETTINGS_KEYS)
+    assert set(FILE_SETTINGS_KEYS) == set(CompressionSettings().as_dict())

@@ -203,7 +203,7 @@ def test_transform_arrays_are_validated(field, bad):
 
     keys = TransformCodedKeys(16, 2.0, torch.float32)
     keys.append(torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(4)))
-    arrays = _transform_arrays("fine.k.tc", keys)
+    arrays = _transform_arrays("fine.k.tc", keys.rows)
     p = f"fine.k.tc.0.{field}"
     if bad == "width9":
         arrays[p] = arrays[p].copy()
@@ -220,7 +220,7 @@ def test_transform_arrays_are_validated(field, bad):
 
     with pytest.raises(NexusQuantError):
         _restore_transform(arrays, "fine.k.tc", 1, 32, 40, need, "layer 0", "cpu")
-    good = _transform_arrays("fine.k.tc", keys)
+    good = _transform_arrays("fine.k.tc", keys.rows)
     rows = _restore_transform(good, "fine.k.tc", 1, 32, 40, lambda n, s, d: _array(good, n, s, d, "x"), "x", "cpu")
     assert torch.equal(rows[0][0].decode(), keys.rows[0][0].decode())
 

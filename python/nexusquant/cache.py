@@ -35,7 +35,7 @@ from .architecture import layer_plan, model_fingerprint
 from .presets import CompressionSettings, resolve_settings
 from .rope import RopeAdapter, RopeTable
 from .scoring import key_key_importance, pool_scores
-from .tiers import Tier, TransformCodedKeys
+from .tiers import TIER_NAMES, Tier, TransformCodedKeys
 
 __all__ = ["NexusQuantCache", "NexusQuantLayer", "LayerView", "ATTN_IMPLEMENTATION"]
 
@@ -132,8 +132,9 @@ class NexusQuantLayer(CacheLayerMixin):
         self.win_k: Optional[torch.Tensor] = None
         self.win_v: Optional[torch.Tensor] = None
         self.win_valid: Optional[torch.Tensor] = None  # bool (B, W)
-        self.fine: Optional[Tier] = None
-        self.coarse: Optional[Tier] = None
+        # The tiers by name, in TIER_NAMES order (empty until the first tokens arrive): iterate this,
+        # do not name tiers one by one; files and stats key their entries by these names.
+        self.tiers: dict[str, Tier] = {}
         # Each KV head's mean key and value (B, H, 1, D), subtracted before quantization: a key's
         # mean part adds the same logit to every token, so only the rest needs the bits, and
         # centred keys measured 2.3x (post-RoPE) to 4.5x (pre-RoPE) less squared error at 2 bits
@@ -163,11 +164,23 @@ class NexusQuantLayer(CacheLayerMixin):
         return self.sliding_window
 
     @property
+    def fine(self) -> Optional[Tier]:
+        """The tier prompt tokens with the highest scores and every generated block go to."""
+        return self.tiers.get("fine")
+
+    @property
+    def coarse(self) -> Optional[Tier]:
+        """The tier demoted prompt tokens go to (fewer bits)."""
+        return self.tiers.get("coarse")
+
+    def holding_tiers(self) -> tuple[Tier, ...]:
+        """The tiers that hold tokens, in TIER_NAMES order."""
+        return tuple(t for t in self.tiers.values() if t.length > 0)
+
+    @property
     def compressed_slots(self) -> int:
         n = 0 if self.sink_k is None else self.sink_k.shape[2]
-        for t in (self.fine, self.coarse):
-            n += 0 if t is None else t.length
-        return n
+        return n + sum(t.length for t in self.tiers.values())
 
     @property
     def needs_positions(self) -> bool:
@@ -186,9 +199,25 @@ class NexusQuantLayer(CacheLayerMixin):
         # follow badly (measured on a tiny Mistral: 0.77 max logit error at 8 bits per element,
         # against 0.15 for 4-bit E8 codes), so sliding layers keep the per-vector E8 code.
         key_rate = s.key_rate if (s.key_codec == "pca" and s.key_bits != 16 and not self.is_sliding) else None
-        self.fine = Tier(self.head_dim, s.key_bits, s.value_bits, s.seed, self.dtype, key_rate=key_rate)
-        self.coarse = Tier(self.head_dim, s.coarse_key_bits, s.coarse_value_bits, s.seed, self.dtype)
+        self.tiers = {
+            "fine": Tier(self.head_dim, s.key_bits, s.value_bits, s.seed, self.dtype, key_rate=key_rate),
+            "coarse": Tier(self.head_dim, s.coarse_key_bits, s.coarse_value_bits, s.seed, self.dtype),
+        }
+        assert tuple(self.tiers) == TIER_NAMES
         self.is_initialized = True
+
+    def adopt_uncompressed(self, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
+        """Take over the tokens another cache layer holds, ``(B, H, n, D)``, uncompressed in the
+        window: the last ``n`` of the ``seen`` tokens that layer has seen (fewer for a sliding
+        layer). They are compressed with the next compression, as prompt tokens are."""
+        if self.is_initialized and self.seen:
+            raise NexusQuantError("internal: a layer can adopt tokens only while it holds none")
+        if seen < keys.shape[2]:
+            raise NexusQuantError(f"internal: {keys.shape[2]} tokens adopted, but only {seen} seen")
+        self.lazy_initialization(keys, values)
+        self.win_k, self.win_v = keys, values
+        self.win_valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
+        self.seen = seen
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Append the new tokens ``(B, H, q, D)`` to the window and return all keys and values.
@@ -278,7 +307,7 @@ class NexusQuantLayer(CacheLayerMixin):
         """Whether decode attention can read this layer's codes directly (CUDA kernel, post-RoPE keys)."""
         if self.is_sliding or self.settings.key_domain != "post_rope":
             return False
-        tiers = [t for t in (self.fine, self.coarse) if t is not None and t.length > 0]
+        tiers = self.holding_tiers()
         if not tiers or any(t.keys.codec is None or t.values.codec is None for t in tiers):
             return False
         if self.device.type == "cuda":
@@ -290,7 +319,7 @@ class NexusQuantLayer(CacheLayerMixin):
     def _lazy_view(self, q: int, w_before: int, seen_before: int):
         """Keys/values of the full-precision slots only (sinks, then window); tiers stay as codes."""
         assert self.win_k is not None and self.win_v is not None
-        tiers = tuple(t for t in (self.fine, self.coarse) if t is not None and t.length > 0)
+        tiers = self.holding_tiers()
         if self.sink_k is not None and self.sink_k.shape[2] > 0:
             assert self.sink_v is not None
             keys = torch.cat([self.sink_k, self.win_k], dim=2)
@@ -328,9 +357,7 @@ class NexusQuantLayer(CacheLayerMixin):
             vs.append(self.sink_v)
             seqs.append(self.sink_seq)
             valids.append(self.sink_valid)
-        for tier in (self.fine, self.coarse):
-            if tier is None or tier.length == 0:
-                continue
+        for tier in self.holding_tiers():
             k = tier.keys.dequantize()
             v = tier.values.dequantize()
             if self.k_center is not None:
@@ -393,9 +420,8 @@ class NexusQuantLayer(CacheLayerMixin):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
-        for tier in (self.fine, self.coarse):
-            if tier is not None:
-                tier.map_batch(fn)
+        for tier in self.tiers.values():
+            tier.map_batch(fn)
         if self.win_k is not None:
             self.batch = self.win_k.shape[0]
 
@@ -546,8 +572,8 @@ class NexusQuantLayer(CacheLayerMixin):
         self.prompt_tokens += int(cand_valid.sum().item()) if scores is not None else 0
         self.dropped += int((cand_valid[:, None, :].expand(b, h, n) & ~to_fine & ~to_coarse).sum().item())
 
-        for tier, chosen in ((self.fine, to_fine), (self.coarse, to_coarse)):
-            assert tier is not None
+        assert tuple(self.tiers) == TIER_NAMES  # allocate_tokens answers in this order
+        for tier, chosen in zip(self.tiers.values(), (to_fine, to_coarse)):
             count = int(chosen.sum(-1).max().item()) if chosen.any() else 0
             if count == 0:
                 continue
@@ -599,8 +625,8 @@ class NexusQuantLayer(CacheLayerMixin):
     def _prune_outside_window(self) -> None:
         """Drop compressed tokens of a sliding layer that no future query can see."""
         limit = self.seen - self.window_size  # a token stays visible while its seq > seen - window
-        for tier in (self.fine, self.coarse):
-            if tier is None or tier.length == 0 or tier.seq is None:
+        for tier in self.holding_tiers():
+            if tier.seq is None:
                 continue
             drop = int((tier.seq[0, 0].to(torch.int64) <= limit).sum().item())  # tokens are in sequence order
             if drop > 0:
@@ -634,9 +660,8 @@ class NexusQuantLayer(CacheLayerMixin):
             t = getattr(self, name)
             if t is not None:
                 total += t.numel() * t.element_size()
-        for tier in (self.fine, self.coarse):
-            if tier is not None:
-                total += tier.nbytes()
+        for tier in self.tiers.values():
+            total += tier.nbytes()
         return total
 
     def uncompressed_nbytes(self, dtype_bytes: int = 2) -> int:
@@ -647,20 +672,22 @@ class NexusQuantLayer(CacheLayerMixin):
         return 2 * self.batch * self.heads * held * self.head_dim * dtype_bytes
 
     def stats(self) -> dict[str, Any]:
-        fine = 0 if self.fine is None else self.fine.length
-        coarse = 0 if self.coarse is None else self.coarse.length
+        lengths = {name: (self.tiers[name].length if name in self.tiers else 0) for name in TIER_NAMES}
         sinks = 0 if self.sink_k is None else self.sink_k.shape[2]
         nb = self.nbytes()
         unc = self.uncompressed_nbytes()
         elements = (
-            2 * self.batch * self.heads * (sinks + fine + coarse + self.window_len) * getattr(self, "head_dim", 0)
+            2
+            * self.batch
+            * self.heads
+            * (sinks + sum(lengths.values()) + self.window_len)
+            * getattr(self, "head_dim", 0)
         )
         return {
             "sliding": self.is_sliding,
             "tokens_seen": self.seen,
             "sinks": sinks,
-            "fine": fine,
-            "coarse": coarse,
+            **lengths,
             "window": self.window_len,
             "dropped": self.dropped,
             "nbytes": nb,

@@ -139,10 +139,7 @@ class EvictSession:
             k, v = old.keys, old.values
             if k is not None and k.numel() > 0:
                 assert v is not None  # initialized with keys
-                new.lazy_initialization(k, v)
-                new.win_k, new.win_v = k, v
-                new.win_valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
-                new.seen = old.get_seq_length()
+                new.adopt_uncompressed(k, v, old.get_seq_length())
         elif not isinstance(old, (DynamicLayer, DynamicSlidingWindowLayer)):
             raise NexusQuantError(f"cannot compress a cache layer of type {type(old).__name__}; use a DynamicCache")
         return new

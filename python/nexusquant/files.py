@@ -37,7 +37,7 @@ from .architecture import attention_modules, model_fingerprint
 from .cache import LAYER_TENSOR_FIELDS, NexusQuantCache, NexusQuantLayer, compression_stats
 from .presets import CompressionSettings
 from .rope import RopeTable
-from .tiers import TransformCodedKeys
+from .tiers import TIER_NAMES, TransformCodedKeys
 from .transform import KeyTransformCode
 
 __all__ = ["save_cache", "load_cache", "inspect_file", "model_fingerprint"]
@@ -59,6 +59,43 @@ def _torch(a: np.ndarray, dtype: Optional[torch.dtype], device) -> torch.Tensor:
     if dtype == torch.bfloat16:
         t = t.view(torch.bfloat16) if t.dtype == torch.int16 else t.view(torch.int16).view(torch.bfloat16)
     return t.to(device)
+
+
+# META's "settings": the file's names for the compression settings, written out here rather than
+# taken from the dataclass, so that renaming a CompressionSettings field cannot silently change the
+# format (tests/test_format_doc.py holds these equal to the dataclass's fields and to FORMAT.md).
+FILE_SETTINGS_KEYS = (
+    "evict",
+    "demote",
+    "key_bits",
+    "value_bits",
+    "coarse_key_bits",
+    "coarse_value_bits",
+    "sink_tokens",
+    "recent_window",
+    "block",
+    "scorer",
+    "score_window",
+    "pool_kernel",
+    "key_domain",
+    "key_codec",
+    "key_rate",
+    "seed",
+    "center",
+)
+
+
+def _settings_meta(settings: CompressionSettings) -> dict[str, Any]:
+    return {key: getattr(settings, key) for key in FILE_SETTINGS_KEYS}
+
+
+def _settings_from_meta(saved: dict[str, Any]) -> CompressionSettings:
+    """Settings of a file; a key this version does not know reads as a newer version's file (a key
+    the file lacks takes the default, which is what files written before it was added used)."""
+    unknown = sorted(set(saved) - set(FILE_SETTINGS_KEYS))
+    if unknown:
+        raise UnsupportedVersionError(f"cache file settings are not understood by this version: {unknown}")
+    return CompressionSettings(**saved)
 
 
 def _pack_tier_codes(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[bytes, np.ndarray]:
@@ -102,11 +139,11 @@ def _unpack_tier_codes(blob: bytes, offsets: np.ndarray, shape: tuple[int, int, 
     return torch.from_numpy(c).to(device), torch.from_numpy(s).to(device)
 
 
-def _transform_arrays(prefix: str, keys: TransformCodedKeys) -> dict[str, np.ndarray]:
+def _transform_arrays(prefix: str, rows: list[list[KeyTransformCode]]) -> dict[str, np.ndarray]:
     """Transform-coded keys, per batch row ``r``: ``{prefix}.{r}.{mean,basis,basis_scale,step,bits,codes}``
     (the codes of every append of a row share one basis, so they are stored as one array)."""
     out = {}
-    for r, row in enumerate(keys.rows):
+    for r, row in enumerate(rows):
         first = row[0]
         for name in KeyTransformCode._FIELDS:
             t = torch.cat([c.codes for c in row], 0) if name == "codes" else getattr(first, name)
@@ -175,24 +212,26 @@ def _layer_arrays(layer: NexusQuantLayer) -> tuple[dict[str, Any], dict[str, Any
     for name in LAYER_TENSOR_FIELDS:
         if state[name] is not None:
             arrays[name] = _np(state[name])
-    for tier_name in ("fine", "coarse"):
-        tier = getattr(layer, tier_name)
-        meta[tier_name] = {"length": tier.length}
-        if tier.length == 0:
+    for tier_name, tier in layer.tiers.items():
+        tier_state = tier.state_dict()
+        meta[tier_name] = {"length": tier_state["length"]}
+        if tier_state["length"] == 0:
             continue
-        for part, qt in (("k", tier.keys), ("v", tier.values)):
-            if isinstance(qt, TransformCodedKeys):
-                arrays.update(_transform_arrays(f"{tier_name}.{part}.tc", qt))
-            elif qt.codec is None:
-                arrays[f"{tier_name}.{part}.raw"] = _np(qt.raw)
+        for part in ("k", "v"):
+            name = f"{tier_name}.{part}"
+            if f"{part}.rows" in tier_state:
+                arrays.update(_transform_arrays(f"{name}.tc", tier_state[f"{part}.rows"]))
+            elif f"{part}.raw" in tier_state:
+                arrays[f"{name}.raw"] = _np(tier_state[f"{part}.raw"])
             else:
-                blob, offsets = _pack_tier_codes(qt.codes, qt.scales, qt.bits)
-                arrays[f"{tier_name}.{part}.packed"] = blob
-                arrays[f"{tier_name}.{part}.offsets"] = offsets
-        if tier.seq is not None:
-            arrays[f"{tier_name}.seq"] = _np(tier.seq)
-        if tier.valid is not None:
-            arrays[f"{tier_name}.valid"] = _np(tier.valid)
+                blob, offsets = _pack_tier_codes(
+                    tier_state[f"{part}.codes"], tier_state[f"{part}.scales"], tier_state[f"{part}.bits"]
+                )
+                arrays[f"{name}.packed"] = blob
+                arrays[f"{name}.offsets"] = offsets
+        for name in ("seq", "valid"):
+            if tier_state[name] is not None:
+                arrays[f"{tier_name}.{name}"] = _np(tier_state[name])
     return arrays, meta
 
 
@@ -251,7 +290,7 @@ def save_cache(cache: Any, path: Union[str, Path], token_ids: Optional[torch.Ten
         "format": FORMAT_NAME,
         "nexusquant_version": __version__,
         "fingerprint": fingerprint,
-        "settings": settings.as_dict(),
+        "settings": _settings_meta(settings),
         "layers": layer_metas,
         "rope_tables": rope_meta,
         "token_ids_shape": None if ids is None else list(ids.shape),
@@ -393,7 +432,7 @@ def _check_meta(meta: dict[str, Any]) -> None:
             batch = b
         elif b != batch:
             raise _corrupt(f"layer {i} has batch {b}, an earlier layer {batch}")
-        for tier in ("fine", "coarse"):
+        for tier in TIER_NAMES:
             _int(_dict(layer.get(tier), f"layer {i} {tier}").get("length"), f"layer {i} {tier} length", 0, seen or 0)
     if shape is not None:
         _int(shape[0], "token_ids_shape[0]", 1, 2**31)
@@ -418,7 +457,7 @@ def _section_bound(meta: dict[str, Any]) -> int:
         b, h, d, n = layer["batch"], layer["heads"], layer["head_dim"], layer["seen"]
         item = _TORCH[layer["dtype"]].itemsize
         per_token = b * h * (2 * d * item + 4 + 1)  # K and V, sequence index, validity
-        tiers = sum(layer[t]["length"] for t in ("fine", "coarse"))
+        tiers = sum(layer[t]["length"] for t in TIER_NAMES)
         # Tiers at their widest: 16-bit raw vectors or packed streams no larger than raw 4-bit codes.
         per_tier_token = b * h * (2 * max(d * item, d // 2 + 8 + 2) + 4 + 1)
         streams = 4 * (b * h + 1) * (8 + _STREAM_SLACK)
@@ -513,9 +552,10 @@ def _restore_layer(
         arrays["sink_k"].shape[2] if isinstance(arrays.get("sink_k"), np.ndarray) and arrays["sink_k"].ndim == 4 else 0
     )
     w_len = arrays["win_k"].shape[2] if isinstance(arrays.get("win_k"), np.ndarray) and arrays["win_k"].ndim == 4 else 0
-    fine_n, coarse_n = meta["fine"]["length"], meta["coarse"]["length"]
-    if s_len + w_len + fine_n + coarse_n > seen:
-        raise _corrupt(f"{where} holds more tokens ({s_len + w_len + fine_n + coarse_n}) than it has seen ({seen})")
+    tier_lengths = {name: meta[name]["length"] for name in TIER_NAMES}
+    held = s_len + w_len + sum(tier_lengths.values())
+    if held > seen:
+        raise _corrupt(f"{where} holds more tokens ({held}) than it has seen ({seen})")
     vec = (saved,)
     values: dict[str, Optional[np.ndarray]] = {}
     has_sinks = "sink_k" in arrays
@@ -542,8 +582,8 @@ def _restore_layer(
     probe = torch.empty(b, h, 0, d, dtype=dtype, device=device)
     layer.lazy_initialization(probe, probe)
     tier_state = []
-    for tier_name, n in (("fine", fine_n), ("coarse", coarse_n)):
-        tier = getattr(layer, tier_name)
+    for tier_name, n in tier_lengths.items():
+        tier = layer.tiers[tier_name]
         if n == 0:
             continue
         parts: list[tuple[str, Any]] = []
@@ -640,10 +680,7 @@ def _load_cache(path: Path, model: Any) -> NexusQuantCache:
     with _open_reader(path, _META_MAX_BYTES) as reader:
         meta = _read_meta(reader)
     _check_fingerprint(_dict(meta["fingerprint"], "META fingerprint"), model)
-    try:
-        settings = CompressionSettings(**meta["settings"])
-    except TypeError as e:
-        raise UnsupportedVersionError(f"cache file settings are not understood by this version: {e}") from None
+    settings = _settings_from_meta(meta["settings"])
     cache = NexusQuantCache(model.config, preset=settings)
     n_layers = len(cache.layers)
     if len(meta["layers"]) != n_layers:
@@ -721,9 +758,9 @@ def _load_cache(path: Path, model: Any) -> NexusQuantCache:
         table.sin = _torch(sin, dt, device).to(dtype)
         cache.rope_tables[int(key)] = table
     for i, layer in enumerate(cache.layers):
-        if not isinstance(layer, NexusQuantLayer) or layer.fine is None or layer.coarse is None:
-            continue  # not initialized: holds nothing
-        if layer.settings.key_domain == "pre_rope" and (layer.fine.length or layer.coarse.length):
+        if not isinstance(layer, NexusQuantLayer) or not layer.holding_tiers():
+            continue  # holds no coded tokens
+        if layer.settings.key_domain == "pre_rope":
             if layer.rope_key not in cache.rope_tables:
                 raise _corrupt(f"layer {i} needs rotary table {layer.rope_key!r}, which the file does not hold")
     cache.token_ids = token_ids.to(placement[0][0]) if token_ids is not None else None

@@ -24,7 +24,11 @@ from .codec import E8Codec, as_codec_input
 from .tables import get_codec, torch_decode
 from .transform import KeyTransformCode, fit_key_transform
 
-__all__ = ["QuantizedTensor", "TransformCodedKeys", "Tier", "encode_tensor", "decode_tensor", "get_codec"]
+__all__ = ["QuantizedTensor", "TransformCodedKeys", "Tier", "TIER_NAMES", "encode_tensor", "decode_tensor", "get_codec"]
+
+# A layer's tiers, in order: "fine" takes the prompt's best-scored tokens and every generated block,
+# "coarse" the demoted ones (fewer bits). Files name a tier's arrays and META entry by these names.
+TIER_NAMES = ("fine", "coarse")
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -261,9 +265,11 @@ class Tier:
         """What the tier holds, by the names a ``.nqkv`` file uses (docs/FORMAT.md) without the
         tier's prefix: ``length``, ``seq``, ``valid`` and per part (``k``, ``v``) ``{part}.raw``
         (a 16-bit part), ``{part}.codes`` and ``{part}.scales`` (an E8 part) or ``{part}.rows``
-        (transform-coded keys). Tensors are the tier's own, not copies."""
+        (transform-coded keys), and ``{part}.bits``, the part's bit width (16: raw; an E8 part's
+        codes are packed at that width). Tensors are the tier's own, not copies."""
         state: dict[str, Any] = {"length": self.length, "seq": self.seq, "valid": self.valid}
         for part, qt in (("k", self.keys), ("v", self.values)):
+            state[f"{part}.bits"] = qt.bits
             if isinstance(qt, TransformCodedKeys):
                 state[f"{part}.rows"] = qt.rows
             elif qt.codec is None:
