@@ -94,7 +94,7 @@ def _attention_case(b, hkv, group, head_dim, tier_bits, tier_tokens, dtype, n_si
         kcodes, kscales = gpu.encode(kc, randn(b, hkv, t, head_dim) * 2)
         vcodes, vscales = gpu.encode(vc, randn(b, hkv, t, head_dim))
         valid = (torch.rand(b, hkv, t, device="cuda", generator=gen) > 0.1) if masked else None
-        tiers.append((kcodes, kscales, vcodes, vscales, valid, kc, vc))
+        tiers.append(gpu.CodedTier(kcodes, kscales, vcodes, vscales, valid, kc, vc))
     k_center = randn(b, hkv, 1, head_dim).to(dtype)
     v_center = randn(b, hkv, 1, head_dim).to(dtype)
     scaling = head_dim**-0.5

@@ -187,7 +187,9 @@ def _fused_decode(layer: NexusQuantLayer, view: LayerView, query, key, value, mo
             masks.append(win.expand(b, hkv, 1, view.window))
             fp_mask = torch.cat(masks, dim=-1).reshape(b, hkv, -1).contiguous()
         tiers = [
-            (t.keys.codes, t.keys.scales, t.values.codes, t.values.scales, t.valid, t.keys.codec, t.values.codec)
+            gpu.CodedTier(
+                t.keys.codes, t.keys.scales, t.values.codes, t.values.scales, t.valid, t.keys.codec, t.values.codec
+            )
             for t in view.lazy_tiers
         ]
         return gpu.decode_attention(
