@@ -25,7 +25,8 @@ def coder_name(settings: dict) -> str:
     else:
         keys = f"E8 {settings['key_bits']}b {settings['key_domain'].replace('_rope', '-RoPE')}"
     values, evict, window = settings["value_bits"], settings["evict"], settings["recent_window"]
-    return f"{keys} keys, {values}b values, evict {evict}, window {window}"
+    chunks = f", prefill in chunks of {settings['chunk_size']}" if settings.get("chunk_size") else ""
+    return f"{keys} keys, {values}b values, evict {evict}, window {window}{chunks}"
 
 
 def main(paths: list[str]) -> int:

@@ -35,6 +35,7 @@ __all__ = [
     "save_cache",
     "load_cache",
     "inspect_file",
+    "prefill",
     "register_attention",
 ]
 
@@ -47,6 +48,7 @@ _LAZY = {
     "save_cache": ("files", "save_cache"),
     "load_cache": ("files", "load_cache"),
     "inspect_file": ("files", "inspect_file"),
+    "prefill": ("chunking", "prefill"),
 }
 
 

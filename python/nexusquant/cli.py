@@ -110,7 +110,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="[PRESET:]KNOB=V[,KNOB=V...]",
-        help="also run nexusquant with these knobs (repeatable), e.g. evict=0,demote=0 or max:evict=0.75,key_bits=3",
+        help="also run nexusquant with these knobs (repeatable), e.g. evict=0,demote=0 or max:evict=0.75,key_bits=3; "
+        "chunk_size=N prefills in chunks of N tokens",
     )
     p.add_argument(
         "--retrieval-trials",

@@ -14,6 +14,8 @@ were, also when the block raises.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import threading
 from collections.abc import Iterator
@@ -21,18 +23,21 @@ from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ._core import NexusQuantError
 from .architecture import SUPPORTED_MODEL_TYPES, attention_modules, check_supported, layer_plan, model_fingerprint
 from .attention import register as register_attention
 from .cache import ATTN_IMPLEMENTATION, NexusQuantLayer, compression_stats
+from .chunking import check_chunk_size, forward_in_chunks, wants_chunks
+from .compat import cache_kwarg
 from .presets import CompressionSettings, resolve_settings
 from .rope import RopeAdapter, RopeTable
 
 __all__ = ["nexusquant_evict", "EvictSession", "attention_modules", "SUPPORTED_MODEL_TYPES"]
 
 _lock = threading.Lock()
+_ABSENT = object()
 _forwards = itertools.count(1)
 
 
@@ -55,9 +60,10 @@ def _find_cache(args: tuple, kwargs: dict) -> Optional[Cache]:
 class EvictSession:
     """State of one ``nexusquant_evict`` block: settings, the model's layer plan, the caches seen."""
 
-    def __init__(self, model: torch.nn.Module, settings: CompressionSettings):
+    def __init__(self, model: torch.nn.Module, settings: CompressionSettings, chunk_size: Optional[int] = None):
         self.model = model
         self.settings = settings
+        self.chunk_size = chunk_size
         self.plan = layer_plan(model.config)
         self.fingerprint = model_fingerprint(model.config)
         self._adapters: dict[int, RopeAdapter] = {}
@@ -117,6 +123,33 @@ class EvictSession:
             layer.rope_tables = tables
             layer.attach_rope(adapter, key)
 
+    def chunking_forward(self, forward: Any) -> Any:
+        """``forward`` (the model's own, bound) wrapped so that a prompt longer than ``chunk_size``
+        that fills a cache runs one chunk at a time (:mod:`nexusquant.chunking`)."""
+        signature = inspect.signature(forward)
+        cache_name = cache_kwarg(self.model)
+        chunk_size = self.chunk_size
+
+        def note_ids(ids: Optional[torch.Tensor]) -> None:
+            # Each chunk is one forward of the cache: its ids are the ones the cache records.
+            self._pending_ids = ids
+
+        # The wrapper shows the forward's own signature: generate reads it to decide what to pass
+        # (attention_mask, position_ids, logits_to_keep).
+        @functools.wraps(forward)
+        def chunked(*args: Any, **kwargs: Any) -> Any:
+            if args:
+                kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
+                kwargs.update(kwargs.pop("kwargs", {}))
+            if not wants_chunks(kwargs, chunk_size):
+                return forward(**kwargs)
+            assert chunk_size is not None  # wants_chunks says so
+            if kwargs.get(cache_name) is None:
+                kwargs[cache_name] = DynamicCache(config=getattr(self.model, "config", None))
+            return forward_in_chunks(forward, kwargs, chunk_size, cache_name, before_chunk=note_ids)
+
+        return chunked
+
     def _record_ids(self, cache: Cache, layer: NexusQuantLayer) -> None:
         ids, self._pending_ids = self._pending_ids, None
         known = getattr(cache, "token_ids", None)
@@ -169,6 +202,7 @@ def _rope_tables(cache: Cache) -> dict[int, RopeTable]:
 def nexusquant_evict(
     model: torch.nn.Module,
     quality: Union[str, CompressionSettings] = "balanced",
+    chunk_size: Optional[int] = None,
     **knobs: Any,
 ) -> Iterator[EvictSession]:
     """Compress the KV cache of every forward/generate of ``model`` inside the block.
@@ -179,6 +213,9 @@ def nexusquant_evict(
         A causal LM of a supported family (Llama, Mistral, Qwen2/3, Phi-3, Gemma-2/3, GPT-NeoX, GPT-J).
     quality : str or CompressionSettings
         ``"high"``, ``"balanced"`` or ``"max"``; their measured ratios and quality are in the README.
+    chunk_size : int or None
+        Prefill prompts longer than this many tokens one chunk at a time, each chunk compressed
+        before the next (:mod:`nexusquant.chunking` says what that changes); None: one forward.
     **knobs
         Any :class:`~nexusquant.presets.CompressionSettings` field overrides the preset.
 
@@ -188,9 +225,10 @@ def nexusquant_evict(
         ``.stats()`` gives the compression statistics of the last cache used.
     """
     settings = resolve_settings(quality, **knobs)
+    chunk_size = check_chunk_size(chunk_size)
     mods = check_supported(model)
     register_attention()  # idempotent; `import nexusquant` has usually done it already
-    session = EvictSession(model, settings)
+    session = EvictSession(model, settings, chunk_size)
     configs = _configs(model)
     with _lock:
         saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
@@ -208,9 +246,19 @@ def nexusquant_evict(
             for cfg, impl in saved:
                 cfg._attn_implementation_internal = impl
             raise
+    # Chunking wraps the instance's forward (an instance attribute, nothing patched on the class),
+    # which generate and model(...) both call; put back exactly as it was on exit.
+    own_forward = model.__dict__.get("forward", _ABSENT)
+    if chunk_size is not None:
+        model.forward = session.chunking_forward(model.forward)
     try:
         yield session
     finally:
+        if chunk_size is not None:
+            if own_forward is _ABSENT:
+                del model.forward
+            else:
+                model.forward = own_forward
         for h in handles:
             h.remove()
         for cfg, impl in saved:

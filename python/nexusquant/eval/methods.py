@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from .._core import NexusQuantError
+from ..chunking import check_chunk_size
 from ..evict import nexusquant_evict
 from ..presets import PRESETS, resolve_settings
 from . import peers
@@ -75,11 +76,16 @@ class Method:
     def label(self) -> str:
         return FAMILIES[self.family][0]
 
+    @property
+    def chunk_size(self) -> Optional[int]:
+        """Prefill chunk size (``chunk_size`` knob: a session option, not a cache setting)."""
+        return self.knobs.get("chunk_size")
+
     def settings(self, evict: Optional[float] = None) -> dict[str, Any]:
         """The nexusquant cache settings this method runs with (nexusquant and eviction kinds)."""
         if self.kind == "nexusquant":
             assert self.preset is not None
-            return resolve_settings(self.preset, **self.knobs).as_dict()
+            return resolve_settings(self.preset, **_cache_knobs(self.knobs)).as_dict()
         if self.kind == "evict":
             if evict is None:
                 raise NexusQuantError(f"internal: {self.name} needs an eviction fraction")
@@ -107,8 +113,9 @@ class Method:
             if self.family == "expected-attention":
                 peers.attach_rotary(model)
             settings = self.settings(evict)
-            with nexusquant_evict(model, **settings):
-                yield MethodRun(self, model, lambda: DynamicCache(config=model.config), settings)
+            with nexusquant_evict(model, chunk_size=self.chunk_size, **settings):
+                shown = settings if self.chunk_size is None else {**settings, "chunk_size": self.chunk_size}
+                yield MethodRun(self, model, lambda: DynamicCache(config=model.config), shown)
         elif kind == "baseline":
             yield MethodRun(self, model, lambda: DynamicCache(config=model.config), {})
         elif kind == "quantized-cache":
@@ -153,6 +160,11 @@ class MethodRun:
         return self._factory()
 
 
+def _cache_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
+    """The knobs that are cache settings (all but the session's ``chunk_size``)."""
+    return {k: v for k, v in knobs.items() if k != "chunk_size"}
+
+
 def evict_for_ratio(prompt_tokens: int, ratio: float) -> float:
     """Eviction fraction at which a 16-bit cache of ``prompt_tokens`` holds ``1/ratio`` of the
     bytes: keep ``round(prompt_tokens / ratio)`` tokens (at least one)."""
@@ -191,7 +203,8 @@ def parse_variant(spec: Union[str, dict]) -> Method:
             if not eq:
                 raise NexusQuantError(f"variant {spec!r}: expected knob=value items, got {item!r}")
             knobs[name.strip()] = _knob_value(value.strip())
-    resolve_settings(preset, **knobs)  # validates
+    resolve_settings(preset, **_cache_knobs(knobs))  # validates
+    check_chunk_size(knobs.get("chunk_size"))
     shown = ",".join(f"{k}={v}" for k, v in knobs.items())
     return Method(f"nq-{preset}[{shown}]", "nexusquant-variant", preset=preset, knobs=knobs)
 

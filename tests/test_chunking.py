@@ -1,0 +1,165 @@
+"""Chunked prefill (nexusquant.chunking): a prompt through the model a chunk at a time, each chunk
+compressed before the next, inside nexusquant_evict and for a cache managed by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import FAMILIES, family_supported, make_tiny
+
+import nexusquant as nq
+from nexusquant.cache import NexusQuantCache, NexusQuantLayer
+from nexusquant.compat import output_cache, with_cache
+
+ALL = [f for f in FAMILIES if family_supported(f)]
+# No quantization, no eviction: compressed tokens are stored as they are, so chunked prefill must
+# reproduce the uncompressed model (a wrong position, mask or cache offset shows at once).
+EXACT = dict(evict=0.0, demote=0.0, key_bits=16, value_bits=16, recent_window=8, block=8)
+
+
+def _ids(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 90, (batch, n), generator=g)
+
+
+@pytest.mark.parametrize("family", ALL)
+@torch.no_grad()
+def test_chunked_prefill_without_compression_is_exact(family):
+    model = make_tiny(family)
+    ids = _ids(150, seed=1, batch=2)
+    ref = model(ids).logits
+    # 40: chunks shorter than a sliding window (48 on the tiny Mistral); 100: longer than it.
+    for chunk in (40, 100):
+        with nq.nexusquant_evict(model, chunk_size=chunk, **EXACT) as session:
+            out = model(ids, use_cache=True)
+        torch.testing.assert_close(out.logits, ref, atol=2e-5, rtol=1e-5)
+        cache = output_cache(out)
+        assert cache is session.cache
+        assert all(isinstance(layer, NexusQuantLayer) for layer in cache.layers)
+        # Tokens really left the window chunk by chunk, and the cache knows every token id.
+        assert all(layer.seen == 150 for layer in cache.layers)
+        assert sum(layer["fine"] for layer in nq.compression_stats(cache)["layers"]) > 0
+        assert torch.equal(cache.token_ids, ids)
+    assert "forward" not in model.__dict__  # the wrapper is gone after the block
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mistral"])
+@torch.no_grad()
+def test_generate_with_chunks_matches_generate(family):
+    model = make_tiny(family)
+    ids = _ids(130, seed=2, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding in the second row
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with nq.nexusquant_evict(model, chunk_size=32, **EXACT):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("attn", ["nexusquant", "sdpa"])
+@torch.no_grad()
+def test_prefill_by_hand(attn):
+    model = make_tiny("llama")
+    ids = _ids(120, seed=3)
+    ref = model(ids).logits
+    model.set_attn_implementation(attn)
+    try:
+        cache = NexusQuantCache(model, preset="high", **EXACT)
+        out = nq.prefill(model, ids, cache, chunk_size=33, logits_to_keep=0)
+        torch.testing.assert_close(out.logits, ref, atol=2e-5, rtol=1e-5)
+        assert cache.get_seq_length() == 120
+        # The last 40 positions span two chunks (99..131 and 132..); keep=1 is the default.
+        cache = NexusQuantCache(model, preset="high", **EXACT)
+        out = nq.prefill(model, ids, cache, chunk_size=33, logits_to_keep=40)
+        torch.testing.assert_close(out.logits, ref[:, -40:], atol=2e-5, rtol=1e-5)
+        cache = NexusQuantCache(model, preset="high", **EXACT)
+        out = nq.prefill(model, ids[:, :100], cache, chunk_size=33)
+        assert out.logits.shape[1] == 1
+        # A cache that already holds a prefix is continued.
+        out = nq.prefill(model, ids[:, 100:], cache, chunk_size=7, logits_to_keep=0)
+        torch.testing.assert_close(out.logits, ref[:, 100:], atol=2e-5, rtol=1e-5)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+@torch.no_grad()
+def test_chunked_prefill_compresses_each_chunk():
+    """With the real preset the window never holds more than a chunk plus the recent window, and
+    every chunk is evicted at the preset's share; the quality stays close to one-shot prefill."""
+    model = make_tiny("llama")
+    ids = _ids(300, seed=4)
+    held = []  # full-precision tokens layer 0's attention saw, per forward
+
+    with nq.nexusquant_evict(model, quality="balanced", chunk_size=64) as session:
+
+        def watch(module, args, output):
+            held.append(session.cache.layers[0].last_view.window)
+
+        handle = model.model.layers[0].self_attn.register_forward_hook(watch)
+        try:
+            model(ids, use_cache=True)
+        finally:
+            handle.remove()
+        stats = session.stats()
+    s = nq.PRESETS["balanced"]
+    assert len(held) == 5 and max(held) <= 64 + s.recent_window
+    layer = stats["layers"][0]
+    # Half of every chunk's real tokens (minus sinks and the recent window) is dropped.
+    assert layer["dropped"] > 0.4 * (300 - s.recent_window - s.sink_tokens)
+    assert layer["tokens_seen"] == 300
+
+
+def test_chunk_size_is_checked():
+    model = make_tiny("llama")
+    for bad in (0, -3, 2.5, "8", True):
+        with pytest.raises(nq.NexusQuantError, match="chunk_size"):
+            with nq.nexusquant_evict(model, chunk_size=bad):
+                pass
+        with pytest.raises(nq.NexusQuantError, match="chunk_size"):
+            nq.prefill(model, _ids(10), NexusQuantCache(model), chunk_size=bad)
+    assert "forward" not in model.__dict__
+
+
+@torch.no_grad()
+def test_chunked_forward_refuses_what_it_cannot_return():
+    model = make_tiny("llama")
+    ids = _ids(50)
+    with nq.nexusquant_evict(model, chunk_size=16):
+        with pytest.raises(nq.NexusQuantError, match="labels"):
+            model(ids, labels=ids, use_cache=True)
+        with pytest.raises(nq.NexusQuantError, match="output_attentions"):
+            model(ids, use_cache=True, output_attentions=True)
+        # Short prompts and forwards without a cache are left alone.
+        assert model(ids[:, :10], use_cache=True).logits.shape[1] == 10
+        assert model(ids, use_cache=False).logits.shape[1] == 50
+    with pytest.raises(nq.NexusQuantError, match="input_ids or inputs_embeds"):
+        nq.prefill(model, None, NexusQuantCache(model), chunk_size=8)
+    with pytest.raises(nq.NexusQuantError, match="attention_mask covers"):
+        nq.prefill(model, ids, NexusQuantCache(model), chunk_size=8, attention_mask=torch.ones(1, 20))
+
+
+@torch.no_grad()
+def test_chunked_cache_saves_and_loads(tmp_path):
+    model = make_tiny("llama")
+    ids = _ids(200, seed=5)
+    with nq.nexusquant_evict(model, quality="high", chunk_size=64) as session:
+        out = model(ids[:, :190], use_cache=True)
+        cache = output_cache(out)
+        nq.save_cache(cache, tmp_path / "c.nqkv")
+        want = model(ids[:, 190:], **with_cache(model, cache), use_cache=True).logits
+    loaded = nq.load_cache(tmp_path / "c.nqkv", model)
+    assert torch.equal(loaded.token_ids, ids[:, :190])
+    with nq.nexusquant_evict(model, quality="high"):
+        got = model(ids[:, 190:], **with_cache(model, loaded), use_cache=True).logits
+    torch.testing.assert_close(got, want)
+    assert session.stats()["layers"][0]["tokens_seen"] == 200
+
+
+def test_eval_variant_takes_chunk_size():
+    from nexusquant.eval.methods import parse_variant
+
+    m = parse_variant("high:chunk_size=64,evict=0.2")
+    assert m.chunk_size == 64
+    assert "chunk_size" not in m.settings() and m.settings()["evict"] == 0.2
+    with pytest.raises(nq.NexusQuantError, match="chunk_size"):
+        parse_variant("high:chunk_size=0")
