@@ -225,7 +225,9 @@ def llama3_8b(layers=32):
     return model.eval()
 
 
-def bench_end_to_end(results, contexts=(32768, 131072), new_tokens=128, layers=32, save=None, presets=("balanced",)):
+def bench_end_to_end(
+    results, contexts=(32768, 131072), new_tokens=128, layers=32, save=None, presets=("balanced",), chunk_size=None
+):
     from nexusquant.compat import output_cache, with_cache
 
     model = llama3_8b(layers)
@@ -241,7 +243,11 @@ def bench_end_to_end(results, contexts=(32768, 131072), new_tokens=128, layers=3
         longest_context_extrapolated={},
     )
     modes = ("bf16 DynamicCache", *(f"nexusquant {p}" for p in presets))
+    if chunk_size:
+        # The same presets with chunked prefill: the prompt's full-precision KV never exists at once.
+        modes += tuple(f"nexusquant {p} chunks {chunk_size}" for p in presets)
     e2e["settings"] = {p: resolve_settings(p).as_dict() for p in presets}
+    e2e["chunk_size"] = chunk_size
     for ctx in contexts:
         ids = torch.randint(0, 128000, (1, ctx), device="cuda")
         for mode in modes:
@@ -249,7 +255,9 @@ def bench_end_to_end(results, contexts=(32768, 131072), new_tokens=128, layers=3
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             try:
-                cm = nq.nexusquant_evict(model, quality=mode.split()[1]) if mode != modes[0] else _null()
+                words = mode.split()
+                chunks = int(words[3]) if len(words) > 3 else None
+                cm = nq.nexusquant_evict(model, quality=words[1], chunk_size=chunks) if mode != modes[0] else _null()
                 with cm as session, torch.no_grad():
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
@@ -388,6 +396,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--layers", type=int, default=32, help="e2e decoder layers (32 = Llama-3-8B)")
     ap.add_argument("--presets", default="balanced", help="e2e: nexusquant presets run beside the bf16 cache")
+    ap.add_argument("--chunk-size", type=int, default=None, help="e2e: also run each preset with chunked prefill")
     args = ap.parse_args()
     assert gpu.available(), "CUDA kernels unavailable"
     results = dict(
@@ -420,6 +429,7 @@ def main():
             args.layers,
             save,
             tuple(args.presets.split(",")),
+            args.chunk_size,
         )
     print(save())
 

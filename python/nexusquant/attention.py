@@ -118,10 +118,21 @@ def _masked_attention(query, key, value, allowed, scaling, softcap, dropout):
         mask = mask.clone()
         own = torch.arange(q, device=mask.device) + (t - q)
         mask[..., torch.arange(q, device=mask.device), own] |= empty
-    mask = mask[:, :, None].expand(b, hkv, g, q, t).reshape(b, hkv, g * q, t)
     if softcap is None:
-        out = F.scaled_dot_product_attention(qp, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        # One call per query head of a group, all sharing the (B, H_kv, q, T) mask: a mask repeated
+        # for the group would be a copy g times its size (GBs for a chunk of a long prompt).
+        qg = query.reshape(b, hkv, g, q, d)
+        out = torch.stack(
+            [
+                F.scaled_dot_product_attention(
+                    qg[:, :, j], key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
+                )
+                for j in range(g)
+            ],
+            dim=2,
+        )
     else:
+        mask = mask[:, :, None].expand(b, hkv, g, q, t).reshape(b, hkv, g * q, t)
         logits = torch.matmul(qp, key.transpose(-1, -2)) * scaling
         logits = torch.tanh(logits / softcap) * softcap
         logits = logits.masked_fill(~mask, float("-inf"))

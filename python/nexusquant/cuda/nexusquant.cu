@@ -1,6 +1,6 @@
 // nexusquant CUDA kernels: quantize, dequantize and decode attention over E8 codes.
 //
-// Loaded by python/nexusquant/gpu/__init__.py with cupy.RawModule (NVRTC). One source, three kinds
+// Loaded by python/nexusquant/gpu/build.py with cupy.RawModule (NVRTC). One source, three kinds
 // of module, chosen by the macros the loader injects (one compiled module per option set, cached
 // per device):
 //
@@ -712,7 +712,7 @@ struct NqAttnParams {
     float bscale, qscale;       // 1/sqrt(P) of the rotation; softmax scale * log2(e)
     NqTier tier[2];
 };
-static_assert(sizeof(NqTier) == 72 && sizeof(NqAttnParams) == 288, "gpu/__init__.py mirrors this layout");
+static_assert(sizeof(NqTier) == 72 && sizeof(NqAttnParams) == 288, "gpu/attention.py (ATTN_PARAM_FIELDS) mirrors this layout");
 
 __device__ __forceinline__ float nq_ex2(float x) {
     float y;
