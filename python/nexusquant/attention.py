@@ -27,6 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from . import gpu
 from ._core import NexusQuantError
 from .cache import ATTN_IMPLEMENTATION, LayerView, NexusQuantLayer
+from .chunking import held_for_next_chunk
 from .scoring import SCORERS, ScoreInputs
 from .tables import dense_rotation_torch
 
@@ -325,10 +326,11 @@ def nexusquant_attention(
 
     if q > 1 and layer.wants_prompt_compression():
         layer.observe_queries(query)
+        hold = held_for_next_chunk()
         if layer.is_sliding or (s.evict == 0.0 and s.demote == 0.0):
-            layer.compress(None)
+            layer.compress(None, hold)
         else:
-            layer.compress(_scores(layer, view, module, query, key, value, allowed_rows, scaling, softcap))
+            layer.compress(_scores(layer, view, module, query, key, value, allowed_rows, scaling, softcap), hold)
     elif layer.wants_block_compression():
         layer.compress(None)
     return out, None

@@ -32,6 +32,7 @@ from . import gpu
 from ._core import NexusQuantError
 from .allocation import allocate_tokens
 from .architecture import layer_plan, model_fingerprint
+from .chunking import held_while_prefilling
 from .presets import CompressionSettings, resolve_settings
 from .rope import RopeAdapter, RopeTable
 from .scoring import key_key_importance, pool_scores
@@ -294,12 +295,13 @@ class NexusQuantLayer(CacheLayerMixin):
         view.caught_up = True
         s = self.settings
         if view.new > 1 and self.wants_prompt_compression():
+            hold = held_while_prefilling()
             if self.is_sliding or (s.evict == 0.0 and s.demote == 0.0):
-                self.compress(None)
+                self.compress(None, hold)
             else:
                 assert self.win_k is not None and self.win_valid is not None
                 scores = key_key_importance(self.win_k, s.score_window, self.win_valid)
-                self.compress(pool_scores(scores, s.pool_kernel))
+                self.compress(pool_scores(scores, s.pool_kernel), hold)
         elif self.wants_block_compression():
             self.compress(None)
 
@@ -508,19 +510,30 @@ class NexusQuantLayer(CacheLayerMixin):
             moment[:, j * d : (j + 1) * d, j * d : (j + 1) * d] = xq.transpose(1, 2) @ xq / count[:, None, None]
         self.query_moment = moment
 
-    def compress(self, scores: Optional[torch.Tensor]) -> None:
-        """Compress the window's tokens except the last ``recent_window``.
+    def compress(self, scores: Optional[torch.Tensor], keep_exact: int = 0) -> None:
+        """Compress the window's tokens except the last ``max(recent_window, keep_exact)``.
 
         Parameters
         ----------
         scores : torch.Tensor or None
             float ``(B, H, W)`` importance of every window token (None: a generation block, which
             is kept whole in the fine tier).
+        keep_exact : int
+            Newest tokens to keep in full precision even beyond the recent window (a chunked
+            prefill keeps the chunk just seen for the next chunk, ``nexusquant.chunking``).
         """
         s = self.settings
         w = self.window_len
-        r = min(s.recent_window, w)
+        if self.is_sliding:
+            # Its window is sized for the model's mask (at most sliding_window - 1 tokens before a
+            # forward's own): a sliding layer keeps nothing back.
+            keep_exact = 0
+        r = min(max(s.recent_window, keep_exact), w)
         n = w - r
+        # Budgets are fractions of the tokens this compression decides on; the recent window
+        # counts towards the kept share, tokens held back for the next chunk do not (their turn
+        # comes with the next compression).
+        segment = w - (r - min(s.recent_window, w))
         if n <= 0:
             return
         assert self.win_k is not None and self.win_v is not None and self.win_valid is not None
@@ -562,7 +575,7 @@ class NexusQuantLayer(CacheLayerMixin):
         to_fine, to_coarse = allocate_tokens(
             scores[:, :, :n] if evicting and scores is not None else None,
             cand_valid,
-            self.win_valid.sum(1),
+            self.win_valid[:, :segment].sum(1),
             s.evict,
             s.demote,
             # transform-coded keys code all heads of a token together: the same tokens in every head

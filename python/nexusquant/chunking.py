@@ -13,18 +13,22 @@ forward). Two ways in:
 
 What chunking changes for the compressor (docs/EVAL.md has the measured cost):
 
-- scoring: a chunk's tokens are ranked by that chunk's own last ``score_window`` queries, not by
-  the prompt's last queries; tokens already compressed are not ranked again;
+- what a chunk sees: the chunk before it in full precision (each layer keeps the newest chunk
+  exact until the next one has attended to it: the full-precision working set is two chunks), and
+  older tokens through their codes (dequantized), so later chunks already see quantization error
+  that one-shot prefill only shows to generated tokens;
+- scoring: a chunk's tokens are ranked by the next chunk's last ``score_window`` queries (the
+  last chunk's by its own), not by the prompt's last queries; tokens already compressed are not
+  ranked again;
 - budgets: ``evict`` and ``demote`` are fractions of each chunk's tokens, not of the whole prompt,
   so every part of a long prompt keeps the same share;
-- the transform coder (``key_codec="pca"``) fits its basis on the first chunk, and later chunks
-  are coded in it;
-- attention: a chunk sees the prefix through its codes (dequantized), so later chunks already
-  see the quantization error that one-shot prefill only shows to generated tokens.
+- the transform coder (``key_codec="pca"``) fits its basis on the first chunk (with the second
+  chunk's queries as its metric), and later chunks are coded in it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import operator
 from typing import Any, Callable, Optional
 
@@ -33,7 +37,30 @@ import torch
 from ._core import NexusQuantError
 from .compat import cache_kwarg
 
-__all__ = ["prefill", "check_chunk_size", "forward_in_chunks"]
+__all__ = ["prefill", "check_chunk_size", "forward_in_chunks", "held_for_next_chunk", "held_while_prefilling"]
+
+# While a chunked prefill runs: (chunk size, whether this forward is the last chunk). A layer keeps
+# the newest chunk in full precision until the next chunk has attended to it, so every chunk sees
+# the chunk before it exactly and only older tokens through their codes (measured: docs/EVAL.md).
+_PREFILL: contextvars.ContextVar[Optional[tuple[int, bool]]] = contextvars.ContextVar(
+    "nexusquant_chunked_prefill", default=None
+)
+
+
+def held_for_next_chunk() -> int:
+    """Newest tokens a layer keeps exact when it compresses after a forward's attention: the
+    chunk just seen, unless it is the prompt's last chunk or no chunked prefill runs."""
+    state = _PREFILL.get()
+    return 0 if state is None or state[1] else state[0]
+
+
+def held_while_prefilling() -> int:
+    """Newest tokens a layer keeps exact when it catches up with the previous forward at the start
+    of the next one (attention not through nexusquant): the previous chunk, while a chunked prefill
+    runs (the chunk about to run has not seen it yet)."""
+    state = _PREFILL.get()
+    return 0 if state is None else state[0]
+
 
 # Forward arguments a chunked forward cannot honour: they ask for per-token outputs of the whole
 # prompt in one piece, or a loss over it.
@@ -140,7 +167,11 @@ def forward_in_chunks(
             part["logits_to_keep"] = wanted if wanted > 0 else 1
             if before_chunk is not None:
                 before_chunk(part.get("input_ids"))
-            out = forward(**part)
+            token = _PREFILL.set((chunk_size, end == total))
+            try:
+                out = forward(**part)
+            finally:
+                _PREFILL.reset(token)
             if wanted > 0:
                 pieces.append(out.logits[:, -wanted:])
             if bar is not None:
