@@ -5,7 +5,10 @@
 
 Each VARIANT is ``keys:values`` with keys one of ``fp``, ``e8-<bits>`` (the shipped per-vector
 Hadamard + E8 code, keys centred per head) or ``pca-<bits per element>[-pre]`` (the transform coder
-of ``nexusquant.transform``; ``-pre``: RoPE undone first), and values ``fp`` or ``e8-<bits>``.
+of ``nexusquant.transform``; ``-pre``: RoPE undone first), and values ``fp``, ``e8-<bits>`` or
+``pca-<bits per element>[-o]`` (the same transform coder on the values of all KV heads side by
+side; ``-o``: in the metric of the output projection, ``sum_j W_o,j^T W_o,j`` over the query heads
+``j`` of each KV group, since a value error reaches the residual stream through ``W_o``).
 
 For each text: the prefix is prefilled once (fp32 model); for each variant the prefix's keys and
 values, except the first 4 (sinks) and the last 16 (window), are replaced by their decoded codes in
@@ -119,12 +122,33 @@ def code_keys(spec: str, k: torch.Tensor, model, cos, sin, q_pre=None, q_post=No
     raise SystemExit(f"unknown key spec {spec!r}")
 
 
-def code_values(spec: str, v: torch.Tensor) -> tuple[torch.Tensor, int]:
+def output_metric(attn, hkv: int, d: int) -> torch.Tensor:
+    """Block-diagonal ``(F, F)``: per KV head, ``sum_j W_o,j^T W_o,j`` over its query heads ``j``."""
+    w = attn.o_proj.weight.detach().float()  # (hidden, H_q * d)
+    hq = w.shape[1] // d
+    g = hq // hkv
+    m = torch.zeros(hkv * d, hkv * d)
+    for h in range(hkv):
+        for j in range(h * g, (h + 1) * g):
+            wj = w[:, j * d : (j + 1) * d]
+            m[h * d : (h + 1) * d, h * d : (h + 1) * d] += wj.T @ wj
+    return m / g
+
+
+def code_values(spec: str, v: torch.Tensor, attn=None) -> tuple[torch.Tensor, int]:
     from nexusquant.tables import get_codec
     from nexusquant.tiers import decode_tensor, encode_tensor
+    from nexusquant.transform import fit_key_transform
 
     if spec == "fp":
         return v, v.numel() * 2
+    if spec.startswith("pca-"):
+        parts = spec.split("-")
+        b, h, t, d = v.shape
+        flat = v[0].permute(1, 0, 2).reshape(t, h * d)
+        m = output_metric(attn, h, d) if "o" in parts[2:] else None
+        code = fit_key_transform(flat, float(parts[1]), query_moment=m)
+        return code.decode().reshape(t, h, d).permute(1, 0, 2)[None], code.nbytes()
     bits = int(spec.split("-")[1])
     center = v.mean(2, keepdim=True)
     codec = get_codec(v.shape[-1], bits, 0)
@@ -140,7 +164,7 @@ def run_variant(model, cache, cont_ids, spec: str, prefix: int, cos, sin, querie
     kspec, vspec = spec.split(":")
     new = DynamicCache(config=model.config)
     held = fp16 = 0
-    kbytes = kel = 0
+    kbytes = kel = vbytes = 0
     for i, layer in enumerate(cache.layers):
         k, v = layer.keys, layer.values
         n = k.shape[2]
@@ -150,7 +174,7 @@ def run_variant(model, cache, cont_ids, spec: str, prefix: int, cos, sin, querie
             q_pre = queries[i]
             q_post = undo_redo(model, q_pre, cos, sin, inverse=False)
         kc, kb = code_keys(kspec, k[:, :, lo:hi], model, cos[:, lo:hi], sin[:, lo:hi], q_pre, q_post)
-        vc, vb = code_values(vspec, v[:, :, lo:hi])
+        vc, vb = code_values(vspec, v[:, :, lo:hi], model.model.layers[i].self_attn)
         k2 = torch.cat([k[:, :, :lo], kc.to(k.dtype), k[:, :, hi:]], 2)
         v2 = torch.cat([v[:, :, :lo], vc.to(v.dtype), v[:, :, hi:]], 2)
         new.update(k2, v2, i)
@@ -158,10 +182,11 @@ def run_variant(model, cache, cont_ids, spec: str, prefix: int, cos, sin, querie
         held += kb + vb + fpb
         fp16 += 2 * k.numel() * 2
         kbytes += kb
+        vbytes += vb
         kel += kc.numel()
     with torch.inference_mode():
         out = model(input_ids=cont_ids[:, :-1], past_key_values=new, use_cache=True)
-    return out.logits[0].float(), {"ratio": fp16 / held, "key_bits": 8 * kbytes / kel}
+    return out.logits[0].float(), {"ratio": fp16 / held, "key_bits": 8 * kbytes / kel, "value_bits": 8 * vbytes / kel}
 
 
 def nll(first_logits, logits, targets):
@@ -202,7 +227,8 @@ def main() -> int:
             row = {"text": text.name, "prefix": args.prefix, "variant": spec, "ppl_delta_pct": d, **info}
             rows.append(row)
             print(
-                f"{text.name:10s} {spec:24s} ratio {info['ratio']:6.2f} key bits {info['key_bits']:5.2f}  "
+                f"{text.name:10s} {spec:24s} ratio {info['ratio']:6.2f} key bits {info['key_bits']:5.2f} "
+                f"value bits {info['value_bits']:5.2f}  "
                 f"dPPL {d:+7.2f}%",
                 flush=True,
             )
