@@ -21,6 +21,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -226,7 +227,14 @@ def llama3_8b(layers=32):
 
 
 def bench_end_to_end(
-    results, contexts=(32768, 131072), new_tokens=128, layers=32, save=None, presets=("balanced",), chunk_size=None
+    results,
+    contexts=(32768, 131072),
+    new_tokens=128,
+    layers=32,
+    save=None,
+    presets=("balanced",),
+    chunk_size=None,
+    chunked_only=False,
 ):
     from nexusquant.compat import output_cache, with_cache
 
@@ -245,7 +253,8 @@ def bench_end_to_end(
     modes = ("bf16 DynamicCache", *(f"nexusquant {p}" for p in presets))
     if chunk_size:
         # The same presets with chunked prefill: the prompt's full-precision KV never exists at once.
-        modes += tuple(f"nexusquant {p} chunks {chunk_size}" for p in presets)
+        chunked = tuple(f"nexusquant {p} chunks {chunk_size}" for p in presets)
+        modes = chunked if chunked_only else modes + chunked
     e2e["settings"] = {p: resolve_settings(p).as_dict() for p in presets}
     e2e["chunk_size"] = chunk_size
     for ctx in contexts:
@@ -257,7 +266,8 @@ def bench_end_to_end(
             try:
                 words = mode.split()
                 chunks = int(words[3]) if len(words) > 3 else None
-                cm = nq.nexusquant_evict(model, quality=words[1], chunk_size=chunks) if mode != modes[0] else _null()
+                plain = mode.startswith("bf16")
+                cm = _null() if plain else nq.nexusquant_evict(model, quality=words[1], chunk_size=chunks)
                 with cm as session, torch.no_grad():
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
@@ -322,7 +332,7 @@ class _null:
 def tables(results) -> str:
     lines = [
         f"Measured on {results['device']} ({results['date']}), "
-        f"`python benches/gpu_bench.py --phase {results['phase']}`.",
+        f"`{results.get('command', 'python benches/gpu_bench.py --phase ' + results['phase'])}`.",
         "",
     ]
     if "copy_GBps" in results:
@@ -397,6 +407,7 @@ def main():
     ap.add_argument("--layers", type=int, default=32, help="e2e decoder layers (32 = Llama-3-8B)")
     ap.add_argument("--presets", default="balanced", help="e2e: nexusquant presets run beside the bf16 cache")
     ap.add_argument("--chunk-size", type=int, default=None, help="e2e: also run each preset with chunked prefill")
+    ap.add_argument("--chunked-only", action="store_true", help="e2e: only the chunked runs (long contexts)")
     args = ap.parse_args()
     assert gpu.available(), "CUDA kernels unavailable"
     results = dict(
@@ -405,6 +416,7 @@ def main():
         phase=args.phase,
         torch=torch.__version__,
         host=platform.node(),
+        command="python benches/gpu_bench.py " + " ".join(sys.argv[1:]),
     )
     if args.phase in ("kernels", "all"):
         results["copy_GBps"] = copy_bandwidth()
@@ -430,6 +442,7 @@ def main():
             save,
             tuple(args.presets.split(",")),
             args.chunk_size,
+            args.chunked_only,
         )
     print(save())
 
