@@ -25,7 +25,7 @@ from nexusquant.presets import CompressionSettings
 DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
 SECTION = "## What `save_cache` stores: META keys and LAYR arrays"
 # What a placeholder of the doc stands for in a real name.
-PLACEHOLDERS = {"{tier}": "(?:fine|coarse)", "{r}": "[0-9]+", "{key}": "-?[0-9]+", "*": "[a-z_]+"}
+PLACEHOLDERS = {"{tier}": "(?:fine|coarse|generated)", "{r}": "[0-9]+", "{key}": "-?[0-9]+", "*": "[a-z_]+"}
 
 
 def _doc_tables() -> dict[str, list[tuple[str, str]]]:

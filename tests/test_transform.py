@@ -193,6 +193,47 @@ def test_transform_coded_cache_file_round_trip(tiny, tmp_path):
     )
 
 
+@pytest.mark.parametrize("domain", ["post_rope", "pre_rope"])
+def test_generated_blocks_of_transform_coded_layers_get_e8_codes(tiny, tmp_path, domain):
+    """Generated tokens are not coded in the prompt's basis (it does not cover them, docs/EVAL.md):
+    they go to the generated tier as E8 codes; the fine tier keeps the prompt; files carry both."""
+    import nexusquant as nq
+
+    torch.manual_seed(4)
+    ids = torch.randint(0, 90, (1, 130))
+    knobs = dict(quality="high", key_codec="pca", key_rate=3.0, key_domain=domain, recent_window=8, block=8)
+    with torch.no_grad(), nq.nexusquant_evict(tiny, **knobs) as s:
+        cache = nq.NexusQuantCache(tiny, preset=s.settings)
+        tiny(ids[:, :100], **with_cache(tiny, cache))
+        prompt_fine = cache.layers[0].fine.length
+        for i in range(100, 125):
+            tiny(ids[:, i : i + 1], **with_cache(tiny, cache))
+        layer = cache.layers[0]
+        assert layer.fine.length == prompt_fine, "the fine tier holds the prompt only"
+        gen = layer.tiers["generated"]
+        # 8 prompt tokens left in the window + 25 generated, compressed 8 at a time, 8 kept exact
+        assert gen.length == 24 and gen.keys.codec is not None and gen.keys.bits == s.settings.key_bits
+        assert nq.compression_stats(cache)["layers"][0]["generated"] == 24
+        nq.save_cache(cache, tmp_path / "g.nqkv")
+        loaded = nq.load_cache(tmp_path / "g.nqkv", tiny)
+        a = tiny(ids[:, 125:126], **with_cache(tiny, cache)).logits
+        b = tiny(ids[:, 125:126], **with_cache(tiny, loaded)).logits
+        ref = tiny(ids[:, :126]).logits[:, -1:]
+    assert torch.equal(a, b)
+    assert loaded.layers[0].tiers["generated"].length == 24
+    assert torch.allclose(a, ref, atol=0.2 * float(ref.abs().max()))
+
+
+def test_e8_layers_never_use_the_generated_tier(tiny):
+    import nexusquant as nq
+
+    ids = torch.randint(0, 90, (1, 120))
+    with torch.no_grad(), nq.nexusquant_evict(tiny, quality="high", recent_window=8, block=8) as s:
+        out = tiny.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+        assert out.shape[1] == 140
+        assert all(layer.tiers["generated"].length == 0 for layer in s.cache.layers)
+
+
 @pytest.mark.parametrize("field,bad", [("bits", "width9"), ("step", "negative"), ("codes", "short"), ("basis", "wide")])
 def test_transform_arrays_are_validated(field, bad):
     import numpy as np

@@ -298,7 +298,7 @@ def nexusquant_attention(
         if q == 1 and softcap is None and query.shape[1] // key.shape[1] <= 8:
             out = _fused_decode(layer, view, query, key, value, model_mask, scaling, sliding)
             if layer.wants_block_compression():
-                layer.compress(None)
+                layer.compress(None, generated=True)
             return out, None
         key, value = layer.materialize(view)
     s = layer.settings
@@ -332,7 +332,7 @@ def nexusquant_attention(
         else:
             layer.compress(_scores(layer, view, module, query, key, value, allowed_rows, scaling, softcap), hold)
     elif layer.wants_block_compression():
-        layer.compress(None)
+        layer.compress(None, generated=True)
     return out, None
 
 

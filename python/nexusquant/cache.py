@@ -2,14 +2,15 @@
 
 Layout of one layer (shapes ``(batch, kv_heads, tokens, head_dim)``)::
 
-    sinks (fp) | fine tier (E8 codes) | coarse tier (E8 codes) | window (fp)
+    sinks (fp) | fine tier (E8 or transform codes) | coarse tier (E8) | generated tier (E8) | window (fp)
 
 Until the first prompt-like forward ends, every token sits in the full-precision window, exactly
 as in ``DynamicLayer``. When the attention of a forward with more than one query has run (the
 prefill), ``nexusquant.attention`` scores the window's tokens and calls :meth:`compress`: the first
 ``sink_tokens`` real tokens become sinks, the last ``recent_window`` stay in the window, the rest go
 to the fine tier, the coarse tier or nowhere. During generation, tokens join the window and are
-compressed into the fine tier ``block`` at a time. Evicted tokens are gone; kept tokens keep their
+compressed into the fine tier ``block`` at a time (into the generated tier where the fine tier's
+keys are transform-coded: the prompt's basis does not fit them). Evicted tokens are gone; kept tokens keep their
 sequence index, so masks and (for pre-RoPE keys) the rotary embedding stay exact.
 
 ``update`` returns the layer's keys and values dequantized into one scratch tensor (the fp16 of one
@@ -203,6 +204,7 @@ class NexusQuantLayer(CacheLayerMixin):
         self.tiers = {
             "fine": Tier(self.head_dim, s.key_bits, s.value_bits, s.seed, self.dtype, key_rate=key_rate),
             "coarse": Tier(self.head_dim, s.coarse_key_bits, s.coarse_value_bits, s.seed, self.dtype),
+            "generated": Tier(self.head_dim, s.key_bits, s.value_bits, s.seed, self.dtype),
         }
         assert tuple(self.tiers) == TIER_NAMES
         self.is_initialized = True
@@ -303,7 +305,7 @@ class NexusQuantLayer(CacheLayerMixin):
                 scores = key_key_importance(self.win_k, s.score_window, self.win_valid)
                 self.compress(pool_scores(scores, s.pool_kernel), hold)
         elif self.wants_block_compression():
-            self.compress(None)
+            self.compress(None, generated=True)
 
     def _fused_decode_possible(self) -> bool:
         """Whether decode attention can read this layer's codes directly (CUDA kernel, post-RoPE keys)."""
@@ -510,7 +512,7 @@ class NexusQuantLayer(CacheLayerMixin):
             moment[:, j * d : (j + 1) * d, j * d : (j + 1) * d] = xq.transpose(1, 2) @ xq / count[:, None, None]
         self.query_moment = moment
 
-    def compress(self, scores: Optional[torch.Tensor], keep_exact: int = 0) -> None:
+    def compress(self, scores: Optional[torch.Tensor], keep_exact: int = 0, generated: bool = False) -> None:
         """Compress the window's tokens except the last ``max(recent_window, keep_exact)``.
 
         Parameters
@@ -521,6 +523,9 @@ class NexusQuantLayer(CacheLayerMixin):
         keep_exact : int
             Newest tokens to keep in full precision even beyond the recent window (a chunked
             prefill keeps the chunk just seen for the next chunk, ``nexusquant.chunking``).
+        generated : bool
+            The tokens are a generated block: with transform-coded fine keys they go to the
+            "generated" tier (E8 codes) once the fine tier's basis is fitted.
         """
         s = self.settings
         w = self.window_len
@@ -585,8 +590,12 @@ class NexusQuantLayer(CacheLayerMixin):
         self.prompt_tokens += int(cand_valid.sum().item()) if scores is not None else 0
         self.dropped += int((cand_valid[:, None, :].expand(b, h, n) & ~to_fine & ~to_coarse).sum().item())
 
-        assert tuple(self.tiers) == TIER_NAMES  # allocate_tokens answers in this order
-        for tier, chosen in zip(self.tiers.values(), (to_fine, to_coarse)):
+        assert tuple(self.tiers) == TIER_NAMES
+        chosen_by_tier = (to_fine, to_coarse, torch.zeros_like(to_fine))
+        fine = self.tiers["fine"]
+        if generated and isinstance(fine.keys, TransformCodedKeys) and fine.length > 0:
+            chosen_by_tier = (chosen_by_tier[2], to_coarse, to_fine)
+        for tier, chosen in zip(self.tiers.values(), chosen_by_tier):
             count = int(chosen.sum(-1).max().item()) if chosen.any() else 0
             if count == 0:
                 continue

@@ -85,6 +85,17 @@ FILE_SETTINGS_KEYS = (
 )
 
 
+# Tiers the first version-1 files were written without: absent reads as empty.
+_LATER_TIERS = ("generated",)
+
+
+def _tier_meta(layer_meta: dict[str, Any], name: str) -> Any:
+    """A layer's META entry for tier ``name`` (``{"length": 0}`` for a later tier a file lacks)."""
+    if name in _LATER_TIERS and name not in layer_meta:
+        return {"length": 0}
+    return layer_meta.get(name)
+
+
 def _settings_meta(settings: CompressionSettings) -> dict[str, Any]:
     return {key: getattr(settings, key) for key in FILE_SETTINGS_KEYS}
 
@@ -214,6 +225,8 @@ def _layer_arrays(layer: NexusQuantLayer) -> tuple[dict[str, Any], dict[str, Any
             arrays[name] = _np(state[name])
     for tier_name, tier in layer.tiers.items():
         tier_state = tier.state_dict()
+        if tier_state["length"] == 0 and tier_name in _LATER_TIERS:
+            continue  # absent reads as empty: a cache that never used it writes what version 1 wrote
         meta[tier_name] = {"length": tier_state["length"]}
         if tier_state["length"] == 0:
             continue
@@ -433,7 +446,12 @@ def _check_meta(meta: dict[str, Any]) -> None:
         elif b != batch:
             raise _corrupt(f"layer {i} has batch {b}, an earlier layer {batch}")
         for tier in TIER_NAMES:
-            _int(_dict(layer.get(tier), f"layer {i} {tier}").get("length"), f"layer {i} {tier} length", 0, seen or 0)
+            _int(
+                _dict(_tier_meta(layer, tier), f"layer {i} {tier}").get("length"),
+                f"layer {i} {tier} length",
+                0,
+                seen or 0,
+            )
     if shape is not None:
         _int(shape[0], "token_ids_shape[0]", 1, 2**31)
         _int(shape[1], "token_ids_shape[1]", 0, 2**62)
@@ -457,7 +475,7 @@ def _section_bound(meta: dict[str, Any]) -> int:
         b, h, d, n = layer["batch"], layer["heads"], layer["head_dim"], layer["seen"]
         item = _TORCH[layer["dtype"]].itemsize
         per_token = b * h * (2 * d * item + 4 + 1)  # K and V, sequence index, validity
-        tiers = sum(layer[t]["length"] for t in TIER_NAMES)
+        tiers = sum(_tier_meta(layer, t)["length"] for t in TIER_NAMES)
         # Tiers at their widest: 16-bit raw vectors or packed streams no larger than raw 4-bit codes.
         per_tier_token = b * h * (2 * max(d * item, d // 2 + 8 + 2) + 4 + 1)
         streams = 4 * (b * h + 1) * (8 + _STREAM_SLACK)
@@ -552,7 +570,7 @@ def _restore_layer(
         arrays["sink_k"].shape[2] if isinstance(arrays.get("sink_k"), np.ndarray) and arrays["sink_k"].ndim == 4 else 0
     )
     w_len = arrays["win_k"].shape[2] if isinstance(arrays.get("win_k"), np.ndarray) and arrays["win_k"].ndim == 4 else 0
-    tier_lengths = {name: meta[name]["length"] for name in TIER_NAMES}
+    tier_lengths = {name: _tier_meta(meta, name)["length"] for name in TIER_NAMES}
     held = s_len + w_len + sum(tier_lengths.values())
     if held > seen:
         raise _corrupt(f"{where} holds more tokens ({held}) than it has seen ({seen})")

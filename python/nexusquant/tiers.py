@@ -27,8 +27,11 @@ from .transform import KeyTransformCode, fit_key_transform
 __all__ = ["QuantizedTensor", "TransformCodedKeys", "Tier", "TIER_NAMES", "encode_tensor", "decode_tensor", "get_codec"]
 
 # A layer's tiers, in order: "fine" takes the prompt's best-scored tokens and every generated block,
-# "coarse" the demoted ones (fewer bits). Files name a tier's arrays and META entry by these names.
-TIER_NAMES = ("fine", "coarse")
+# "coarse" the demoted ones (fewer bits), "generated" the generated blocks of a layer whose fine keys
+# are transform-coded (per-vector E8 codes: the prompt's principal components do not cover the keys
+# generated after it, measured in docs/EVAL.md). Files name a tier's arrays and META entry by these
+# names; "generated" came after the first files, so a file without it reads as an empty one.
+TIER_NAMES = ("fine", "coarse", "generated")
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
