@@ -165,3 +165,22 @@ def test_eval_variant_takes_chunk_size():
     assert "chunk_size" not in m.settings() and m.settings()["evict"] == 0.2
     with pytest.raises(nq.NexusQuantError, match="chunk_size"):
         parse_variant("high:chunk_size=0")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@torch.no_grad()
+def test_chunk_attention_in_row_blocks_is_exact(family, monkeypatch):
+    """A chunk's mask over a long prefix is built a block of query rows at a time: with tiny blocks
+    the logits are those of the uncompressed model, padding included."""
+    import nexusquant.attention as attention
+
+    monkeypatch.setattr(attention, "_MASK_ELEMENTS", 300)  # a few query rows per block
+    model = make_tiny(family)
+    ids = _ids(120, seed=6, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    ref = model(ids, attention_mask=mask).logits
+    with nq.nexusquant_evict(model, chunk_size=50, **EXACT):
+        got = model(ids, attention_mask=mask, use_cache=True).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], ref[real], atol=2e-5, rtol=1e-5)

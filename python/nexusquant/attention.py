@@ -101,10 +101,15 @@ def _compressed_mask(view: LayerView, q: int, sliding: Optional[int], device) ->
     return m
 
 
-def _masked_attention(query, key, value, allowed, scaling, softcap, dropout):
+# Most booleans a many-query attention's mask may hold at once (256 MB; SDPA makes a float copy).
+_MASK_ELEMENTS = 1 << 28
+
+
+def _masked_attention(query, key, value, allowed, scaling, softcap, dropout, first_own=None):
     """Attention with a per-KV-head bool mask ``allowed`` ``(B or 1, H_kv or 1, q, T)``.
 
-    Queries are grouped by KV head, so keys and values are never repeated for GQA.
+    Queries are grouped by KV head, so keys and values are never repeated for GQA. ``first_own``:
+    the key slot of the first query's own token (default ``T - q``: the queries are the last tokens).
     Returns ``(B, q, H_q, D)`` as transformers' attention functions do.
     """
     b, hq, q, d = query.shape
@@ -117,7 +122,7 @@ def _masked_attention(query, key, value, allowed, scaling, softcap, dropout):
     empty = ~mask.any(dim=-1)
     if bool(empty.any()):
         mask = mask.clone()
-        own = torch.arange(q, device=mask.device) + (t - q)
+        own = torch.arange(q, device=mask.device) + (t - q if first_own is None else first_own)
         mask[..., torch.arange(q, device=mask.device), own] |= empty
     if softcap is None:
         # One call per query head of a group, all sharing the (B, H_kv, q, T) mask: a mask repeated
@@ -315,14 +320,39 @@ def nexusquant_attention(
         comp = _compressed_mask(view, q, sliding, key.device)
         b = max(win.shape[0], 1 if comp is None else comp.shape[0])
         hc = 1 if comp is None else comp.shape[1]
-        comp_full = (
-            torch.ones(b, hc, q, view.compressed, dtype=torch.bool, device=key.device)
-            if comp is None
-            else comp.expand(b, hc, q, view.compressed)
-        )
-        allowed = torch.cat([comp_full, win.expand(b, 1, q, view.window).expand(b, hc, q, view.window)], dim=-1)
-        out = _masked_attention(query, key, value, allowed, scaling, softcap, dropout)
-        allowed_rows = allowed[..., -rows:, :]
+
+        def allowed_for(start: int, end: int) -> torch.Tensor:
+            """The bool mask of query rows ``start:end`` over the compressed part and the window."""
+            n = end - start
+            if comp is None:
+                c = torch.ones(b, hc, n, view.compressed, dtype=torch.bool, device=key.device)
+            else:
+                c = (comp[:, :, start:end] if comp.shape[2] == q else comp).expand(b, hc, n, view.compressed)
+            w = (win[:, :, start:end] if win.shape[2] == q else win).expand(b, hc, n, view.window)
+            return torch.cat([c, w], dim=-1)
+
+        # Many queries over a long compressed prefix (a chunk of a chunked prefill): the mask is
+        # built and used a block of query rows at a time, so it never takes more than
+        # _MASK_ELEMENTS booleans (a chunk of 2048 over 1M tokens and 8 KV heads would need 17 GB).
+        t_all = key.shape[2]
+        step = max(1, _MASK_ELEMENTS // max(1, b * hc * t_all))
+        outs = []
+        for start in range(0, q, step):
+            end = min(q, start + step)
+            outs.append(
+                _masked_attention(
+                    query[:, :, start:end],
+                    key,
+                    value,
+                    allowed_for(start, end),
+                    scaling,
+                    softcap,
+                    dropout,
+                    t_all - q + start,
+                )
+            )
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        allowed_rows = allowed_for(q - rows, q)
 
     if q > 1 and layer.wants_prompt_compression():
         layer.observe_queries(query)
