@@ -131,6 +131,8 @@ def test_chunked_forward_refuses_what_it_cannot_return():
             model(ids, labels=ids, use_cache=True)
         with pytest.raises(nq.NexusQuantError, match="output_attentions"):
             model(ids, use_cache=True, output_attentions=True)
+        # return_dict=False gets the tuple, logits first.
+        assert model(ids, use_cache=True, return_dict=False)[0].shape[1] == 50
         # Short prompts and forwards without a cache are left alone.
         assert model(ids[:, :10], use_cache=True).logits.shape[1] == 10
         assert model(ids, use_cache=False).logits.shape[1] == 50

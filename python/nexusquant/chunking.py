@@ -162,6 +162,7 @@ def forward_in_chunks(
             if isinstance(positions, torch.Tensor):
                 part["position_ids"] = positions[..., start:end]
             part["cache_position"] = cache_position[start:end]
+            part["return_dict"] = True  # the logits are read by name
             wanted = _keep_of_chunk(keep, start, end, total)
             # Chunks before the kept positions still compute one row of logits (0 would mean all).
             part["logits_to_keep"] = wanted if wanted > 0 else 1
@@ -181,7 +182,7 @@ def forward_in_chunks(
             bar.close()
     assert out is not None  # total > 0: at least one chunk ran
     out.logits = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
-    return out
+    return out.to_tuple() if kwargs.get("return_dict") is False else out
 
 
 def prefill(
