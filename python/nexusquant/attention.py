@@ -124,7 +124,12 @@ def _masked_attention(query, key, value, allowed, scaling, softcap, dropout, fir
         mask = mask.clone()
         own = torch.arange(q, device=mask.device) + (t - q if first_own is None else first_own)
         mask[..., torch.arange(q, device=mask.device), own] |= empty
-    if softcap is None:
+    if softcap is None and g * mask.numel() <= _MASK_ELEMENTS:
+        # Small masks (decode: one query per sequence) go to one SDPA call with the mask repeated
+        # for the group, as this path always has (same kernel, same rounding as the measurements).
+        mask = mask[:, :, None].expand(b, hkv, g, q, t).reshape(b, hkv, g * q, t)
+        out = F.scaled_dot_product_attention(qp, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    elif softcap is None:
         # One call per query head of a group, all sharing the (B, H_kv, q, T) mask: a mask repeated
         # for the group would be a copy g times its size (GBs for a chunk of a long prompt).
         qg = query.reshape(b, hkv, g, q, d)
