@@ -1,9 +1,9 @@
 """Chunked prefill: a long prompt goes through the model a chunk at a time.
 
-Each chunk attends to the already-compressed prefix plus itself in full precision; the nexusquant
-attention then scores and compresses it before the next chunk arrives, so the full-precision KV of
-the whole prompt never exists at once (one-shot prefill holds all of it until the end of the
-forward). Two ways in:
+Each chunk attends to the already-compressed prefix (the chunk before it still in full precision)
+plus itself; the nexusquant attention then scores and compresses what the next chunk no longer
+needs exactly, so the full-precision KV of the whole prompt never exists at once (one-shot prefill
+holds all of it until the end of the forward). Two ways in:
 
     with nexusquant_evict(model, quality="high", chunk_size=1024):
         out = model.generate(input_ids, max_new_tokens=64)     # the prompt is prefilled in chunks
