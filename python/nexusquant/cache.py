@@ -167,7 +167,8 @@ class NexusQuantLayer(CacheLayerMixin):
 
     @property
     def fine(self) -> Optional[Tier]:
-        """The tier prompt tokens with the highest scores and every generated block go to."""
+        """The tier the prompt's best-scored tokens go to, and generated blocks (but where its keys
+        are transform-coded: those go to the "generated" tier)."""
         return self.tiers.get("fine")
 
     @property
