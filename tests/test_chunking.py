@@ -186,3 +186,20 @@ def test_chunk_attention_in_row_blocks_is_exact(family, monkeypatch):
         got = model(ids, attention_mask=mask, use_cache=True).logits
     real = mask.bool()
     torch.testing.assert_close(got[real], ref[real], atol=2e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_chunks_by_hand_under_sdpa_hold_the_previous_chunk():
+    """Under SDPA the cache compresses when the next forward starts (catch_up): during a chunked
+    prefill it keeps the previous chunk exact for the chunk about to run, and after the prefill
+    it compresses down to the recent window at the next forward."""
+    model = make_tiny("llama")
+    ids = _ids(200, seed=7)
+    cache = NexusQuantCache(model, preset="balanced", recent_window=8)
+    nq.prefill(model, ids[:, :192], cache, chunk_size=64)
+    layer = cache.layers[0]
+    # The last chunk's forward ran; the one before it was compressed at its start down to one chunk.
+    assert layer.window_len == 64 + 64
+    assert layer.fine.length > 0 and layer.dropped > 0
+    model(ids[:, 192:193], **with_cache(model, cache), use_cache=True)
+    assert layer.window_len == 8 + 1  # caught up: the prompt's last chunk compressed too
