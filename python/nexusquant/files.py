@@ -291,11 +291,13 @@ def save_cache(cache: Any, path: Union[str, Path], token_ids: Optional[torch.Ten
         layer_metas.append(meta)
         layer_sections.append(("LAYR", arrays))
     rope_tables = getattr(cache, "rope_tables", {}) or {}
-    rope_meta = {}
+    rope_meta: dict[str, dict[str, Any]] = {}
     rope_arrays: dict[str, Any] = {}
     for key, table in rope_tables.items():
         if table.cos is not None:
             rope_meta[str(key)] = {"dtype": str(table.cos.dtype).replace("torch.", "")}
+            if table.half:
+                rope_meta[str(key)]["half"] = True  # absent: the arrays hold whole rows
             rope_arrays[f"{key}.cos"] = _np(table.cos)
             rope_arrays[f"{key}.sin"] = _np(table.sin)
     stats = compression_stats(cache)
@@ -770,6 +772,10 @@ def _load_cache(path: Path, model: Any) -> NexusQuantCache:
                     f"rotary table {key}.{name} is not {saved_np} (batch, >= {seen} tokens, dim) like its pair"
                 )
         table = RopeTable()
+        half = rope_meta[key].get("half", False)
+        if not isinstance(half, bool):
+            raise _corrupt(f"rotary table {key}: half must be true or false, got {half!r}")
+        table.half = half
         dt = _TORCH[rope_meta[key]["dtype"]]
         device, dtype = placement[0]
         table.cos = _torch(cos, dt, device).to(dtype)

@@ -1,0 +1,95 @@
+"""Rotary tables (nexusquant.rope.RopeTable): held as half rows where the model repeats them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import make_tiny
+
+import nexusquant as nq
+from nexusquant._core import read_nqkv, write_nqkv
+from nexusquant.compat import output_cache, with_cache
+from nexusquant.rope import RopeTable
+
+
+def _angles(n: int, r: int, start: int = 0, repeat: bool = True):
+    f = torch.arange(start, start + n, dtype=torch.float32)[:, None] * torch.linspace(0.01, 1.0, r // 2)[None]
+    emb = torch.cat([f, f], -1) if repeat else torch.cat([f, 2 * f], -1)
+    return emb.cos()[None], emb.sin()[None]
+
+
+def test_half_rows_are_held_and_gathered_whole():
+    table = RopeTable()
+    cos, sin = _angles(10, 8)
+    table.record(cos, sin, 0, forward=1)
+    assert table.half and table.cos.shape == (1, 10, 4)
+    more_cos, more_sin = _angles(3, 8, start=10)
+    table.record(more_cos, more_sin, 10, forward=2)
+    seq = torch.tensor([[[0, 4, 12]]], dtype=torch.int32)
+    c, s = table.gather(seq)
+    full_cos = torch.cat([cos, more_cos], 1)[0, [0, 4, 12]]
+    full_sin = torch.cat([sin, more_sin], 1)[0, [0, 4, 12]]
+    assert torch.equal(c[0, 0], full_cos) and torch.equal(s[0, 0], full_sin)
+    assert table.nbytes() == 2 * 13 * 4 * 4
+
+
+def test_a_table_whose_halves_differ_is_held_whole():
+    table = RopeTable()
+    cos, sin = _angles(6, 8)
+    table.record(cos, sin, 0, forward=1)
+    odd_cos, odd_sin = _angles(2, 8, start=6, repeat=False)
+    table.record(odd_cos, odd_sin, 6, forward=2)  # from now on the rows differ: whole rows
+    assert not table.half and table.cos.shape == (1, 8, 8)
+    c, _ = table.gather(torch.tensor([[[1, 7]]], dtype=torch.int32))
+    assert torch.equal(c[0, 0, 0], cos[0, 1]) and torch.equal(c[0, 0, 1], odd_cos[0, 1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gptj"])
+@torch.no_grad()
+def test_half_tables_give_the_same_logits_and_files(family, tmp_path, monkeypatch):
+    model = make_tiny(family)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 90, (1, 90), generator=g)
+    knobs = dict(quality="high", key_domain="pre_rope", recent_window=8, block=8)
+
+    def run():
+        with nq.nexusquant_evict(model, **knobs) as session:
+            out = model(ids[:, :80], use_cache=True)
+            cache = output_cache(out)
+            logits = [
+                model(ids[:, i : i + 1], **with_cache(model, cache), use_cache=True).logits for i in range(80, 90)
+            ]
+        return torch.cat(logits, 1), cache, session
+
+    got, cache, _ = run()
+    halves = [t.half for t in cache.rope_tables.values()]
+    monkeypatch.setattr("nexusquant.rope._repeats_half", lambda x: False)
+    want, whole, _ = run()
+    assert torch.equal(got, want)
+    if family != "gptj":  # split-half layouts repeat their rows; GPT-J's interleaved one does not
+        assert all(halves) and nq.compression_stats(cache)["nbytes"] < nq.compression_stats(whole)["nbytes"]
+    monkeypatch.undo()
+    nq.save_cache(cache, tmp_path / "h.nqkv")
+    loaded = nq.load_cache(tmp_path / "h.nqkv", model)
+    assert [t.half for t in loaded.rope_tables.values()] == halves
+    with nq.nexusquant_evict(model, **knobs):
+        a = model(ids[:, 89:90], **with_cache(model, cache), use_cache=True).logits
+        b = model(ids[:, 89:90], **with_cache(model, loaded), use_cache=True).logits
+    assert torch.equal(a, b)
+
+
+def test_a_bad_half_flag_is_a_corrupt_file(tmp_path):
+    model = make_tiny("llama")
+    ids = torch.randint(3, 90, (1, 60), generator=torch.Generator().manual_seed(1))
+    with nq.nexusquant_evict(model, quality="high", key_domain="pre_rope", recent_window=8) as session:
+        model(ids, use_cache=True)
+    nq.save_cache(session.cache, tmp_path / "ok.nqkv")
+    sections = read_nqkv(str(tmp_path / "ok.nqkv"))
+    meta = json.loads(bytes(sections[0][1]))
+    assert meta["rope_tables"]["0"]["half"] is True
+    meta["rope_tables"]["0"]["half"] = "yes"
+    write_nqkv(str(tmp_path / "bad.nqkv"), [("META", json.dumps(meta).encode())] + list(sections[1:]))
+    with pytest.raises(nq.CorruptFileError, match="half must be true or false"):
+        nq.load_cache(tmp_path / "bad.nqkv", model)
