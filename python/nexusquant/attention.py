@@ -124,12 +124,7 @@ def _masked_attention(query, key, value, allowed, scaling, softcap, dropout, fir
         mask = mask.clone()
         own = torch.arange(q, device=mask.device) + (t - q if first_own is None else first_own)
         mask[..., torch.arange(q, device=mask.device), own] |= empty
-    if softcap is None and g * mask.numel() <= _MASK_ELEMENTS:
-        # Small masks (decode: one query per sequence) go to one SDPA call with the mask repeated
-        # for the group, as this path always has (same kernel, same rounding as the measurements).
-        mask = mask[:, :, None].expand(b, hkv, g, q, t).reshape(b, hkv, g * q, t)
-        out = F.scaled_dot_product_attention(qp, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    elif softcap is None:
+    if softcap is None and g * mask.numel() > _MASK_ELEMENTS:
         # One call per query head of a group, all sharing the (B, H_kv, q, T) mask: a mask repeated
         # for the group would be a copy g times its size (GBs for a chunk of a long prompt).
         qg = query.reshape(b, hkv, g, q, d)
@@ -143,12 +138,17 @@ def _masked_attention(query, key, value, allowed, scaling, softcap, dropout, fir
             dim=2,
         )
     else:
+        # Small masks (decode: one query per sequence) are repeated for the group and used in one
+        # call, as this path always has (same kernel, same rounding as the measurements).
         mask = mask[:, :, None].expand(b, hkv, g, q, t).reshape(b, hkv, g * q, t)
-        logits = torch.matmul(qp, key.transpose(-1, -2)) * scaling
-        logits = torch.tanh(logits / softcap) * softcap
-        logits = logits.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-        out = torch.matmul(probs, value)
+        if softcap is None:
+            out = F.scaled_dot_product_attention(qp, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        else:
+            logits = torch.matmul(qp, key.transpose(-1, -2)) * scaling
+            logits = torch.tanh(logits / softcap) * softcap
+            logits = logits.masked_fill(~mask, float("-inf"))
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+            out = torch.matmul(probs, value)
     return out.reshape(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
 
 
