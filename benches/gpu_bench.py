@@ -130,7 +130,10 @@ def _layer_with(tokens, batch, settings):
     layer = NexusQuantLayer(settings)
     k = torch.randn(batch, 8, tokens, 128, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
-    layer.update(k, v)
+    keys, _ = layer.update(k, v)
+    # As the nexusquant attention function would: it consumes the prompt's view, then compresses.
+    # (A view nothing consumed means another attention ran, and the next step would not be fused.)
+    keys._nq_view.consumed = True
     layer.compress(None)
     return layer, k, v
 
