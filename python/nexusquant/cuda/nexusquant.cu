@@ -662,6 +662,12 @@ NQ_DEQUANTIZE_FAST_ENTRY(nq_dequantize_fast_bf16, __nv_bfloat16)
 // permutes. Probabilities go from the S^T accumulator layout to the P' operand layout with
 // movmatrix (an 8x8 transpose in registers). GQA: up to 8 query heads share one KV head (the
 // mma's N); scores are kept in log2 units (q is scaled by scale * log2 e) for ex2.
+// A codeword is (signed magnitudes) + shift * (1, ..., 1), the shift +-1/4 per group (and r times
+// that for a second stage). The decode builds only the signed magnitudes; the shifts go through one
+// more mma per tile each: for keys S^T += Sh (16 tokens x 16 groups) . Qsum (16 groups x 8 heads),
+// Qsum the per-group sums of R q, into the score accumulators; for values Osh (16 groups x 8 heads)
+// += Sh^T (16 groups x 16 tokens) . P', added to each of a group's 8 dims at the end. That takes
+// four fp16 adds and the shift's own bit work off every codeword.
 #ifndef NQ_ATT_KB0
 #error "NQ_ATT_KB0/VB0 (and KB1/VB1, 0 for one tier) must be defined with NQ_ATT_P"
 #endif
@@ -684,6 +690,7 @@ NQ_DEQUANTIZE_FAST_ENTRY(nq_dequantize_fast_bf16, __nv_bfloat16)
 #define NQ_AREP 8   // copies of the pattern table, one per lane of a quarter warp: no bank conflicts
 #define NQ_AMAXS 256
 #define NQ_APS (2 * NQ_AMAXG + NQ_AMAXG * NQ_ATT_P)  // floats per partial state
+#define NQ_NSK ((NQ_ATT_P / 32 + 3) / 4)  // key shift mmas per tile: 4 groups per lane each
 
 struct NqTier {
     const unsigned char* kcodes;
@@ -761,36 +768,74 @@ __device__ __forceinline__ void nq_for(F&& f) {
     }
 }
 
-// The four fp16 pairs of a group: magnitudes a (pair k = coordinates 2k, 2k+1, low half first),
-// signs and shift from x = the code's byte holding the 7 stored signs (bits 0-6) and the shift
-// (bit 7). The eighth sign is the parity of the 7 stored ones (the magnitude table already carries
-// the pattern's own parity), i.e. x7 ^ popc(x): c2 holds x twice, 15 bits apart, so that
-// (c2 << (15 - 2k)) puts sign 2k at bit 15 and sign 2k+1 at bit 31, and adding popc(x) << 22 flips
-// the copy of bit 7 that lands on bit 31 for pair 3 (carries only reach bits shifted out).
+// The four fp16 pairs of a group without its shift: magnitudes a (pair k = coordinates 2k, 2k+1,
+// low half first) with the signs from x = the code's byte holding the 7 stored signs (bits 0-6)
+// and the shift (bit 7). The eighth sign is the parity of the 7 stored ones (the magnitude table
+// already carries the pattern's own parity), i.e. x7 ^ popc(x): c2 holds x twice, 15 bits apart,
+// so that (c2 << (15 - 2k)) puts sign 2k at bit 15 and sign 2k+1 at bit 31, and adding
+// popc(x) << 22 flips the copy of bit 7 that lands on bit 31 for pair 3 (carries only reach bits
+// shifted out). The shift (+-1/4 on all 8 coordinates) is not added here: it is the same for the
+// whole group, so the kernel applies it with one mma per tile against per-group sums (see
+// NqChunk::shifts and nq_attend_tier).
 __device__ __forceinline__ void nq_pairs(unsigned x, uint4 a, unsigned h[4]) {
     const unsigned c2 = x * 0x8001u + ((unsigned)__popc(x) << 22);
-    const unsigned sh = ((x * 0x01000100u) & 0x80008000u) | 0x34003400u;  // +-1/4 in both halves
-    h[0] = nq_hadd2(a.x ^ ((c2 << 15) & 0x80008000u), sh);
-    h[1] = nq_hadd2(a.y ^ ((c2 << 13) & 0x80008000u), sh);
-    h[2] = nq_hadd2(a.z ^ ((c2 << 11) & 0x80008000u), sh);
-    h[3] = nq_hadd2(a.w ^ ((c2 << 9) & 0x80008000u), sh);
+    h[0] = a.x ^ ((c2 << 15) & 0x80008000u);
+    h[1] = a.y ^ ((c2 << 13) & 0x80008000u);
+    h[2] = a.z ^ ((c2 << 11) & 0x80008000u);
+    h[3] = a.w ^ ((c2 << 9) & 0x80008000u);
 }
 
-// An E8P16 codeword (the u16 in half `hi` of word w) as 4 fp16 pairs (exact: all values are odd
-// multiples of 1/4). tbl points at this lane's copy of the pattern table.
+// This lane's copy of the pattern table (NQ_AREP copies interleaved, one per lane of a quarter warp).
+#ifndef NQ_ATT_SHADDR
+#define NQ_ATT_SHADDR 1  // address it with one 32-bit multiply-add per lookup (a shared-space address)
+#endif
+struct NqTbl {
+#if NQ_ATT_SHADDR
+    unsigned base;  // shared-space address of entry 0 of this lane's copy
+    __device__ __forceinline__ uint4 at(unsigned idx) const {
+        uint4 v;
+        asm("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+            : "r"(base + idx * (NQ_AREP * 16u)));
+        return v;
+    }
+    __device__ __forceinline__ void set(const uint4* p) { base = (unsigned)__cvta_generic_to_shared(p); }
+#else
+    const uint4* p;
+    __device__ __forceinline__ uint4 at(unsigned idx) const { return p[idx * NQ_AREP]; }
+    __device__ __forceinline__ void set(const uint4* q) { p = q; }
+#endif
+};
+
+// An E8P16 codeword's signed magnitudes (the u16 in half `hi` of word w) as 4 fp16 pairs (exact:
+// all values are odd multiples of 1/4 up to 11/4).
 template <int HI>
-__device__ __forceinline__ void nq_h16(unsigned w, const uint4* tbl, unsigned h[4]) {
+__device__ __forceinline__ void nq_h16(unsigned w, const NqTbl& tbl, unsigned h[4]) {
     const unsigned idx = __byte_perm(w, 0u, HI ? 0x4442u : 0x4440u);
     const unsigned x = __byte_perm(w, 0u, HI ? 0x4443u : 0x4441u);
-    nq_pairs(x, tbl[idx * NQ_AREP], h);
+    nq_pairs(x, tbl.at(idx), h);
 }
 
-// An E8P8 codeword (byte B of word w: 7 signs, shift bit 7) as 4 fp16 pairs of +-1/2 +- 1/4.
+// An E8P8 codeword's signed magnitudes (byte B of word w: 7 signs, shift bit 7): 4 fp16 pairs of +-1/2.
 template <int B>
 __device__ __forceinline__ void nq_h8(unsigned w, unsigned h[4]) {
     const unsigned x = __byte_perm(w, 0u, 0x4440u + B);
     nq_pairs(x, make_uint4(0x38003800u, 0x38003800u, 0x38003800u, 0x38003800u), h);
 }
+
+// The shifts of two codewords as one fp16 pair (+1/4, or -1/4 where the shift bit is set): the low
+// half from bit 7 of byte BA of wa, the high half from bit 7 of byte BB of wb.
+template <int BA, int BB>
+__device__ __forceinline__ unsigned nq_shift2(unsigned wa, unsigned wb) {
+    const unsigned x = __byte_perm(wa, wb, (unsigned)((BA << 4) | ((4 + BB) << 12)));
+    return (x & 0x80008000u) | 0x34003400u;
+}
+// Where the shift bit of group I of a chunk lives: byte 2I+1 of an E8P16 row, byte I of an E8P8 one.
+template <bool P16, int I>
+struct NqShiftAt {
+    static constexpr int byte = P16 ? 2 * I + 1 : I;
+    static constexpr int w = byte / 4, b = byte % 4;
+};
 
 // N bytes of a code row, loaded with one aligned access.
 template <int N>
@@ -814,20 +859,21 @@ struct NqBytes {
     }
 };
 
-// Group i of a chunk as 4 fp16 pairs: stage 1 plus r * stage 2 for 3 and 4 bits.
+// Group i of a chunk as 4 fp16 pairs without the shifts: stage 1 plus r * stage 2 for 3 and 4 bits.
 template <int BITS, int NGRP>
 struct NqChunk {
     static constexpr int B1 = BITS == 1 ? NGRP : 2 * NGRP;
     static constexpr int B2 = BITS == 3 ? NGRP : (BITS == 4 ? 2 * NGRP : 1);
+    static constexpr bool P16_1 = BITS != 1, P16_2 = BITS == 4;
     NqBytes<B1> s1;
     NqBytes<B2> s2;
-    // row: the token's code row; first: the first group of the chunk; ng: groups per vector.
-    __device__ __forceinline__ void load(const unsigned char* row, int first, int ng) {
-        s1.load(row + first * (BITS == 1 ? 1 : 2));
-        if constexpr (BITS >= 3) s2.load(row + 2 * ng + first * (BITS == 3 ? 1 : 2));
+    // p1, p2: this chunk's stage-1 and stage-2 bytes.
+    __device__ __forceinline__ void load(const unsigned char* p1, const unsigned char* p2) {
+        s1.load(p1);
+        if constexpr (BITS >= 3) s2.load(p2);
     }
     template <int I>
-    __device__ __forceinline__ void decode(const uint4* tbl, unsigned r2, unsigned h[4]) const {
+    __device__ __forceinline__ void decode(const NqTbl& tbl, unsigned r2, unsigned h[4]) const {
         if constexpr (BITS == 1) {
             nq_h8<I & 3>(s1.w[I >> 2], h);
         } else {
@@ -843,25 +889,58 @@ struct NqChunk {
     }
 };
 
-// Where one lane reads a tier's split: its code chunks' and scales' base pointers (64-bit
-// arithmetic once per split; tokens are then 32-bit offsets from the split's first token).
+// The shifts (stage 1 + r * stage 2) of group IA of chunk a and group IB of chunk b as one fp16
+// pair (low half a): the A operand of the shift mma.
+// SAME: a and b are one chunk (then two E8P16 groups 2i, 2i+1 already sit at bits 15 and 31).
+template <int IA, int IB, bool SAME, int BITS, int NA, int NB>
+__device__ __forceinline__ unsigned nq_shifts(const NqChunk<BITS, NA>& a, const NqChunk<BITS, NB>& b, unsigned r2) {
+    using C = NqChunk<BITS, NA>;
+    using A1 = NqShiftAt<C::P16_1, IA>;
+    using B1 = NqShiftAt<C::P16_1, IB>;
+    unsigned s;
+    if constexpr (SAME && A1::w == B1::w && A1::b == 1 && B1::b == 3) s = (a.s1.w[A1::w] & 0x80008000u) | 0x34003400u;
+    else s = nq_shift2<A1::b, B1::b>(a.s1.w[A1::w], b.s1.w[B1::w]);
+    if constexpr (BITS >= 3) {
+        using A2 = NqShiftAt<C::P16_2, IA>;
+        using B2 = NqShiftAt<C::P16_2, IB>;
+        unsigned t;
+        if constexpr (SAME && A2::w == B2::w && A2::b == 1 && B2::b == 3) t = (a.s2.w[A2::w] & 0x80008000u) | 0x34003400u;
+        else t = nq_shift2<A2::b, B2::b>(a.s2.w[A2::w], b.s2.w[B2::w]);
+        s = nq_hfma2(r2, t, s);
+    }
+    return s;
+}
+
+// Where one lane reads a tier's split: base pointers of its own key chunks (token gid of the split),
+// value chunks (token 2tig) and scales (token gid), with the lane's group offsets folded in (64-bit
+// arithmetic once per split; a tile then adds one 32-bit offset per array).
 template <int KB, int VB>
 struct NqSplitPtrs {
     static constexpr int P = NQ_ATT_P, NG = P / 8, KG = NG / 4, VG = NG / 8;
     static constexpr int KCB = NG * KB, VCB = NG * VB;
-    const unsigned char* kc;   // + token * KCB: this lane's key chunk (stage 1; stage 2 follows at +2*NG)
-    const unsigned char* vc;   // + token * VCB: this lane's value chunk
-    const unsigned short* ks;
+    using KC = NqChunk<KB, KG>;
+    using VC = NqChunk<VB, VG>;
+    static constexpr int K1 = KB == 1 ? 1 : 2, K2 = KB == 3 ? 1 : 2;  // bytes per group, stage 1 and 2
+    static constexpr int V1 = VB == 1 ? 1 : 2, V2 = VB == 3 ? 1 : 2;
+    const unsigned char* k1;   // + token * KCB: this lane's key chunk, stage 1 (token gid + t)
+    const unsigned char* k2;   // stage 2
+    const unsigned char* v1;   // + token * VCB: this lane's value chunk (token 2tig + t)
+    const unsigned char* v2;
+    const unsigned short* ks;  // key scales, token gid + t
     const unsigned short* vs;
     const unsigned char* valid;
     int n;                     // tokens in the split
     __device__ __forceinline__ void init(const NqTier& tr, long long bh, long long t_begin, long long t_end, int gid, int tig) {
         const long long row0 = bh * tr.tokens + t_begin;
-        kc = tr.kcodes + row0 * KCB;
-        vc = tr.vcodes + row0 * VCB;
-        ks = tr.kscales + row0;
-        vs = tr.vscales + row0;
-        valid = tr.valid != nullptr ? tr.valid + row0 : nullptr;
+        const unsigned char* kr = tr.kcodes + (row0 + gid) * KCB;
+        k1 = kr + KG * tig * K1;
+        k2 = kr + NG * K1 + KG * tig * K2;
+        const unsigned char* vr = tr.vcodes + (row0 + 2 * tig) * VCB;
+        v1 = vr + VG * gid * V1;
+        v2 = vr + NG * V1 + VG * gid * V2;
+        ks = tr.kscales + row0 + gid;
+        vs = tr.vscales + row0 + gid;
+        valid = tr.valid != nullptr ? tr.valid + row0 + gid : nullptr;
         n = (int)(t_end - t_begin);
     }
 };
@@ -876,35 +955,33 @@ struct NqTile {
     unsigned short ksa, ksb, vsa, vsb;
     bool oka, okb;
     __device__ __forceinline__ void load(const NqSplitPtrs<KB, VB>& sp, int t0, int gid, int tig) {
-        if (t0 + 16 <= sp.n) {  // a full tile: fixed offsets from one pointer per array
-            const unsigned char* k = sp.kc + (t0 + gid) * KCB;
-            ka.load(k, KG * tig, NG);
-            kb.load(k + 8 * KCB, KG * tig, NG);
-            const unsigned short* ks = sp.ks + t0 + gid;
-            const unsigned short* vs = sp.vs + t0 + gid;
-            ksa = ks[0];
-            ksb = ks[8];
-            vsa = vs[0];
-            vsb = vs[8];
+        if (t0 + 16 <= sp.n) {  // a full tile: fixed offsets from the lane's pointers
+            const int ok_ = t0 * KCB, ov = t0 * VCB;
+            ka.load(sp.k1 + ok_, sp.k2 + ok_);
+            kb.load(sp.k1 + ok_ + 8 * KCB, sp.k2 + ok_ + 8 * KCB);
+            ksa = sp.ks[t0];
+            ksb = sp.ks[t0 + 8];
+            vsa = sp.vs[t0];
+            vsb = sp.vs[t0 + 8];
             oka = okb = true;
             if (sp.valid != nullptr) {
-                oka = sp.valid[t0 + gid];
-                okb = sp.valid[t0 + gid + 8];
+                oka = sp.valid[t0];
+                okb = sp.valid[t0 + 8];
             }
-            const unsigned char* vv = sp.vc + (t0 + 2 * tig) * VCB;
-            v[0].load(vv, VG * gid, NG);
-            v[1].load(vv + VCB, VG * gid, NG);
-            v[2].load(vv + 8 * VCB, VG * gid, NG);
-            v[3].load(vv + 9 * VCB, VG * gid, NG);
+            v[0].load(sp.v1 + ov, sp.v2 + ov);
+            v[1].load(sp.v1 + ov + VCB, sp.v2 + ov + VCB);
+            v[2].load(sp.v1 + ov + 8 * VCB, sp.v2 + ov + 8 * VCB);
+            v[3].load(sp.v1 + ov + 9 * VCB, sp.v2 + ov + 9 * VCB);
             return;
         }
+        // The split's last, partial tile: tokens past its end read the last token and are masked.
         const int last = sp.n - 1;
         const int ta = t0 + gid, tb = ta + 8;
         oka = ta <= last;
         okb = tb <= last;
-        const int la = min(ta, last), lb = min(tb, last);
-        ka.load(sp.kc + la * KCB, KG * tig, NG);
-        kb.load(sp.kc + lb * KCB, KG * tig, NG);
+        const int la = min(ta, last) - gid, lb = min(tb, last) - gid;  // offsets from the lane's token gid
+        ka.load(sp.k1 + la * KCB, sp.k2 + la * KCB);
+        kb.load(sp.k1 + lb * KCB, sp.k2 + lb * KCB);
         ksa = sp.ks[la];
         ksb = sp.ks[lb];
         vsa = sp.vs[la];
@@ -914,18 +991,20 @@ struct NqTile {
             okb = okb && sp.valid[lb];
         }
         const int tv = t0 + 2 * tig;
-        v[0].load(sp.vc + min(tv, last) * VCB, VG * gid, NG);
-        v[1].load(sp.vc + min(tv + 1, last) * VCB, VG * gid, NG);
-        v[2].load(sp.vc + min(tv + 8, last) * VCB, VG * gid, NG);
-        v[3].load(sp.vc + min(tv + 9, last) * VCB, VG * gid, NG);
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int o = (min(tv + (i & 1) + 8 * (i >> 1), last) - 2 * tig) * VCB;
+            v[i].load(sp.v1 + o, sp.v2 + o);
+        }
     }
 };
 
 template <int KB, int VB>
-__device__ __forceinline__ void nq_attend_tier(const NqTier& tr, long long bh, int split, const uint4* tbl,
-                                               const unsigned (&qf)[NQ_ATT_P / 16][2], float* wm, float* wl,
+__device__ __forceinline__ void nq_attend_tier(const NqTier& tr, long long bh, int split, const NqTbl& tbl,
+                                               const unsigned (&qf)[NQ_ATT_P / 16][2],
+                                               const unsigned (&qsf)[NQ_NSK][2], float* wm, float* wl,
                                                float* wacc, float& m0o, float& m1o) {
-    constexpr int P = NQ_ATT_P, NG = P / 8, KG = NG / 4, VG = NG / 8, MT = P / 16;
+    constexpr int P = NQ_ATT_P, NG = P / 8, KG = NG / 4, VG = NG / 8, MT = P / 16, NSV = (VG + 1) / 2;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const float NEG_INF = __int_as_float(0xff800000);
     const long long t_begin = (long long)split * tr.chunk;
@@ -937,6 +1016,11 @@ __device__ __forceinline__ void nq_attend_tier(const NqTier& tr, long long bh, i
     float o[MT][4];
     #pragma unroll
     for (int i = 0; i < MT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    // The values' shifts: per (group, head) sums of p * scale * shift, one mma per tile; group row
+    // gid of mma s is the lane's value group 2s, row gid + 8 its group 2s + 1.
+    float osh[NSV][4];
+    #pragma unroll
+    for (int i = 0; i < NSV; ++i) osh[i][0] = osh[i][1] = osh[i][2] = osh[i][3] = 0.0f;
 
     NqSplitPtrs<KB, VB> sp;
     sp.init(tr, bh, t_begin, t_end, gid, tig);
@@ -964,6 +1048,19 @@ __device__ __forceinline__ void nq_attend_tier(const NqTier& tr, long long bh, i
             nq_mma(c, ha[0], hb[0], ha[1], hb[1], qf[2 * gk][0], qf[2 * gk][1]);
             nq_mma(c2, ha[2], hb[2], ha[3], hb[3], qf[2 * gk + 1][0], qf[2 * gk + 1][1]);
         });
+        // The keys' shifts: S^T += Sh (16 tokens x 16 groups) . Qsum (16 groups x 8 heads); k index
+        // 2tig, 2tig+1 of mma s is the lane's key group 4s, 4s+1, index 2tig+8, 2tig+9 its 4s+2, 4s+3.
+        nq_for<0, NQ_NSK>([&](auto si) {
+            constexpr int sk = decltype(si)::value, g0 = 4 * sk;
+            const unsigned a0 = nq_shifts<g0, g0 + 1, true>(cur.ka, cur.ka, kr2);
+            const unsigned a1 = nq_shifts<g0, g0 + 1, true>(cur.kb, cur.kb, kr2);
+            unsigned a2 = 0u, a3 = 0u;
+            if constexpr (g0 + 2 < KG) {
+                a2 = nq_shifts<g0 + 2, g0 + 3, true>(cur.ka, cur.ka, kr2);
+                a3 = nq_shifts<g0 + 2, g0 + 3, true>(cur.kb, cur.kb, kr2);
+            }
+            nq_mma((sk & 1) ? c2 : c, a0, a1, a2, a3, qsf[sk][0], qsf[sk][1]);
+        });
         #pragma unroll
         for (int i = 0; i < 4; ++i) c[i] += c2[i];
         const float ska = __half2float(__ushort_as_half(cur.ksa)), skb = __half2float(__ushort_as_half(cur.ksb));
@@ -989,6 +1086,10 @@ __device__ __forceinline__ void nq_attend_tier(const NqTier& tr, long long bh, i
             for (int i = 0; i < MT; ++i) {
                 o[i][0] *= al0; o[i][1] *= al1; o[i][2] *= al0; o[i][3] *= al1;
             }
+            #pragma unroll
+            for (int i = 0; i < NSV; ++i) {
+                osh[i][0] *= al0; osh[i][1] *= al1; osh[i][2] *= al0; osh[i][3] *= al1;
+            }
         }
         // P' = p * value scale, as fp16; transposed into the B operand of the value mma.
         const float sva = __half2float(__ushort_as_half(cur.vsa)), svb = __half2float(__ushort_as_half(cur.vsb));
@@ -1008,6 +1109,17 @@ __device__ __forceinline__ void nq_attend_tier(const NqTier& tr, long long bh, i
                 nq_mma(o[4 * j + cp], a0, a1, a2, a3, b0, b1);
             }
         });
+        if constexpr (NQ_DIAG != 1) nq_for<0, NSV>([&](auto si) {
+            constexpr int sv = decltype(si)::value, g0 = 2 * sv;
+            const unsigned a0 = nq_shifts<g0, g0, false>(cur.v[0], cur.v[1], vr2);
+            const unsigned a2 = nq_shifts<g0, g0, false>(cur.v[2], cur.v[3], vr2);
+            unsigned a1 = 0u, a3 = 0u;
+            if constexpr (g0 + 1 < VG) {
+                a1 = nq_shifts<g0 + 1, g0 + 1, false>(cur.v[0], cur.v[1], vr2);
+                a3 = nq_shifts<g0 + 1, g0 + 1, false>(cur.v[2], cur.v[3], vr2);
+            }
+            nq_mma(osh[sv], a0, a1, a2, a3, b0, b1);
+        });
         if (NQ_ATT_PREFETCH) cur = nxt;
     }
     #pragma unroll
@@ -1024,6 +1136,13 @@ __device__ __forceinline__ void nq_attend_tier(const NqTier& tr, long long bh, i
     }
     #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
+        // o[mt]: the lane's value group mt / 4 (osh row gid of mma j/2 for even j, row gid + 8 for odd).
+        const int j = mt / 4;
+        const float s0 = osh[j / 2][(j & 1) * 2], s1 = osh[j / 2][(j & 1) * 2 + 1];
+        o[mt][0] += s0;
+        o[mt][2] += s0;
+        o[mt][1] += s1;
+        o[mt][3] += s1;
         const int dim = 8 * (VG * gid + mt / 4) + 2 * (mt % 4);
         float* r0 = wacc + (warp * NQ_AMAXG + 2 * tig) * P;
         float* r1 = r0 + P;
@@ -1293,11 +1412,30 @@ __device__ __forceinline__ void nq_attend(const NqAttnParams& p) {
             qf[ks][0] = nq_pack_h2(qr[0], qr[1]);
             qf[ks][1] = nq_pack_h2(qr[2], qr[3]);
         }
-        const uint4* tb = tbl + (lane & (NQ_AREP - 1));
+        // Qsum fragments for the keys' shifts: head gid, the lane's key groups KG*tig + 4s .. + 3
+        // (b0: +0, +1; b1: +2, +3), each the sum of the group's 8 scaled rotated coordinates.
+        unsigned qsf[NQ_NSK][2];
+        #pragma unroll
+        for (int sk = 0; sk < NQ_NSK; ++sk) {
+            float gs[4];
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                gs[e] = 0.0f;
+                if (4 * sk + e < KG) {
+                    const float* qr = qrot + gid * P + 8 * (KG * tig + 4 * sk + e);
+                    #pragma unroll
+                    for (int d = 0; d < 8; ++d) gs[e] += qr[d];
+                }
+            }
+            qsf[sk][0] = nq_pack_h2(gs[0], gs[1]);
+            qsf[sk][1] = nq_pack_h2(gs[2], gs[3]);
+        }
+        NqTbl tb;
+        tb.set(tbl + (lane & (NQ_AREP - 1)));
         float m0, m1;
-        if (split < s0) nq_attend_tier<NQ_ATT_KB0, NQ_ATT_VB0>(p.tier[0], bh, split, tb, qf, wm, wl, region, m0, m1);
+        if (split < s0) nq_attend_tier<NQ_ATT_KB0, NQ_ATT_VB0>(p.tier[0], bh, split, tb, qf, qsf, wm, wl, region, m0, m1);
 #if NQ_ATT_KB1 > 0
-        else nq_attend_tier<NQ_ATT_KB1, NQ_ATT_VB1>(p.tier[1], bh, split - s0, tb, qf, wm, wl, region, m0, m1);
+        else nq_attend_tier<NQ_ATT_KB1, NQ_ATT_VB1>(p.tier[1], bh, split - s0, tb, qf, qsf, wm, wl, region, m0, m1);
 #endif
         __syncthreads();
         // Merge the warps into this block's partial state.

@@ -177,7 +177,7 @@ def _plan(index: int, dtype, tiers) -> tuple:
     ):
         raise NexusQuantError("decode attention: all tiers must share one rotation (head_dim and seed)")
     bits = [b for t in tiers for b in (t.key_codec.bits, t.value_codec.bits)] + [0, 0]
-    defines = (
+    defines: tuple[tuple[str, int], ...] = (
         ("NQ_ATT_P", p),
         ("NQ_ATT_KB0", bits[0]),
         ("NQ_ATT_VB0", bits[1]),
@@ -186,6 +186,10 @@ def _plan(index: int, dtype, tiers) -> tuple:
         ("NQ_ATT_T", _ATT_DTYPE[suffix]),
         ("NQ_AW", _ATT_WARPS),
     )
+    if p <= 128:
+        # Cap registers at 128 so that _BLOCKS_PER_SM blocks fit (uncapped the kernel takes 136
+        # and only 3 fit: 8-20% slower at the bench shapes, docs/GPU.md).
+        defines += (("NQ_ATT_MINB", _BLOCKS_PER_SM),)
     fn = _function(index, defines, False, f"nq_attend_{suffix}")
     signs = _rotation(kc0.head_dim, kc0.bits, kc0.seed, index)[0]
     res = tuple(float(c.residual_ratio or 1.0) for t in tiers for c in (t.key_codec, t.value_codec)) + (1.0, 1.0)
