@@ -203,3 +203,26 @@ def test_chunks_by_hand_under_sdpa_hold_the_previous_chunk():
     assert layer.fine.length > 0 and layer.dropped > 0
     model(ids[:, 192:193], **with_cache(model, cache), use_cache=True)
     assert layer.window_len == 8 + 1  # caught up: the prompt's last chunk compressed too
+
+
+@torch.no_grad()
+def test_chunked_transform_coder_pays_its_basis_over_the_whole_prompt():
+    """The transform coder fits its basis on the first chunk; its budget spreads the basis over the
+    whole prompt, as a one-shot prefill does, not over the first chunk: otherwise a long prompt
+    prefilled in chunks would hold fewer code bits per key than the same prompt in one piece."""
+    from nexusquant.transform import fit_key_transform
+
+    model = make_tiny("llama")
+    ids = _ids(1200, seed=5)
+    knobs = dict(quality="high", key_codec="pca", key_domain="pre_rope", key_rate=2.0, recent_window=8)
+    kept = {}
+    for chunk in (None, 200):
+        with nq.nexusquant_evict(model, chunk_size=chunk, **knobs) as session:
+            model(ids, use_cache=True)
+        code = session.cache.layers[0].tiers["fine"].keys.rows[0][0]
+        kept[chunk] = code.bits.shape[0]
+    # The first chunk's keys alone, budgeted as if the basis were paid by them: fewer components.
+    x = torch.randn(200, kept[None] * 4)
+    assert fit_key_transform(x, 2.0, amortize_tokens=1200).bits.shape[0] > fit_key_transform(x, 2.0).bits.shape[0]
+    # Chunked and one-shot keep components in the same range (the fits see different keys).
+    assert kept[200] >= 0.9 * kept[None]  # 60 and 63 components; 48 when the first chunk paid for the basis

@@ -51,6 +51,22 @@ def test_allocation_spends_the_budget_and_follows_the_variances():
                 assert err(moved) >= base - 1e-12
 
 
+def test_lagrangian_allocation_spends_where_a_bit_buys_more_than_it_costs():
+    from nexusquant.transform import _choose_components_lagrangian
+
+    mse = torch.tensor(GAUSSIAN_MSE, dtype=torch.float64)
+    weight = torch.tensor([100.0, 10.0, 1.0, 0.01])
+    bits = _choose_components_lagrangian(weight, 0.5, side_bits_per_component=0.0)
+    # every bit kept removes more than 0.5 of error, every bit left out would remove less
+    for w, b in zip(weight.double(), bits):
+        assert b == 0 or w * (mse[b - 1] - mse[b]) > 0.5
+        assert b == len(GAUSSIAN_MSE) - 1 or w * (mse[b] - mse[b + 1]) <= 0.5
+    assert bits.tolist()[-1] == 0 and bits[0] > bits[1] > bits[2]
+    # a higher water level spends fewer bits; a component whose bits do not pay its basis is dropped
+    assert int(_choose_components_lagrangian(weight, 5.0, 0.0).sum()) < int(bits.sum())
+    assert _choose_components_lagrangian(weight, 0.5, side_bits_per_component=100.0)[2] == 0
+
+
 def test_low_rank_keys_cost_few_bits():
     g = torch.Generator().manual_seed(0)
     t, f, r = 800, 96, 8

@@ -33,7 +33,7 @@ from . import gpu
 from ._core import NexusQuantError
 from .allocation import allocate_tokens
 from .architecture import layer_plan, model_fingerprint
-from .chunking import held_while_prefilling
+from .chunking import held_while_prefilling, prompt_tokens_in_prefill
 from .presets import CompressionSettings, resolve_settings
 from .rope import RopeAdapter, RopeTable
 from .scoring import key_key_importance, pool_scores
@@ -621,6 +621,7 @@ class NexusQuantLayer(CacheLayerMixin):
                 seq if self.needs_positions else None,
                 None if bool(valid.all()) else valid,
                 key_metric=self.query_moment if tier is self.fine else None,
+                amortize_tokens=prompt_tokens_in_prefill(),
             )
             if tier is self.fine:
                 self.query_moment = None  # the basis is fitted: the prompt's queries are not kept

@@ -37,12 +37,20 @@ import torch
 from ._core import NexusQuantError
 from .compat import cache_kwarg
 
-__all__ = ["prefill", "check_chunk_size", "forward_in_chunks", "held_for_next_chunk", "held_while_prefilling"]
+__all__ = [
+    "prefill",
+    "check_chunk_size",
+    "forward_in_chunks",
+    "held_for_next_chunk",
+    "held_while_prefilling",
+    "prompt_tokens_in_prefill",
+]
 
-# While a chunked prefill runs: (chunk size, whether this forward is the last chunk). A layer keeps
-# the newest chunk in full precision until the next chunk has attended to it, so every chunk sees
-# the chunk before it exactly and only older tokens through their codes (measured: docs/EVAL.md).
-_PREFILL: contextvars.ContextVar[Optional[tuple[int, bool]]] = contextvars.ContextVar(
+# While a chunked prefill runs: (chunk size, whether this forward is the last chunk, the prompt's
+# tokens). A layer keeps the newest chunk in full precision until the next chunk has attended to
+# it, so every chunk sees the chunk before it exactly and only older tokens through their codes
+# (measured: docs/EVAL.md).
+_PREFILL: contextvars.ContextVar[Optional[tuple[int, bool, int]]] = contextvars.ContextVar(
     "nexusquant_chunked_prefill", default=None
 )
 
@@ -52,6 +60,14 @@ def held_for_next_chunk() -> int:
     chunk just seen, unless it is the prompt's last chunk or no chunked prefill runs."""
     state = _PREFILL.get()
     return 0 if state is None or state[1] else state[0]
+
+
+def prompt_tokens_in_prefill() -> int:
+    """Tokens of the prompt a chunked prefill is running over (0 when none runs). The transform
+    coder fits its basis on the first chunk and codes the rest of the prompt in it, so it spreads the
+    basis's bytes over the whole prompt, as a one-shot prefill of that prompt does."""
+    state = _PREFILL.get()
+    return 0 if state is None else state[2]
 
 
 def held_while_prefilling() -> int:
@@ -168,7 +184,7 @@ def forward_in_chunks(
             part["logits_to_keep"] = wanted if wanted > 0 else 1
             if before_chunk is not None:
                 before_chunk(part.get("input_ids"))
-            token = _PREFILL.set((chunk_size, end == total))
+            token = _PREFILL.set((chunk_size, end == total, total))
             try:
                 out = forward(**part)
             finally:

@@ -158,18 +158,27 @@ class TransformCodedKeys:
         return sum(c.length for c in self.rows[0]) if self.rows else 0
 
     def append(
-        self, x: torch.Tensor, valid: Optional[torch.Tensor] = None, metric: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        valid: Optional[torch.Tensor] = None,
+        metric: Optional[torch.Tensor] = None,
+        amortize_tokens: int = 0,
     ) -> None:
         """Code ``x`` ``(B, H, T, head_dim)``; ``valid`` bool ``(B, T)`` marks the tokens the basis is
         fitted on (padding excluded); ``metric`` ``(B, F, F)`` is the queries' second moment (see
-        :func:`~nexusquant.transform.fit_key_transform`), None for plain principal components."""
+        :func:`~nexusquant.transform.fit_key_transform`), None for plain principal components;
+        ``amortize_tokens``: the prompt's tokens the basis will code (chunked prefill), at least."""
         b, h, t, d = x.shape
         flat = x.permute(0, 2, 1, 3).reshape(b, t, h * d)
         if not self.rows:
             self.rows = [
                 [
                     fit_key_transform(
-                        flat[i], self.rate, None if valid is None else valid[i], None if metric is None else metric[i]
+                        flat[i],
+                        self.rate,
+                        None if valid is None else valid[i],
+                        None if metric is None else metric[i],
+                        amortize_tokens=amortize_tokens,
                     )
                 ]
                 for i in range(b)
@@ -230,16 +239,18 @@ class Tier:
         seq: Optional[torch.Tensor],
         valid: Optional[torch.Tensor],
         key_metric: Optional[torch.Tensor] = None,
+        amortize_tokens: int = 0,
     ) -> None:
         """Add tokens: ``k``, ``v`` ``(B, H, T, D)``; ``seq`` int ``(B, H, T)`` or None when positions
         are not tracked; ``valid`` bool ``(B, H, T)`` or None when every new slot is valid;
-        ``key_metric`` float ``(B, F, F)``, the queries' second moment for transform-coded keys."""
+        ``key_metric`` float ``(B, F, F)``, the queries' second moment for transform-coded keys;
+        ``amortize_tokens``: see :meth:`TransformCodedKeys.append`."""
         t = k.shape[2]
         if t == 0:
             return
         old = self.length
         if isinstance(self.keys, TransformCodedKeys):
-            self.keys.append(k, None if valid is None else valid[:, 0], key_metric)
+            self.keys.append(k, None if valid is None else valid[:, 0], key_metric, amortize_tokens)
         else:
             self.keys.append(k)
         self.values.append(v)

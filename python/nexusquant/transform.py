@@ -147,6 +147,25 @@ def _choose_components(
     return best
 
 
+def _choose_components_lagrangian(
+    weight: torch.Tensor,
+    lagrange: float,
+    side_bits_per_component: float,
+    max_bits: int = MAX_BITS,
+) -> torch.Tensor:
+    """Bits per component for the least ``error + lagrange * bits`` (the budget is not fixed: a
+    bit is spent where it removes more than ``lagrange`` of weighted error, and a component is kept
+    only if its bits remove more than they cost, its basis column included). With the same
+    ``lagrange`` everywhere, every bit anywhere buys the same error: a common water level."""
+    mse = torch.tensor(GAUSSIAN_MSE[: max_bits + 1], dtype=torch.float64)
+    drop = mse[:-1] - mse[1:]  # decreasing in b
+    w = weight.double().clamp(min=0)
+    gains = w[:, None] * drop[None, :]  # (F, max_bits)
+    bits = (gains > lagrange).sum(1)  # the drops decrease, so the useful bits are a prefix
+    net = (gains - lagrange).clamp(min=0).sum(1) - lagrange * side_bits_per_component
+    return torch.where((bits > 0) & (net > 0), bits, torch.zeros_like(bits))
+
+
 @dataclass
 class KeyTransformCode:
     """Keys of one layer as transform coefficients, per batch row (shapes for one row).
@@ -226,6 +245,8 @@ def fit_key_transform(
     bits_per_element: float,
     valid: Optional[torch.Tensor] = None,
     query_moment: Optional[torch.Tensor] = None,
+    lagrange: Optional[float] = None,
+    amortize_tokens: int = 0,
 ) -> KeyTransformCode:
     """Fit the transform coder to keys ``x`` ``(T, F)`` and encode them.
 
@@ -246,6 +267,12 @@ def fit_key_transform(
         ``eᵀ M e``: the components are the principal components of the keys in that metric (keys
         multiplied by ``M^½``, then mapped back), so bits go where the queries look. Without it,
         the plain principal components.
+    lagrange : float, optional
+        Spend bits for the least ``error + lagrange * bits`` instead of for ``bits_per_element``
+        (``_choose_components_lagrangian``; a study knob, benches/key_transform_study.py).
+    amortize_tokens : int
+        Spread the basis's bytes over at least this many tokens: a chunked prefill fits the basis
+        on its first chunk and codes the rest of the prompt in it (``nexusquant.chunking``).
 
     Returns
     -------
@@ -278,11 +305,14 @@ def fit_key_transform(
     # spread over the prompt's tokens, but over no fewer than MIN_AMORTIZED_TOKENS: generated
     # tokens reuse the basis too, and a short prompt that kept only a handful of components would
     # code everything generated after it badly.
-    spread = max(n, MIN_AMORTIZED_TOKENS)
+    spread = max(n, MIN_AMORTIZED_TOKENS, amortize_tokens)
     per_component = (8 * f + 16 + 32 + 8) / spread
     fixed = 16 * f / spread
     # The allocation works on F numbers: on the CPU, whatever device the keys are on.
-    bits = _choose_components(var.cpu(), bits_per_element * f, per_component, fixed).to(x.device)
+    if lagrange is None:
+        bits = _choose_components(var.cpu(), bits_per_element * f, per_component, fixed).to(x.device)
+    else:
+        bits = _choose_components_lagrangian(var.cpu(), lagrange, per_component).to(x.device)
     keep = bits > 0
     basis, basis_scale = _int8_columns(synth_all[:, keep].float())
     kbits = bits[keep]
