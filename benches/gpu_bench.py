@@ -1,6 +1,6 @@
 """GPU measurements of nexusquant: one script that checks and times everything in one call.
 
-    python benches/gpu_bench.py --out DIR [--phase kernels|e2e|all]
+    python benches/gpu_bench.py --out DIR [--phase kernels|e2e|fair|all]
 
 kernels: device-to-device copy bandwidth (bytes read + written), then quantize and dequantize of a
     Llama-3-8B-shaped KV block (fp16 in/out) against it; decode attention over the compressed
@@ -11,6 +11,13 @@ e2e: a Llama-3-8B-shaped model with random bf16 weights; prefill 32K and 128K to
     128 tokens, with and without nexusquant: peak torch.cuda.max_memory_allocated, KV bytes, prefill
     time (the difference is the time to compress), decode tokens/s; and the longest context that
     fits, extrapolated from the measured peak memory per token.
+fair: decode tokens/s of nexusquant and of the bf16 cache through one and the same decode loop
+    (one-token forwards, greedy token fed back, positions given, CUDA-event timed after warm-up
+    steps; no generate), the bf16 cache given static shapes (StaticCache, preallocated) and also
+    replayed from a CUDA graph; at --fair-context tokens, batch 1 after a real (chunked) prefill,
+    larger batches over caches filled with random K/V. With the peak-memory breakdown of the
+    chunked prefill (weights, compressed KV, what is live at the last chunk's peak). Not part of
+    "all". Files: gpu_bench_e2e_fair.{json,md}.
 
 Writes gpu_bench.json and gpu_bench.md (tables) under --out and prints the tables last.
 """
@@ -332,6 +339,514 @@ class _null:
         return False
 
 
+# ---------------------------------------------------------------------------------------------
+# fair: one decode loop for every cache (issue 14 item 5)
+
+FOLDED = "bf16_folded_sdpa"
+
+
+def _folded_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """The bf16 baseline's decode attention without transformers' K/V repetition: with one query
+    token, the query heads that share a KV head become that head's query rows (head h reads KV head
+    h // group, as repeat_kv has it), so SDPA reads each K/V byte once, masked, at static shapes.
+    Anything else (the prefill) goes to transformers' own SDPA function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, hq, q, d = query.shape
+    hk = key.shape[1]
+    if q != 1 or hq == hk:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    out = F.scaled_dot_product_attention(
+        query.reshape(b, hk, hq // hk, d), key, value, attn_mask=attention_mask, scale=scaling
+    )
+    return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
+
+
+def _register_folded():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FOLDED, _folded_sdpa)
+    AttentionMaskInterface.register(FOLDED, sdpa_mask)
+
+
+class _attention:
+    """Every config of ``model`` set to attention implementation ``name`` inside the block."""
+
+    def __init__(self, model, name):
+        from nexusquant.evict import _configs
+
+        self.saved = [(c, c._attn_implementation_internal) for c in _configs(model)]
+        self.name = name
+
+    def __enter__(self):
+        for c, _ in self.saved:
+            c._attn_implementation_internal = self.name
+
+    def __exit__(self, *a):
+        for c, impl in self.saved:
+            c._attn_implementation_internal = impl
+        return False
+
+
+class _Clock:
+    """Seconds between start() and stop(): CUDA events on the GPU, the host clock on the CPU
+    (--tiny, a logic check only)."""
+
+    def start(self):
+        if torch.cuda.is_available():
+            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.a.record()
+        else:
+            self.t = time.perf_counter()
+
+    def stop(self):
+        if torch.cuda.is_available():
+            self.b.record()
+            self.b.synchronize()
+            return self.a.elapsed_time(self.b) / 1e3
+        return time.perf_counter() - self.t
+
+
+def _step(model, cache, tok, position):
+    """One decode forward: ``tok`` (B, 1) at ``position`` (B, 1); the greedy next tokens."""
+    from nexusquant.compat import with_cache
+
+    out = model(input_ids=tok, position_ids=position, use_cache=True, logits_to_keep=1, **with_cache(model, cache))
+    return out.logits[:, -1:].argmax(-1), out.logits
+
+
+def decode_loop(model, cache, tok, start, steps, warmup):
+    """The decode loop every cache goes through: ``warmup`` then ``steps`` one-token forwards, the
+    greedy token fed back, positions passed explicitly (made on the device, no host copy). Timed
+    over the ``steps`` with CUDA events. Returns seconds per step."""
+    b = tok.shape[0]
+    pos = torch.full((b, 1), start, dtype=torch.long, device=tok.device)
+    for _ in range(warmup):
+        tok, _ = _step(model, cache, tok, pos)
+        pos = pos + 1
+    clock = _Clock()
+    clock.start()
+    for _ in range(steps):
+        tok, _ = _step(model, cache, tok, pos)
+        pos = pos + 1
+    return clock.stop() / steps
+
+
+def _rewind(cache, length):
+    """A StaticCache set back to ``length`` tokens (its slots past that are overwritten next)."""
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(length)
+
+
+def graph_decode_loop(model, cache, tok, start, steps, warmup):
+    """The same forward as :func:`decode_loop` on a StaticCache, captured once in a CUDA graph and
+    replayed per step (the host's Python and launches taken out, as torch.compile's
+    reduce-overhead mode would). Warm-up and capture outside the timing. Seconds per step."""
+    b = tok.shape[0]
+    s_tok = tok.clone()
+    s_pos = torch.full((b, 1), start, dtype=torch.long, device=tok.device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            _rewind(cache, start)
+            _step(model, cache, s_tok, s_pos)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    _rewind(cache, start)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        s_out, _ = _step(model, cache, s_tok, s_pos)
+    # Capture ran nothing: the cache is still at ``start``; each replay appends one token there.
+
+    def replay():
+        graph.replay()
+        s_tok.copy_(s_out)
+        s_pos.add_(1)
+
+    for _ in range(warmup):
+        replay()
+    clock = _Clock()
+    clock.start()
+    for _ in range(steps):
+        replay()
+    return clock.stop() / steps
+
+
+def _static_cache(model, max_len, fill):
+    """A transformers StaticCache of ``max_len`` slots per layer, its first tokens set by
+    ``fill(i) -> (keys, values)`` through the cache's own update."""
+    from transformers.cache_utils import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    for i in range(len(cache.layers)):
+        k, v = fill(i)
+        cache.update(k, v, i)
+        del k, v
+    return cache
+
+
+class _ChunkMemory:
+    """Per-chunk peak memory of a chunked prefill (nexusquant.evict's forward_in_chunks wrapped for
+    the block, nothing else changed) and, for the last chunk, the allocator's history, from which
+    :func:`_live_at_peak` reads what is live at that chunk's peak."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+        self.rows = []
+        self.cache = None
+        self.base = None
+        self.cuda = torch.cuda.is_available()
+
+    def __enter__(self):
+        import nexusquant.evict as ev
+
+        self.ev, self.orig = ev, ev.forward_in_chunks
+
+        def wrapped(forward, kwargs, chunk_size, cache_name, before_chunk=None, **kw):
+            self.cache = kwargs.get(cache_name)
+
+            def before(ids):
+                self._before()
+                if before_chunk is not None:
+                    before_chunk(ids)
+
+            return self.orig(forward, kwargs, chunk_size, cache_name, before_chunk=before, **kw)
+
+        ev.forward_in_chunks = wrapped
+        return self
+
+    def _before(self):
+        if not self.cuda:
+            self.rows.append({})
+            return
+        if self.rows:
+            self.rows[-1]["peak"] = torch.cuda.max_memory_allocated()
+        row = dict(allocated_at_start=torch.cuda.memory_allocated())
+        self.rows.append(row)
+        torch.cuda.reset_peak_memory_stats()
+        if len(self.rows) == self.chunks:
+            from nexusquant.cache import compression_stats
+
+            row["cache_bytes_at_start"] = compression_stats(self.cache)["nbytes"]
+            self.base = row["allocated_at_start"]
+            torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python")
+
+    def finish(self):
+        """After the prefill: the last chunk's peak and its history (None on the CPU)."""
+        if not self.cuda:
+            return None
+        self.rows[-1]["peak"] = torch.cuda.max_memory_allocated()
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        return snap
+
+    def __exit__(self, *a):
+        self.ev.forward_in_chunks = self.orig
+        return False
+
+
+def _label(frames):
+    """The innermost nexusquant or transformers frame of an allocation's stack."""
+    for key in ("/nexusquant/", "/transformers/"):
+        for f in frames:
+            name = f.get("filename", "")
+            if key in name:
+                return f"{name.split(key)[-1]}:{f.get('line')} {f.get('name')} ({key.strip('/')})"
+    f = frames[0] if frames else {}
+    return f"{f.get('filename', '?')}:{f.get('line')} {f.get('name')}"
+
+
+def _live_at_peak(snap, top=12):
+    """Replay the allocator history: bytes above the recording's start at its highest point, and
+    the allocations made since and still live then, grouped by the code that made them."""
+    dev = torch.cuda.current_device()
+    trace = snap["device_traces"][dev]
+    cur = best = 0
+    best_i = -1
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            cur += e["size"]
+        elif e["action"] == "free_completed":
+            cur -= e["size"]
+        else:
+            continue
+        if cur > best:
+            best, best_i = cur, i
+    live = {}
+    for e in trace[: best_i + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+    groups = {}
+    for e in live.values():
+        label = _label(e.get("frames", []))
+        g = groups.setdefault(label, [0, 0])
+        g[0] += e["size"]
+        g[1] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    return dict(
+        above_start_bytes=best,
+        new_live_bytes=sum(e["size"] for e in live.values()),
+        events=len(trace),
+        groups=[dict(where=k, bytes=v[0], allocations=v[1]) for k, v in ranked[:top]],
+        other_bytes=sum(v[0] for _, v in ranked[top:]),
+    )
+
+
+def tiny_llama(layers=2):
+    """A small Llama for --tiny (CPU logic check of the fair phase; its numbers mean nothing)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=1000,
+        max_position_embeddings=8192,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def bench_fair(results, ctx, batches, steps, warmup, layers, batch_layers, preset, chunk_size, save, tiny=False):
+    from nexusquant.compat import output_cache
+
+    _register_folded()
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    mem = torch.cuda.memory_allocated if cuda else (lambda: 0)
+    peak = torch.cuda.max_memory_allocated if cuda else (lambda: 0)
+    reset = torch.cuda.reset_peak_memory_stats if cuda else (lambda: None)
+    empty = torch.cuda.empty_cache if cuda else (lambda: None)
+    make = tiny_llama if tiny else llama3_8b
+    slots = ctx + -(-(warmup + steps + 2) // 64) * 64  # static slots: the prompt + the steps, a multiple of 64
+    rows = []
+    fair = results["fair"] = dict(
+        context=ctx,
+        steps=steps,
+        warmup=warmup,
+        preset=preset,
+        settings=resolve_settings(preset).as_dict(),
+        chunk_size=chunk_size,
+        static_slots=slots,
+        rows=rows,
+    )
+
+    def record(**row):
+        rows.append(row)
+        print(row, flush=True)
+        if save is not None:
+            save()
+
+    def timed_row(name, fn, **extra):
+        """Run one decode variant; a failure is recorded, not raised (the other rows still count)."""
+        empty()
+        reset()
+        try:
+            s = fn()
+            b = extra["batch"]
+            record(cache=name, ms_per_step=s * 1e3, tokens_per_s=b / s, peak_GB=peak() / 1e9, **extra)
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            if cuda:
+                torch.cuda.synchronize()
+            record(cache=name, error=f"{type(e).__name__}: {e}"[:300], **extra)
+
+    model = make(layers)
+    weights = mem()
+    fair["weights_GB"] = {layers: weights / 1e9}
+    torch.manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size - 1, (1, ctx), device=dev)
+    base = dict(batch=1, layers=layers, context=ctx)
+
+    if 1 in batches:
+        # bf16: a one-shot prefill into transformers' DynamicCache, then the same tokens in a StaticCache.
+        with torch.no_grad():
+            reset()
+            t0 = time.perf_counter()
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            if cuda:
+                torch.cuda.synchronize()
+            fair["bf16_prefill_s"] = time.perf_counter() - t0
+            fair["bf16_prefill_peak_GB"] = peak() / 1e9
+            dyn = output_cache(out)
+            tok0 = out.logits[:, -1:].argmax(-1)
+            del out
+            fair["bf16_kv_GB"] = sum(l.keys.numel() * 2 + l.values.numel() * 2 for l in dyn.layers) / 1e9
+            timed_row(
+                "bf16 DynamicCache, sdpa",
+                lambda: decode_loop(model, dyn, tok0, ctx, steps, warmup),
+                **base,
+                loop="eager",
+            )
+            layers_kv = [(l.keys[:, :, :ctx], l.values[:, :, :ctx]) for l in dyn.layers]
+            del dyn
+
+            def take(i):
+                kv = layers_kv[i]
+                layers_kv[i] = None  # each prompt layer freed once copied
+                return kv
+
+            static = _static_cache(model, slots, take)
+            del layers_kv
+            # The folded attention against transformers' own SDPA path: the same step, both ways.
+            pos = torch.full((1, 1), ctx, dtype=torch.long, device=dev)
+            logits = {}
+            for impl in ("sdpa", FOLDED):
+                with _attention(model, impl):
+                    _rewind(static, ctx)
+                    logits[impl] = _step(model, static, tok0, pos)[1].float()
+            fair["folded_vs_sdpa_logits_rel_error"] = (
+                (logits[FOLDED] - logits["sdpa"]).norm() / logits["sdpa"].norm()
+            ).item()
+            del logits
+            variants = [("sdpa", "eager"), (FOLDED, "eager")]
+            if cuda:
+                variants += [("sdpa", "cuda graph"), (FOLDED, "cuda graph")]
+            for impl, loop in variants:
+                name = "bf16 StaticCache, " + (
+                    "sdpa (K/V repeated per query head)" if impl == "sdpa" else "folded GQA sdpa"
+                )
+                fn = graph_decode_loop if loop == "cuda graph" else decode_loop
+
+                def run(fn=fn, impl=impl):
+                    with _attention(model, impl):
+                        _rewind(static, ctx)
+                        return fn(model, static, tok0, ctx, steps, warmup)
+
+                timed_row(name, run, **base, loop=loop)
+            del static
+        empty()
+
+        # nexusquant: chunked prefill (memory broken down), then the same decode loop.
+        chunks = -(-ctx // chunk_size)
+        reset()
+        with nq.nexusquant_evict(model, quality=preset, chunk_size=chunk_size), torch.no_grad():
+            with _ChunkMemory(chunks) as cm:
+                before = mem()
+                t0 = time.perf_counter()
+                out = model(ids, use_cache=True, logits_to_keep=1)
+                if cuda:
+                    torch.cuda.synchronize()
+                prefill_s = time.perf_counter() - t0
+                snap = cm.finish()
+            cache = output_cache(out)
+            tok0 = out.logits[:, -1:].argmax(-1)
+            del out
+            from nexusquant.cache import compression_stats
+
+            kv = compression_stats(cache)["nbytes"]
+            after = mem()
+            m = dict(
+                weights_bytes=weights,
+                allocated_before_prefill=before,
+                compressed_kv_bytes=kv,
+                allocated_after_prefill=after,
+                prefill_s=prefill_s,
+                chunks=chunks,
+            )
+            if cuda:
+                per_chunk = [r["peak"] for r in cm.rows]
+                last = cm.rows[-1]
+                m.update(
+                    peak_bytes=max(per_chunk),
+                    peak_chunk=int(np.argmax(per_chunk)) + 1,
+                    last_chunk=last,
+                    per_chunk_peak_GB=[round(p / 1e9, 3) for p in per_chunk],
+                    live_at_last_chunk_peak=_live_at_peak(snap),
+                )
+                del snap
+            fair["memory"] = m
+            print({k: v for k, v in m.items() if k not in ("per_chunk_peak_GB", "live_at_last_chunk_peak")}, flush=True)
+            timed_row(
+                f"nexusquant {preset}",
+                lambda cache=cache, tok0=tok0: decode_loop(model, cache, tok0, cache.get_seq_length(), steps, warmup),
+                **base,
+                loop="eager",
+                kv_GB=kv / 1e9,
+            )
+            del cache
+        empty()
+
+    big = [b for b in batches if b != 1]
+    if big:
+        del model
+        empty()
+        model = make(batch_layers)
+        fair["weights_GB"][batch_layers] = mem() / 1e9
+        cfg = model.config
+        shape = (cfg.num_key_value_heads, ctx, cfg.head_dim)
+    for b in big:
+        base = dict(batch=b, layers=batch_layers, context=ctx, kv_filled="random")
+        tok0 = torch.randint(0, cfg.vocab_size - 1, (b, 1), device=dev)
+        with nq.nexusquant_evict(model, quality=preset), torch.no_grad():
+            from nexusquant.cache import NexusQuantCache
+
+            cache = NexusQuantCache(model, preset=preset)
+            t0 = time.perf_counter()
+            for layer in cache.layers:
+                k = torch.randn(b, *shape, device=dev, dtype=torch.bfloat16)
+                keys, _ = layer.update(k, torch.randn_like(k))
+                keys._nq_view.consumed = True  # as the nexusquant attention would, before compressing
+                layer.compress(None)
+                del k, keys
+            if cuda:
+                torch.cuda.synchronize()
+            fill_s = time.perf_counter() - t0
+            kv = cache.nbytes()
+            timed_row(
+                f"nexusquant {preset}",
+                lambda cache=cache, tok0=tok0: decode_loop(model, cache, tok0, ctx, steps, warmup),
+                **base,
+                loop="eager",
+                kv_GB=kv / 1e9,
+                compress_s=fill_s,
+            )
+            del cache
+        empty()
+        with torch.no_grad():
+            try:
+                static = _static_cache(
+                    model,
+                    slots,
+                    lambda i, b=b: (
+                        torch.randn(b, *shape, device=dev, dtype=torch.bfloat16),
+                        torch.randn(b, *shape, device=dev, dtype=torch.bfloat16),
+                    ),
+                )
+            except Exception as e:  # the bf16 cache may not fit: say so
+                record(cache="bf16 StaticCache", error=f"{type(e).__name__}: {e}"[:300], **base)
+                static = None
+            if static is not None:
+                variants = [("sdpa", "eager"), (FOLDED, "eager")] + ([(FOLDED, "cuda graph")] if cuda else [])
+                for impl, loop in variants:
+                    name = "bf16 StaticCache, " + (
+                        "sdpa (K/V repeated per query head)" if impl == "sdpa" else "folded GQA sdpa"
+                    )
+                    fn = graph_decode_loop if loop == "cuda graph" else decode_loop
+
+                    def run(fn=fn, impl=impl, static=static, tok0=tok0):
+                        with _attention(model, impl):
+                            _rewind(static, ctx)
+                            return fn(model, static, tok0, ctx, steps, warmup)
+
+                    kv = 2 * len(static.layers) * b * int(np.prod(shape)) * 2
+                    timed_row(name, run, **base, loop=loop, kv_GB=kv / 1e9)
+                    del run
+                del static
+        empty()
+
+
 def tables(results) -> str:
     lines = [
         f"Measured on {results['device']} ({results['date']}), "
@@ -398,23 +913,102 @@ def tables(results) -> str:
             lines.append(
                 f"Longest context that fits ({mode}), extrapolated from the peak memory per token: {n:,} tokens."
             )
+    if "fair" in results:
+        lines += fair_tables(results["fair"])
     return "\n".join(lines)
+
+
+def fair_tables(f) -> list:
+    gb = lambda b: f"{b / 1e9:.2f}"  # noqa: E731
+    lines = [
+        f"Decode at {f['context']:,} tokens of context, one loop for every cache ({f['warmup']} warm-up steps, "
+        f"then {f['steps']} timed with CUDA events): one-token forwards, greedy token fed back. bf16 "
+        f"StaticCache holds {f['static_slots']:,} slots. nexusquant {f['preset']} "
+        f"(key/value bits {f['settings']['key_bits']}/{f['settings']['value_bits']}, evict {f['settings']['evict']}). "
+        "tok/s = batch / seconds per step; x = nexusquant's tok/s over that row's.",
+        "",
+        "| batch | layers | cache | loop | ms/step | tok/s | nexusquant x | peak GB | KV GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    nqs = {
+        (r["batch"], r["layers"]): r["tokens_per_s"]
+        for r in f["rows"]
+        if r["cache"].startswith("nexusquant") and "error" not in r
+    }
+    for r in f["rows"]:
+        head = f"| {r['batch']} | {r['layers']} | {r['cache']} | {r.get('loop', '')} |"
+        if "error" in r:
+            lines.append(f"{head} failed: {r['error'][:100]} | | | | |")
+            continue
+        n = nqs.get((r["batch"], r["layers"]))
+        x = "" if r["cache"].startswith("nexusquant") or n is None else f"{n / r['tokens_per_s']:.2f}x"
+        kv = f"{r['kv_GB']:.2f}" if "kv_GB" in r else ""
+        lines.append(f"{head} {r['ms_per_step']:.1f} | {r['tokens_per_s']:.1f} | {x} | {r['peak_GB']:.1f} | {kv} |")
+    lines.append("")
+    if "folded_vs_sdpa_logits_rel_error" in f:
+        lines.append(
+            f"Folded GQA SDPA against transformers' SDPA path, same step: logits rel. error "
+            f"{f['folded_vs_sdpa_logits_rel_error']:.1e}."
+        )
+    if "bf16_prefill_s" in f:
+        lines.append(
+            f"bf16 one-shot prefill: {f['bf16_prefill_s']:.1f} s, peak {f['bf16_prefill_peak_GB']:.1f} GB, "
+            f"KV {f['bf16_kv_GB']:.2f} GB."
+        )
+    m = f.get("memory")
+    if m and "peak_bytes" in m:
+        last = m["last_chunk"]
+        live = m["live_at_last_chunk_peak"]
+        w, kv, pk = m["weights_bytes"], m["compressed_kv_bytes"], m["peak_bytes"]
+        ws = last["peak"] - last["allocated_at_start"]
+        lines += [
+            "",
+            f"Peak memory of the nexusquant chunked prefill ({m['chunks']} chunks of {f['chunk_size']}, "
+            f"{m['prefill_s']:.1f} s), batch 1:",
+            "",
+            "| part | GB |",
+            "|---|---|",
+            f"| weights | {gb(w)} |",
+            f"| compressed KV after the prefill (cache nbytes) | {gb(kv)} |",
+            f"| allocated after the prefill | {gb(m['allocated_after_prefill'])} |",
+            f"| allocated when the last chunk starts | {gb(last['allocated_at_start'])} |",
+            f"| of which the cache (codes + the held full-precision chunk) | {gb(last['cache_bytes_at_start'])} |",
+            f"| last chunk's working set (its peak - allocated at its start) | {gb(ws)} |",
+            f"| peak of the prefill (chunk {m['peak_chunk']} of {m['chunks']}) | {gb(pk)} |",
+            f"| target: weights + 1.5 x KV + last chunk's working set | {gb(w + 1.5 * kv + ws)} |",
+            "",
+            f"Live at the last chunk's peak, allocated during that chunk ({gb(live['new_live_bytes'])} GB; "
+            f"{live['events']} allocator events), by the innermost nexusquant/transformers frame:",
+            "",
+            "| where | GB | allocations |",
+            "|---|---|---|",
+        ]
+        for g in live["groups"]:
+            lines.append(f"| {g['where']} | {gb(g['bytes'])} | {g['allocations']} |")
+        lines.append(f"| (the rest) | {gb(live['other_bytes'])} | |")
+    return lines
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
-    ap.add_argument("--phase", default="all", choices=["kernels", "e2e", "all"])
+    ap.add_argument("--phase", default="all", choices=["kernels", "e2e", "fair", "all"])
     ap.add_argument("--contexts", default="32768,131072", help="e2e prompt lengths (two, for the extrapolation)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--layers", type=int, default=32, help="e2e decoder layers (32 = Llama-3-8B)")
     ap.add_argument("--presets", default="balanced", help="e2e: nexusquant presets run beside the bf16 cache")
     ap.add_argument("--chunk-size", type=int, default=None, help="e2e: also run each preset with chunked prefill")
     ap.add_argument("--chunked-only", action="store_true", help="e2e: only the chunked runs (long contexts)")
+    ap.add_argument("--fair-context", type=int, default=131072, help="fair: context tokens")
+    ap.add_argument("--fair-batches", default="1,8", help="fair: batch sizes (1 after a real prefill)")
+    ap.add_argument("--fair-batch-layers", type=int, default=24, help="fair: decoder layers for batches above 1")
+    ap.add_argument("--warmup", type=int, default=4, help="fair: untimed decode steps before the timed ones")
+    ap.add_argument("--tiny", action="store_true", help="fair: a small Llama, for a logic check on the CPU")
     args = ap.parse_args()
-    assert gpu.available(), "CUDA kernels unavailable"
+    if not args.tiny:
+        assert gpu.available(), "CUDA kernels unavailable"
     results = dict(
-        device=torch.cuda.get_device_name(0),
+        device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         date=str(date.today()),
         phase=args.phase,
         torch=torch.__version__,
@@ -428,10 +1022,12 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    stem = "e2e_fair" if args.phase == "fair" else args.phase
+
     def save():
-        (out / f"gpu_bench_{args.phase}.json").write_text(json.dumps(results, indent=2))
+        (out / f"gpu_bench_{stem}.json").write_text(json.dumps(results, indent=2, default=str))
         md = tables(results)
-        (out / f"gpu_bench_{args.phase}.md").write_text(md)
+        (out / f"gpu_bench_{stem}.md").write_text(md)
         return md
 
     if args.phase in ("kernels", "all"):
@@ -446,6 +1042,20 @@ def main():
             tuple(args.presets.split(",")),
             args.chunk_size,
             args.chunked_only,
+        )
+    if args.phase == "fair":
+        bench_fair(
+            results,
+            args.fair_context,
+            tuple(int(b) for b in args.fair_batches.split(",")),
+            args.new_tokens,
+            args.warmup,
+            args.layers,
+            args.fair_batch_layers,
+            args.presets.split(",")[0],
+            args.chunk_size or 2048,
+            save,
+            args.tiny,
         )
     print(save())
 
