@@ -364,12 +364,59 @@ def _folded_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
 
 
+MATMUL = "bf16_folded_matmul"
+NAMES = {"sdpa": "sdpa (K/V repeated per query head)", FOLDED: "folded GQA sdpa", MATMUL: "folded GQA matmul"}
+
+
+def _folded_matmul(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """The same folding as :func:`_folded_sdpa`, the attention as two batched matmuls (scores,
+    masked float32 softmax, weighted values): cuBLAS spreads the 131K-long reduction over the
+    whole GPU, where SDPA's kernels get one block per (batch, KV head) for a single query row
+    group. Static shapes, so it is captured in a CUDA graph as it is."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, hq, q, d = query.shape
+    hk = key.shape[1]
+    if q != 1 or hq == hk:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    scores = torch.matmul(query.reshape(b, hk, hq // hk, d), key.transpose(2, 3)).float()
+    scores = scores * (d**-0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
+    return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
+
+
 def _register_folded():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(FOLDED, _folded_sdpa)
-    AttentionMaskInterface.register(FOLDED, sdpa_mask)
+    for name, fn in ((FOLDED, _folded_sdpa), (MATMUL, _folded_matmul)):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def _attention_check(static, ctx):
+    """The folded attentions on layer 0's static K/V, a random query, the first ``ctx`` slots
+    allowed: rel. error against float32 attention over those slots alone."""
+    k, v = static.layers[0].keys, static.layers[0].values
+    b, hk, slots, d = k.shape
+    q = torch.randn(b, 4 * hk, 1, d, device=k.device, dtype=k.dtype)
+    mask = torch.zeros(b, 1, 1, slots, dtype=torch.bool, device=k.device)
+    mask[..., :ctx] = True
+    ref = F.scaled_dot_product_attention(
+        q.float(), k[:, :, :ctx].float(), v[:, :, :ctx].float(), scale=d**-0.5, enable_gqa=True
+    ).transpose(1, 2)
+    errors = {}
+    for name, fn in ((FOLDED, _folded_sdpa), (MATMUL, _folded_matmul)):
+        got = fn(None, q, k, v, mask, scaling=d**-0.5)[0].float()
+        errors[name] = ((got - ref).norm() / ref.norm()).item()
+    return errors
 
 
 class _attention:
@@ -550,10 +597,10 @@ class _ChunkMemory:
 
 
 def _label(frames):
-    """The innermost nexusquant or transformers frame of an allocation's stack."""
-    for key in ("/nexusquant/", "/transformers/"):
-        for f in frames:
-            name = f.get("filename", "")
+    """The innermost nexusquant or transformers frame of an allocation's stack (innermost first)."""
+    for f in frames:
+        name = f.get("filename", "")
+        for key in ("/nexusquant/", "/transformers/"):
             if key in name:
                 return f"{name.split(key)[-1]}:{f.get('line')} {f.get('name')} ({key.strip('/')})"
     f = frames[0] if frames else {}
@@ -689,6 +736,16 @@ def bench_fair(results, ctx, batches, steps, warmup, layers, batch_layers, prese
                 **base,
                 loop="eager",
             )
+            if cuda:
+                # The same with SDPA held to the flash kernel: no per-length plan (cuDNN's), but
+                # still a DynamicCache (each step concatenates the layer's whole K/V).
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                def flash():
+                    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                        return decode_loop(model, dyn, tok0, dyn.get_seq_length(), steps, warmup)
+
+                timed_row("bf16 DynamicCache, sdpa flash only", flash, **base, loop="eager")
             layers_kv = [(l.keys[:, :, :ctx], l.values[:, :, :ctx]) for l in dyn.layers]
             del dyn
 
@@ -701,22 +758,22 @@ def bench_fair(results, ctx, batches, steps, warmup, layers, batch_layers, prese
             del layers_kv
             # The folded attention against transformers' own SDPA path: the same step, both ways.
             pos = torch.full((1, 1), ctx, dtype=torch.long, device=dev)
+            fair["attention_rel_error_vs_float32"] = _attention_check(static, ctx)
             logits = {}
-            for impl in ("sdpa", FOLDED):
+            for impl in ("sdpa", FOLDED, MATMUL):
                 with _attention(model, impl):
                     _rewind(static, ctx)
                     logits[impl] = _step(model, static, tok0, pos)[1].float()
-            fair["folded_vs_sdpa_logits_rel_error"] = (
-                (logits[FOLDED] - logits["sdpa"]).norm() / logits["sdpa"].norm()
-            ).item()
+            fair["logits_rel_error_vs_sdpa"] = {
+                impl: ((logits[impl] - logits["sdpa"]).norm() / logits["sdpa"].norm()).item()
+                for impl in (FOLDED, MATMUL)
+            }
             del logits
-            variants = [("sdpa", "eager"), (FOLDED, "eager")]
+            variants = [("sdpa", "eager"), (FOLDED, "eager"), (MATMUL, "eager")]
             if cuda:
-                variants += [("sdpa", "cuda graph"), (FOLDED, "cuda graph")]
+                variants += [("sdpa", "cuda graph"), (FOLDED, "cuda graph"), (MATMUL, "cuda graph")]
             for impl, loop in variants:
-                name = "bf16 StaticCache, " + (
-                    "sdpa (K/V repeated per query head)" if impl == "sdpa" else "folded GQA sdpa"
-                )
+                name = "bf16 StaticCache, " + NAMES[impl]
                 fn = graph_decode_loop if loop == "cuda graph" else decode_loop
 
                 def run(fn=fn, impl=impl):
@@ -828,11 +885,13 @@ def bench_fair(results, ctx, batches, steps, warmup, layers, batch_layers, prese
                 record(cache="bf16 StaticCache", error=f"{type(e).__name__}: {e}"[:300], **base)
                 static = None
             if static is not None:
-                variants = [("sdpa", "eager"), (FOLDED, "eager")] + ([(FOLDED, "cuda graph")] if cuda else [])
+                # transformers' own path is left out here: repeat_kv's copies (8 GiB per K and V per
+                # layer at batch 8) do not fit beside this cache (out of memory in the first run).
+                variants = [(FOLDED, "eager"), (MATMUL, "eager")]
+                if cuda:
+                    variants += [(FOLDED, "cuda graph"), (MATMUL, "cuda graph")]
                 for impl, loop in variants:
-                    name = "bf16 StaticCache, " + (
-                        "sdpa (K/V repeated per query head)" if impl == "sdpa" else "folded GQA sdpa"
-                    )
+                    name = "bf16 StaticCache, " + NAMES[impl]
                     fn = graph_decode_loop if loop == "cuda graph" else decode_loop
 
                     def run(fn=fn, impl=impl, static=static, tok0=tok0):
@@ -945,11 +1004,14 @@ def fair_tables(f) -> list:
         kv = f"{r['kv_GB']:.2f}" if "kv_GB" in r else ""
         lines.append(f"{head} {r['ms_per_step']:.1f} | {r['tokens_per_s']:.1f} | {x} | {r['peak_GB']:.1f} | {kv} |")
     lines.append("")
-    if "folded_vs_sdpa_logits_rel_error" in f:
-        lines.append(
-            f"Folded GQA SDPA against transformers' SDPA path, same step: logits rel. error "
-            f"{f['folded_vs_sdpa_logits_rel_error']:.1e}."
-        )
+    for name, key in ((FOLDED, "folded GQA sdpa"), (MATMUL, "folded GQA matmul")):
+        att = f.get("attention_rel_error_vs_float32", {}).get(name)
+        lg = f.get("logits_rel_error_vs_sdpa", {}).get(name)
+        if att is not None:
+            lines.append(
+                f"{key}: attention output rel. error {att:.1e} against float32 attention over the valid slots "
+                f"(layer 0, random query); logits {lg:.1e} from transformers' SDPA path's, same step."
+            )
     if "bf16_prefill_s" in f:
         lines.append(
             f"bf16 one-shot prefill: {f['bf16_prefill_s']:.1f} s, peak {f['bf16_prefill_peak_GB']:.1f} GB, "
