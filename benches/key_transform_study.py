@@ -4,8 +4,12 @@
         --text alice29 lcet10 decode.c --out study.jsonl  VARIANT ...
 
 Each VARIANT is ``keys:values`` with keys one of ``fp``, ``e8-<bits>`` (the shipped per-vector
-Hadamard + E8 code, keys centred per head) or ``pca-<bits per element>[-pre]`` (the transform coder
-of ``nexusquant.transform``; ``-pre``: RoPE undone first), and values ``fp``, ``e8-<bits>`` or
+Hadamard + E8 code, keys centred per head) or ``pca-<bits per element>[-pre][-w][-x<fraction>]``
+(the transform coder of ``nexusquant.transform``; ``-pre``: RoPE undone first; ``-w``: in the
+metric of the prefill's queries, as the product fits it; ``-x0.03``: the 3% of tokens the basis
+codes worst, by error in that metric, get 3-bit E8 codes instead), or ``pcag-...``: the same with one
+water level for all layers (a Lagrange multiplier found by bisection so that all layers together
+hold the rate; ``pca-`` gives each layer the rate), and values ``fp``, ``e8-<bits>`` or
 ``pca-<bits per element>[-o]`` (the same transform coder on the values of all KV heads side by
 side; ``-o``: in the metric of the output projection, ``sum_j W_o,j^T W_o,j`` over the query heads
 ``j`` of each KV group, since a value error reaches the residual stream through ``W_o``).
@@ -13,10 +17,12 @@ side; ``-o``: in the metric of the output projection, ``sum_j W_o,j^T W_o,j`` ov
 For each text: the prefix is prefilled once (fp32 model); for each variant the prefix's keys and
 values, except the first 4 (sinks) and the last 16 (window), are replaced by their decoded codes in
 a copy of the cache, and the next ``C`` tokens are scored teacher-forced in one forward over that
-copy. PPL delta is against the same forward over the unmodified cache. Bits are bytes actually held
-by the codes (basis, means, steps and scales included) per compressed element; ``ratio`` is the
-whole prefix cache's fp16 bytes over what it would hold (sinks and window in fp16). This is a
-study tool: the product's numbers come from ``nexusquant eval``, which runs the real cache.
+copy. PPL delta is against the same forward over the unmodified cache; KL is the mean
+KL(uncompressed || coded) of the next-token distributions over the continuation, far less noisy.
+Bits are bytes actually held by the codes (basis, means, steps and scales included) per
+compressed element; ``ratio`` is the whole prefix cache's fp16 bytes over what it would hold
+(sinks and window in fp16). This is a study tool: the product's numbers come from
+``nexusquant eval``, which runs the real cache.
 """
 
 from __future__ import annotations
@@ -87,7 +93,9 @@ def undo_redo(model, k: torch.Tensor, cos, sin, inverse: bool) -> torch.Tensor:
     return out
 
 
-def code_keys(spec: str, k: torch.Tensor, model, cos, sin, q_pre=None, q_post=None) -> tuple[torch.Tensor, int]:
+def code_keys(
+    spec: str, k: torch.Tensor, model, cos, sin, q_pre=None, q_post=None, lagrange=None
+) -> tuple[torch.Tensor, int]:
     """Decoded keys ``(1, H, T, D)`` and the bytes the code holds."""
     from nexusquant.tables import get_codec
     from nexusquant.tiers import decode_tensor, encode_tensor
@@ -103,7 +111,7 @@ def code_keys(spec: str, k: torch.Tensor, model, cos, sin, q_pre=None, q_post=No
         codes, scales = encode_tensor(codec, k - center)
         out = decode_tensor(codec, codes, scales, torch.float32) + center
         return out, codes.numel() + scales.numel() * 2 + center.numel() * 2
-    if spec.startswith("pca-"):
+    if spec.startswith(("pca-", "pcag-")):
         parts = spec.split("-")
         rate = float(parts[1])
         pre = "pre" in parts[2:]
@@ -114,11 +122,30 @@ def code_keys(spec: str, k: torch.Tensor, model, cos, sin, q_pre=None, q_post=No
         m = None
         if "w" in parts[2:]:
             m = query_moment(q_pre if pre else q_post, h)
-        code = fit_key_transform(flat, rate, query_moment=m)
-        dec = code.decode().reshape(t, h, d).permute(1, 0, 2)[None]
+        code = fit_key_transform(flat, rate, query_moment=m, lagrange=lagrange)
+        nbytes = code.nbytes()
+        dec_flat = code.decode().float()
+        outliers = [p for p in parts[2:] if p.startswith("x")]
+        if outliers:
+            # ``-x<fraction>``: the tokens the basis codes worst (largest error in the query metric,
+            # i.e. logit error energy) get the per-vector E8 code at ``e8_bits`` instead.
+            frac, e8_bits = float(outliers[0][1:]), 3
+            err = flat.float() - dec_flat
+            metric = m.float() if m is not None else torch.eye(h * d)
+            energy = ((err @ metric) * err).sum(1)
+            n_out = int(round(frac * t))
+            worst = torch.topk(energy, n_out).indices
+            per_head = x[0].permute(1, 0, 2)[worst]  # (n_out, H, D)
+            center = x[0].mean(1, keepdim=True).permute(1, 0, 2)  # (1, H, D)
+            codec = get_codec(d, e8_bits, 0)
+            codes, scales = encode_tensor(codec, (per_head - center)[None])
+            e8 = decode_tensor(codec, codes, scales, torch.float32)[0] + center
+            dec_flat[worst] = e8.reshape(n_out, h * d)
+            nbytes += codes.numel() + scales.numel() * 2 - n_out * code.codes.shape[1]
+        dec = dec_flat.reshape(t, h, d).permute(1, 0, 2)[None]
         if pre:
             dec = undo_redo(model, dec, cos, sin, inverse=False)
-        return dec, code.nbytes()
+        return dec, nbytes
     raise SystemExit(f"unknown key spec {spec!r}")
 
 
@@ -158,13 +185,44 @@ def code_values(spec: str, v: torch.Tensor, attn=None) -> tuple[torch.Tensor, in
     ) + center, codes.numel() + scales.numel() * 2 + center.numel() * 2
 
 
+def common_water_level(model, cache, kspec: str, cos, sin, queries) -> float:
+    """``pcag-<rate>...``: one Lagrange multiplier for all layers (a common water level, so a bit
+    buys the same query-metric error in every layer), found by bisection so that the keys of all
+    layers together hold ``rate`` bits per element, as ``pca-<rate>`` holds in each layer."""
+    rate = float(kspec.split("-")[1])
+    pre = "pre" in kspec.split("-")[2:]
+
+    def total_bits(lam: float) -> tuple[float, int]:
+        held = elems = 0
+        for i, layer in enumerate(cache.layers):
+            k = layer.keys
+            lo, hi = SINKS, k.shape[2] - WINDOW
+            q = queries[i] if pre else undo_redo(model, queries[i], cos, sin, inverse=False)
+            _, nb = code_keys(kspec, k[:, :, lo:hi], model, cos[:, lo:hi], sin[:, lo:hi], q, q, lagrange=lam)
+            held += 8 * nb
+            elems += k[:, :, lo:hi].numel()
+        return held, elems
+
+    lo_l, hi_l = -12.0, 6.0  # log10 of the multiplier
+    for _ in range(18):
+        mid = (lo_l + hi_l) / 2
+        held, elems = total_bits(10**mid)
+        if held > rate * elems:
+            lo_l = mid  # too many bits: raise the water level
+        else:
+            hi_l = mid
+    return 10**hi_l
+
+
 def run_variant(model, cache, cont_ids, spec: str, prefix: int, cos, sin, queries=None):
     from transformers import DynamicCache
 
     kspec, vspec = spec.split(":")
+    lagrange = common_water_level(model, cache, kspec, cos, sin, queries) if kspec.startswith("pcag-") else None
     new = DynamicCache(config=model.config)
     held = fp16 = 0
     kbytes = kel = vbytes = 0
+    layer_bits: list[float] = []
     for i, layer in enumerate(cache.layers):
         k, v = layer.keys, layer.values
         n = k.shape[2]
@@ -173,7 +231,7 @@ def run_variant(model, cache, cont_ids, spec: str, prefix: int, cos, sin, querie
         if queries is not None:
             q_pre = queries[i]
             q_post = undo_redo(model, q_pre, cos, sin, inverse=False)
-        kc, kb = code_keys(kspec, k[:, :, lo:hi], model, cos[:, lo:hi], sin[:, lo:hi], q_pre, q_post)
+        kc, kb = code_keys(kspec, k[:, :, lo:hi], model, cos[:, lo:hi], sin[:, lo:hi], q_pre, q_post, lagrange)
         vc, vb = code_values(vspec, v[:, :, lo:hi], model.model.layers[i].self_attn)
         k2 = torch.cat([k[:, :, :lo], kc.to(k.dtype), k[:, :, hi:]], 2)
         v2 = torch.cat([v[:, :, :lo], vc.to(v.dtype), v[:, :, hi:]], 2)
@@ -182,11 +240,13 @@ def run_variant(model, cache, cont_ids, spec: str, prefix: int, cos, sin, querie
         held += kb + vb + fpb
         fp16 += 2 * k.numel() * 2
         kbytes += kb
+        layer_bits.append(round(8 * kb / kc.numel(), 2))
         vbytes += vb
         kel += kc.numel()
     with torch.inference_mode():
         out = model(input_ids=cont_ids[:, :-1], past_key_values=new, use_cache=True)
-    return out.logits[0].float(), {"ratio": fp16 / held, "key_bits": 8 * kbytes / kel, "value_bits": 8 * vbytes / kel}
+    info = {"ratio": fp16 / held, "key_bits": 8 * kbytes / kel, "value_bits": 8 * vbytes / kel}
+    return out.logits[0].float(), {**info, "layer_key_bits": layer_bits}
 
 
 def nll(first_logits, logits, targets):
@@ -224,12 +284,18 @@ def main() -> int:
         for spec in args.variants:
             logits, info = run_variant(model, cache, cont, spec, args.prefix, cos, sin, queries)
             d = 100 * (math.exp(nll(first, logits, cont[0]) - base) - 1)
-            row = {"text": text.name, "prefix": args.prefix, "variant": spec, "ppl_delta_pct": d, **info}
+            # KL(uncompressed || coded) per continuation token: far less noisy than a PPL delta.
+            kl = float(
+                torch.nn.functional.kl_div(
+                    logits.log_softmax(-1), base_logits.log_softmax(-1), log_target=True, reduction="batchmean"
+                )
+            )
+            row = {"text": text.name, "prefix": args.prefix, "variant": spec, "ppl_delta_pct": d, "kl": kl, **info}
             rows.append(row)
             print(
                 f"{text.name:10s} {spec:24s} ratio {info['ratio']:6.2f} key bits {info['key_bits']:5.2f} "
                 f"value bits {info['value_bits']:5.2f}  "
-                f"dPPL {d:+7.2f}%",
+                f"dPPL {d:+7.2f}%  KL {kl:.4f}",
                 flush=True,
             )
             if args.out:
@@ -242,7 +308,8 @@ def main() -> int:
         print(
             f"{spec:24s} ratio {sum(r['ratio'] for r in sel) / len(sel):6.2f} key bits "
             f"{sum(r['key_bits'] for r in sel) / len(sel):5.2f}  "
-            f"dPPL {sum(r['ppl_delta_pct'] for r in sel) / len(sel):+7.2f}%"
+            f"dPPL {sum(r['ppl_delta_pct'] for r in sel) / len(sel):+7.2f}%  "
+            f"KL {sum(r['kl'] for r in sel) / len(sel):.4f}"
         )
     return 0
 
