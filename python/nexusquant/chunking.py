@@ -23,7 +23,8 @@ What chunking changes for the compressor (docs/EVAL.md has the measured cost):
 - budgets: ``evict`` and ``demote`` are fractions of each chunk's tokens, not of the whole prompt,
   so every part of a long prompt keeps the same share;
 - the transform coder (``key_codec="pca"``) fits its basis on the first chunk (with the second
-  chunk's queries as its metric), and later chunks are coded in it.
+  chunk's queries as its metric), and later chunks are coded in it; its budget spreads the
+  basis's bytes over the whole prompt, as a one-shot prefill of the same prompt does.
 """
 
 from __future__ import annotations
