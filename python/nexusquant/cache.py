@@ -122,7 +122,6 @@ class NexusQuantLayer(CacheLayerMixin):
         # previous forward whether attention runs through nexusquant.
         state = self.__dict__.copy()
         state["attn_config"] = None
-        state["_fp"] = None  # identity checks only: the next step starts a new sinks + window tensor
         return state
 
     def _reset_state(self) -> None:
@@ -150,9 +149,6 @@ class NexusQuantLayer(CacheLayerMixin):
         self.prompt_tokens = 0
         self.dropped = 0
         self.last_view: Optional[LayerView] = None
-        # (window keys, window values, sink keys, sink values) as the last fused decode step left
-        # them, the window a view of one tensor with the sinks (see _fused_update); None: none.
-        self._fp: Optional[tuple] = None
         self.keys = self.values = None
 
     def __repr__(self) -> str:
@@ -236,10 +232,6 @@ class NexusQuantLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[2]
-        if q == 1 and self._attention_is_nexusquant():
-            tiers = self._fused_tiers()
-            if tiers:
-                return self._fused_update(key_states, value_states, tiers)
         seen_before = self.seen
         if self.is_sliding and self.window_len > 0:
             # Window tokens no query of this forward can see (seq <= seen - window) are dropped, as
@@ -260,6 +252,11 @@ class NexusQuantLayer(CacheLayerMixin):
         self.win_valid = new_valid if self.win_valid is None else torch.cat([self.win_valid, new_valid], dim=1)
         self.seen += q
 
+        if q == 1 and self._attention_is_nexusquant() and self._fused_decode_possible():
+            keys, values, view = self._lazy_view(q, w_before, seen_before)
+            keys._nq_view = view
+            self.last_view = view
+            return keys, values
         comp_k, comp_v, comp_seq, comp_valid = self._compressed_parts()
         if comp_k is None:
             keys, values, c = self.win_k, self.win_v, 0
@@ -311,90 +308,41 @@ class NexusQuantLayer(CacheLayerMixin):
         elif self.wants_block_compression():
             self.compress(None, generated=True)
 
-    def _fused_tiers(self) -> tuple[Tier, ...]:
-        """The tiers decode attention can read as codes (CUDA kernel, post-RoPE keys), or ``()``
-        where it cannot."""
+    def _fused_decode_possible(self) -> bool:
+        """Whether decode attention can read this layer's codes directly (CUDA kernel, post-RoPE keys)."""
         if self.is_sliding or self.settings.key_domain != "post_rope":
-            return ()
+            return False
         tiers = self.holding_tiers()
-        for t in tiers:
-            if t.keys.codec is None or t.values.codec is None:
-                return ()
-        if not tiers:
-            return ()
+        if not tiers or any(t.keys.codec is None or t.values.codec is None for t in tiers):
+            return False
         if self.device.type == "cuda":
             codec = tiers[0].keys.codec
             assert codec is not None  # checked above
-            return tiers if gpu.available(self.device) and gpu.fused_supported(codec.padded_dim, 8) else ()
-        return tiers if os.environ.get(FUSED_REFERENCE_ENV) == "1" else ()
+            return gpu.available(self.device) and gpu.fused_supported(codec.padded_dim, 8)
+        return os.environ.get(FUSED_REFERENCE_ENV) == "1"
 
-    def _fused_update(self, key_states: torch.Tensor, value_states: torch.Tensor, tiers: tuple[Tier, ...]):
-        """``update`` of one token where decode attention reads the ``tiers`` as codes: the returned
-        keys and values hold the full-precision slots only (sinks, then the window ending with the
-        new token) and carry a lazy view.
-
-        The sinks and the window sit in one tensor, grown by a token a step, the window a view of
-        its tail: a step costs one concatenation each for keys and values, where concatenating the
-        window and then sinks + window took two (same values, fewer launches: this runs for every
-        layer at every decode step, bound by the host at batch 1). Anything that replaces the
-        window or the sinks (compression, batch maps, loading) breaks the identity checks below and
-        the next step starts a new tensor."""
-        seen_before = self.seen
-        w_before = self.window_len
-        win_k, win_v, sink_k, sink_v = self.win_k, self.win_v, self.sink_k, self.sink_v
-        c = 0 if sink_k is None else sink_k.shape[2]
-        dtype = key_states.dtype
-        if c == 0:
-            keys = key_states if win_k is None else torch.cat([win_k, key_states], dim=2)
-            values = value_states if win_v is None else torch.cat([win_v, value_states], dim=2)
-            self.win_k, self.win_v = keys, values
-            keys = keys.view_as(keys)  # a distinct tensor object to carry the view
+    def _lazy_view(self, q: int, w_before: int, seen_before: int):
+        """Keys/values of the full-precision slots only (sinks, then window); tiers stay as codes."""
+        assert self.win_k is not None and self.win_v is not None
+        tiers = self.holding_tiers()
+        if self.sink_k is not None and self.sink_k.shape[2] > 0:
+            assert self.sink_v is not None
+            keys = torch.cat([self.sink_k, self.win_k], dim=2)
+            values = torch.cat([self.sink_v, self.win_v], dim=2)
+            c = self.sink_k.shape[2]
         else:
-            assert sink_k is not None and sink_v is not None
-            fp = getattr(self, "_fp", None)  # absent from layers pickled before it existed
-            base_k = None if win_k is None else win_k._base
-            base_v = None if win_v is None else win_v._base
-            if (
-                fp is not None
-                and fp[0] is win_k
-                and fp[1] is win_v
-                and fp[2] is sink_k
-                and fp[3] is sink_v
-                and base_k is not None
-                and base_v is not None
-                and base_k.dtype == dtype
-                and base_v.dtype == value_states.dtype
-            ):
-                keys = torch.cat([base_k, key_states], dim=2)
-                values = torch.cat([base_v, value_states], dim=2)
-            elif sink_k.dtype == dtype and (win_k is None or win_k.dtype == dtype):
-                keys = torch.cat([sink_k, key_states] if win_k is None else [sink_k, win_k, key_states], dim=2)
-                values = torch.cat([sink_v, value_states] if win_v is None else [sink_v, win_v, value_states], dim=2)
-            else:  # mixed dtypes: promote as two concatenations would (window first)
-                win_k = key_states if win_k is None else torch.cat([win_k, key_states], dim=2)
-                win_v = value_states if win_v is None else torch.cat([win_v, value_states], dim=2)
-                keys, values = torch.cat([sink_k, win_k], dim=2), torch.cat([sink_v, win_v], dim=2)
-            self.win_k, self.win_v = keys[:, :, c:], values[:, :, c:]
-            self._fp = (self.win_k, self.win_v, sink_k, sink_v)
-        self.win_valid = (
-            torch.ones(self.batch, 1, dtype=torch.bool, device=self.device)
-            if self.win_valid is None
-            else torch.cat([self.win_valid, _true_column(self.batch, self.device)], dim=1)
-        )
-        self.seen += 1
+            keys, values, c = self.win_k.view_as(self.win_k), self.win_v, 0
         view = LayerView(
             self,
             c,
-            w_before + 1,
-            1,
+            w_before + q,
+            q,
             seen_before,
             self.sink_seq if c else None,
             self.sink_valid if c else None,
             lazy_tiers=tiers,
         )
-        keys._nq_view = view  # type: ignore[attr-defined]
-        self.last_view = view
-        return keys, values
+        return keys, values, view
 
     def materialize(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantize a lazy view's tiers: all keys and values, as a non-lazy ``update`` returns them."""
@@ -681,7 +629,6 @@ class NexusQuantLayer(CacheLayerMixin):
         self.win_k = self.win_k[:, :, n:].contiguous()
         self.win_v = self.win_v[:, :, n:].contiguous()
         self.win_valid = rest_valid.contiguous()
-        self._fp = None
         if self.is_sliding:
             self._prune_outside_window()
 
@@ -791,17 +738,6 @@ def _select_heads(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.T
     b, h, n = mask.shape
     idx, valid = _select_rows(mask.reshape(b * h, n), count)
     return idx.reshape(b, h, count), valid.reshape(b, h, count)
-
-
-_TRUE_COLUMNS: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _true_column(batch: int, device: torch.device) -> torch.Tensor:
-    """A shared bool ``(batch, 1)`` of True, only ever concatenated (never stored or written)."""
-    t = _TRUE_COLUMNS.get((batch, device))
-    if t is None:
-        t = _TRUE_COLUMNS[(batch, device)] = torch.ones(batch, 1, dtype=torch.bool, device=device)
-    return t
 
 
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
