@@ -1,4 +1,5 @@
-"""Rotary tables (nexusquant.rope.RopeTable): held as half rows where the model repeats them."""
+"""Rotary tables (nexusquant.rope.RopeTable): held as half rows where the model repeats them, and
+recorded by a session or by a cache made with the model."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import json
 import pytest
 import torch
 from tiny_models import family_supported, make_tiny
+from transformers import DynamicCache
 
 import nexusquant as nq
 from nexusquant._core import read_nqkv, write_nqkv
+from nexusquant.cache import NexusQuantCache
 from nexusquant.compat import output_cache, with_cache
 from nexusquant.rope import RopeTable
 
@@ -93,3 +96,55 @@ def test_a_bad_half_flag_is_a_corrupt_file(tmp_path):
     write_nqkv(str(tmp_path / "bad.nqkv"), [("META", json.dumps(meta).encode())] + list(sections[1:]))
     with pytest.raises(nq.CorruptFileError, match="half must be true or false"):
         nq.load_cache(tmp_path / "bad.nqkv", model)
+
+
+@pytest.mark.parametrize("family", [f for f in ("llama", "gemma3") if family_supported(f)])
+@torch.no_grad()
+def test_a_cache_made_with_the_model_records_its_own_angles(family):
+    """NexusQuantCache(model, key_domain="pre_rope") hooks the model's attention to record the
+    rotary angles, so a cache managed by hand holds pre-RoPE keys without nexusquant_evict: the
+    same logits as the session; the hooks act on this cache's calls only and go with the cache."""
+    import gc
+
+    from nexusquant.architecture import attention_modules
+
+    model = make_tiny(family)
+    ids = torch.randint(3, 90, (1, 90), generator=torch.Generator().manual_seed(2))
+    knobs = dict(key_domain="pre_rope", recent_window=8, block=8)
+
+    def decode(cache):
+        out = [model(ids[:, :80], **with_cache(model, cache), use_cache=True).logits[:, -1:]]
+        out += [model(ids[:, i : i + 1], **with_cache(model, cache), use_cache=True).logits for i in range(80, 90)]
+        return torch.cat(out, 1)
+
+    with nq.nexusquant_evict(model, quality="high", **knobs):
+        want = decode(DynamicCache(config=model.config))
+    attention = attention_modules(model)
+    hooks_before = len(attention[0]._forward_pre_hooks)
+    model.set_attn_implementation("nexusquant")
+    try:
+        cache = NexusQuantCache(model, preset="high", **knobs)
+        assert cache.records_own_rope and len(attention[0]._forward_pre_hooks) == hooks_before + 1
+        got = decode(cache)
+        assert torch.equal(got, want)
+        # Another cache in the same model is left alone by this one's hooks (and records its own).
+        other = NexusQuantCache(model, preset="high", **knobs)
+        model(ids[:, :50], **with_cache(model, other), use_cache=True)
+        assert all(t.length == 90 for t in cache.rope_tables.values())
+        assert all(t.length == 50 for t in other.rope_tables.values())
+        # Inside a session the cache records once, not twice.
+        with nq.nexusquant_evict(model, quality="high", **knobs):
+            model(ids[:, 50:60], **with_cache(model, other), use_cache=True)
+        assert all(t.length == 60 for t in other.rope_tables.values())
+    finally:
+        model.set_attn_implementation("sdpa")
+    del cache, other
+    gc.collect()
+    assert len(attention[0]._forward_pre_hooks) == hooks_before
+    # Under SDPA (compression before the next forward) it records every token too.
+    cache = NexusQuantCache(model, preset="high", **knobs)
+    decode(cache)
+    assert all(t.length == 90 for t in cache.rope_tables.values())
+    # Made from the config alone it cannot hook anything: the first compression says what to do.
+    with pytest.raises(nq.NexusQuantError, match=r"NexusQuantCache\(model"):
+        decode(NexusQuantCache(model.config, preset="high", **knobs))

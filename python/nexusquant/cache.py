@@ -32,10 +32,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import gpu
 from ._core import NexusQuantError
 from .allocation import allocate_tokens
-from .architecture import layer_plan, model_fingerprint
+from .architecture import attention_modules, layer_plan, model_fingerprint
 from .chunking import held_while_prefilling, prompt_tokens_in_prefill
 from .presets import CompressionSettings, resolve_settings
-from .rope import RopeAdapter, RopeTable
+from .rope import RopeAdapter, RopeRecorder, RopeTable, next_forward_id
 from .scoring import key_key_importance, pool_scores
 from .tiers import TIER_NAMES, Tier, TransformCodedKeys
 
@@ -447,8 +447,9 @@ class NexusQuantLayer(CacheLayerMixin):
     def _rope_angles(self, seq: torch.Tensor):
         if self.rope_adapter is None or self.rope_key not in self.rope_tables:
             raise NexusQuantError(
-                "key_domain='pre_rope' needs the rotary angles of every token: use nexusquant_evict(model), "
-                "which records them, or key_domain='post_rope'"
+                "key_domain='pre_rope' needs the rotary angles of every token: use nexusquant_evict(model) or "
+                "make the cache with the model, NexusQuantCache(model, ...), which record them, or "
+                "key_domain='post_rope'"
             )
         return self.rope_tables[self.rope_key].gather(seq)
 
@@ -767,7 +768,14 @@ class NexusQuantCache(Cache):
     ``QuantizedCache`` does: each layer's keys and values are dequantized for its attention, one
     layer at a time, and compression happens before the next forward (see
     :meth:`NexusQuantLayer.catch_up` for what differs).
+
+    Made with the model (not its config) and ``key_domain="pre_rope"``, the cache hooks the model's
+    attention modules to record the rotary angles of the tokens it holds, as ``nexusquant_evict``
+    does (the hooks act on calls that carry this cache only, and go when the cache goes).
     """
+
+    # Set when the cache records its own rotary angles: a nexusquant_evict session leaves them to it.
+    records_own_rope = False
 
     def __init__(
         self,
@@ -776,8 +784,9 @@ class NexusQuantCache(Cache):
         record_positions: bool = False,
         **knobs: Any,
     ):
+        model = None
         if hasattr(config, "config") and hasattr(config, "forward"):
-            config = config.config
+            model, config = config, config.config
         self.settings = resolve_settings(preset, **knobs)
         self.rope_tables: dict[int, RopeTable] = {}
         self.fingerprint = model_fingerprint(config)
@@ -790,6 +799,30 @@ class NexusQuantCache(Cache):
             layer.attn_config = weakref.ref(text)
             layer.layer_idx = i
         super().__init__(layers=list(layers))  # a copy mypy types as Cache's (invariant) list of layers
+        if model is not None and self.settings.key_domain == "pre_rope":
+            self._record_own_rope(model, plan)
+
+    def _record_own_rope(self, model: torch.nn.Module, plan: list[Optional[int]]) -> None:
+        """Hook ``model``'s attention modules so that every forward with this cache records its
+        rotary angles (:class:`~nexusquant.rope.RopeRecorder`). The hooks hold the cache weakly
+        and are removed when it is collected."""
+        recorder = RopeRecorder(plan)
+        me = weakref.ref(self)
+        state = {"forward": 0}
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            cache = me()
+            if cache is None or find_cache(args, kwargs) is not cache:
+                return
+            idx = module.layer_idx
+            assert isinstance(idx, int)  # attention_modules picks modules with one
+            if idx == 0:
+                state["forward"] = next_forward_id()
+            recorder.record(module, kwargs, cache.rope_tables, cache.layers[idx], state["forward"])
+
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_modules(model)]
+        weakref.finalize(self, _remove_hooks, handles)
+        self.records_own_rope = True
 
     def get_mask_sizes(self, query_length: Any, layer_idx: int) -> tuple[int, int]:
         """transformers sizes a forward's masks here, before any layer runs: the moment to compress
@@ -809,6 +842,19 @@ class NexusQuantCache(Cache):
     def compression_stats(self) -> dict[str, Any]:
         """Tokens kept per tier, bytes held and the real ratio against fp16, per layer and overall."""
         return compression_stats(self)
+
+
+def _remove_hooks(handles: list[Any]) -> None:
+    for h in handles:
+        h.remove()
+
+
+def find_cache(args: tuple, kwargs: dict) -> Optional[Cache]:
+    """The transformers ``Cache`` among a call's arguments (an attention module's), or None."""
+    for v in list(kwargs.values()) + list(args):
+        if isinstance(v, Cache):
+            return v
+    return None
 
 
 def compression_stats(cache: Cache) -> dict[str, Any]:

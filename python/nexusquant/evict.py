@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,17 +27,16 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 from ._core import NexusQuantError
 from .architecture import SUPPORTED_MODEL_TYPES, attention_modules, check_supported, layer_plan, model_fingerprint
 from .attention import register as register_attention
-from .cache import ATTN_IMPLEMENTATION, NexusQuantLayer, compression_stats
+from .cache import ATTN_IMPLEMENTATION, NexusQuantLayer, compression_stats, find_cache
 from .chunking import check_chunk_size, forward_in_chunks, wants_chunks
 from .compat import cache_kwarg
 from .presets import CompressionSettings, resolve_settings
-from .rope import RopeAdapter, RopeTable
+from .rope import RopeRecorder, RopeTable, next_forward_id
 
 __all__ = ["nexusquant_evict", "EvictSession", "attention_modules", "SUPPORTED_MODEL_TYPES"]
 
 _lock = threading.Lock()
 _ABSENT = object()
-_forwards = itertools.count(1)
 
 
 def _configs(model: torch.nn.Module) -> list[Any]:
@@ -50,13 +48,6 @@ def _configs(model: torch.nn.Module) -> list[Any]:
     return list(seen.values())
 
 
-def _find_cache(args: tuple, kwargs: dict) -> Optional[Cache]:
-    for v in list(kwargs.values()) + list(args):
-        if isinstance(v, Cache):
-            return v
-    return None
-
-
 class EvictSession:
     """State of one ``nexusquant_evict`` block: settings, the model's layer plan, the caches seen."""
 
@@ -66,7 +57,7 @@ class EvictSession:
         self.chunk_size = chunk_size
         self.plan = layer_plan(model.config)
         self.fingerprint = model_fingerprint(model.config)
-        self._adapters: dict[int, RopeAdapter] = {}
+        self._rope = RopeRecorder(self.plan)
         # A strong reference: the DynamicCache that generate makes is freed when generate returns,
         # and stats() is asked for after that (the README's first example). A compressed cache is
         # small; the session holds the last one only, until the session itself goes.
@@ -85,7 +76,7 @@ class EvictSession:
 
     # The hook runs before every attention call; it is cheap when the layer is already ours.
     def pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = _find_cache(args, kwargs)
+        cache = find_cache(args, kwargs)
         if cache is None:
             return
         idx = module.layer_idx
@@ -102,26 +93,13 @@ class EvictSession:
         if getattr(cache, "fingerprint", None) is None:
             cache.fingerprint = self.fingerprint  # type: ignore[attr-defined]
         if idx == 0:
-            self._forward = next(_forwards)
+            self._forward = next_forward_id()
             self._record_ids(cache, layer)
         self._last_cache = cache
-        if self.settings.key_domain == "pre_rope":
-            pe = kwargs.get("position_embeddings")
-            if pe is None:
-                raise NexusQuantError(
-                    f"{type(module).__name__} got no position_embeddings: key_domain='pre_rope' needs them"
-                )
-            adapter = self._adapters.get(id(module))
-            if adapter is None:
-                adapter = self._adapters[id(module)] = RopeAdapter(module)
-            key = 1 if self.plan[idx] is not None else 0  # one table per rotary embedding (local/global)
-            tables = _rope_tables(cache)
-            if key not in tables:
-                tables[key] = RopeTable()
-            cos, sin = adapter.split(pe)
-            tables[key].record(cos, sin, layer.seen, self._forward)
-            layer.rope_tables = tables
-            layer.attach_rope(adapter, key)
+        # A NexusQuantCache made with the model records its own angles (its settings, not the
+        # session's, decide whether it needs them); recording twice would store them twice.
+        if self.settings.key_domain == "pre_rope" and not getattr(cache, "records_own_rope", False):
+            self._rope.record(module, kwargs, _rope_tables(cache), layer, self._forward)
 
     def chunking_forward(self, forward: Any) -> Any:
         """``forward`` (the model's own, bound) wrapped so that a prompt longer than ``chunk_size``

@@ -701,7 +701,8 @@ def _load_cache(path: Path, model: Any) -> NexusQuantCache:
         meta = _read_meta(reader)
     _check_fingerprint(_dict(meta["fingerprint"], "META fingerprint"), model)
     settings = _settings_from_meta(meta["settings"])
-    cache = NexusQuantCache(model.config, preset=settings)
+    # With the model itself, a pre-RoPE cache records the angles of the tokens it goes on to hold.
+    cache = NexusQuantCache(model if hasattr(model, "forward") else model.config, preset=settings)
     n_layers = len(cache.layers)
     if len(meta["layers"]) != n_layers:
         raise NexusQuantError(f"cache file holds {len(meta['layers'])} layers, the model has {n_layers}")

@@ -11,14 +11,24 @@ partial rotary) is right by construction: nothing here recomputes an angle.
 from __future__ import annotations
 
 import inspect
+import itertools
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from ._core import NexusQuantError
 
-__all__ = ["RopeAdapter", "RopeTable"]
+__all__ = ["RopeAdapter", "RopeTable", "RopeRecorder", "next_forward_id"]
+
+# Names model forwards (the first attention of each one draws a number; unique across sessions and
+# caches), so that a rotary table records a forward's angles once even when a split model hands each
+# layer its own copy of them.
+_forward_ids = itertools.count(1)
+
+
+def next_forward_id() -> int:
+    return next(_forward_ids)
 
 
 class RopeAdapter:
@@ -202,3 +212,37 @@ class RopeTable:
         if self.cos is not None:
             self.cos, self.sin = fn(self.cos), fn(self.sin)
         self._mirrors.clear()
+
+
+class RopeRecorder:
+    """Records each forward's rotary angles into a cache's tables, from the ``position_embeddings``
+    an attention module is called with: what pre-RoPE keys (``key_domain="pre_rope"``) need to undo
+    and redo the rotation. ``nexusquant_evict`` runs one from its attention hooks; a
+    :class:`~nexusquant.cache.NexusQuantCache` made with the model installs its own."""
+
+    def __init__(self, plan: list[Optional[int]]):
+        self.plan = plan  # per layer, its sliding window: one table per rotary embedding (local/global)
+        self._adapters: dict[int, RopeAdapter] = {}
+
+    def record(
+        self, module: torch.nn.Module, kwargs: dict[str, Any], tables: dict[int, RopeTable], layer: Any, forward: int
+    ) -> None:
+        """Store the angles of the tokens ``module`` is about to process for the cache layer
+        ``layer`` (a :class:`~nexusquant.cache.NexusQuantLayer`), whose cache holds ``tables``."""
+        pe = kwargs.get("position_embeddings")
+        if pe is None:
+            raise NexusQuantError(
+                f"{type(module).__name__} got no position_embeddings: key_domain='pre_rope' needs them"
+            )
+        adapter = self._adapters.get(id(module))
+        if adapter is None:
+            adapter = self._adapters[id(module)] = RopeAdapter(module)
+        idx = module.layer_idx
+        assert isinstance(idx, int)  # attention modules are found by their layer_idx
+        key = 1 if self.plan[idx] is not None else 0
+        if key not in tables:
+            tables[key] = RopeTable()
+        cos, sin = adapter.split(pe)
+        tables[key].record(cos, sin, layer.seen, forward)
+        layer.rope_tables = tables
+        layer.attach_rope(adapter, key)
