@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import nexusquant as nq
 from nexusquant import gpu
 from nexusquant.codec import as_codec_input
+from nexusquant.eval.methods import parse_variant
 from nexusquant.presets import resolve_settings
 
 
@@ -663,8 +664,13 @@ def tiny_llama(layers=2):
     return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
 
 
-def bench_fair(results, ctx, batches, steps, warmup, layers, batch_layers, preset, chunk_size, save, tiny=False):
+def bench_fair(
+    results, ctx, batches, steps, warmup, layers, batch_layers, preset, chunk_size, save, tiny=False, knobs=None
+):
     from nexusquant.compat import output_cache
+
+    knobs = dict(knobs or {})
+    label = f"nexusquant {preset}" + (" [" + ",".join(f"{k}={v}" for k, v in knobs.items()) + "]" if knobs else "")
 
     _register_folded()
     cuda = torch.cuda.is_available()
@@ -681,7 +687,8 @@ def bench_fair(results, ctx, batches, steps, warmup, layers, batch_layers, prese
         steps=steps,
         warmup=warmup,
         preset=preset,
-        settings=resolve_settings(preset).as_dict(),
+        knobs=knobs,
+        settings=resolve_settings(preset, **knobs).as_dict(),
         chunk_size=chunk_size,
         static_slots=slots,
         rows=rows,
@@ -788,7 +795,7 @@ def bench_fair(results, ctx, batches, steps, warmup, layers, batch_layers, prese
         # nexusquant: chunked prefill (memory broken down), then the same decode loop.
         chunks = -(-ctx // chunk_size)
         reset()
-        with nq.nexusquant_evict(model, quality=preset, chunk_size=chunk_size), torch.no_grad():
+        with nq.nexusquant_evict(model, quality=preset, chunk_size=chunk_size, **knobs), torch.no_grad():
             with _ChunkMemory(chunks) as cm:
                 before = mem()
                 t0 = time.perf_counter()
@@ -826,7 +833,7 @@ def bench_fair(results, ctx, batches, steps, warmup, layers, batch_layers, prese
             fair["memory"] = m
             print({k: v for k, v in m.items() if k not in ("per_chunk_peak_GB", "live_at_last_chunk_peak")}, flush=True)
             timed_row(
-                f"nexusquant {preset}",
+                label,
                 lambda cache=cache, tok0=tok0: decode_loop(model, cache, tok0, cache.get_seq_length(), steps, warmup),
                 **base,
                 loop="eager",
@@ -846,10 +853,10 @@ def bench_fair(results, ctx, batches, steps, warmup, layers, batch_layers, prese
     for b in big:
         base = dict(batch=b, layers=batch_layers, context=ctx, kv_filled="random")
         tok0 = torch.randint(0, cfg.vocab_size - 1, (b, 1), device=dev)
-        with nq.nexusquant_evict(model, quality=preset), torch.no_grad():
+        with nq.nexusquant_evict(model, quality=preset, **knobs), torch.no_grad():
             from nexusquant.cache import NexusQuantCache
 
-            cache = NexusQuantCache(model, preset=preset)
+            cache = NexusQuantCache(model, preset=preset, **knobs)
             t0 = time.perf_counter()
             for layer in cache.layers:
                 k = torch.randn(b, *shape, device=dev, dtype=torch.bfloat16)
@@ -862,7 +869,7 @@ def bench_fair(results, ctx, batches, steps, warmup, layers, batch_layers, prese
             fill_s = time.perf_counter() - t0
             kv = cache.nbytes()
             timed_row(
-                f"nexusquant {preset}",
+                label,
                 lambda cache=cache, tok0=tok0: decode_loop(model, cache, tok0, ctx, steps, warmup),
                 **base,
                 loop="eager",
@@ -979,11 +986,13 @@ def tables(results) -> str:
 
 def fair_tables(f) -> list:
     gb = lambda b: f"{b / 1e9:.2f}"  # noqa: E731
+    st = f["settings"]
+    keys = f"pca {st['key_rate']} b/elem {st['key_domain']}" if st["key_codec"] == "pca" else f"E8 {st['key_bits']}-bit"
     lines = [
         f"Decode at {f['context']:,} tokens of context, one loop for every cache ({f['warmup']} warm-up steps, "
         f"then {f['steps']} timed with CUDA events): one-token forwards, greedy token fed back. bf16 "
         f"StaticCache holds {f['static_slots']:,} slots. nexusquant {f['preset']} "
-        f"(key/value bits {f['settings']['key_bits']}/{f['settings']['value_bits']}, evict {f['settings']['evict']}). "
+        f"({keys} keys, {st['value_bits']}-bit values, evict {st['evict']}). "
         "tok/s = batch / seconds per step; x = nexusquant's tok/s over that row's.",
         "",
         "| batch | layers | cache | loop | ms/step | tok/s | nexusquant x | peak GB | KV GB |",
@@ -1066,6 +1075,11 @@ def main():
     ap.add_argument("--fair-batch-layers", type=int, default=24, help="fair: decoder layers for batches above 1")
     ap.add_argument("--warmup", type=int, default=4, help="fair: untimed decode steps before the timed ones")
     ap.add_argument("--tiny", action="store_true", help="fair: a small Llama, for a logic check on the CPU")
+    ap.add_argument(
+        "--knobs",
+        default="",
+        help="fair: knobs over the preset, as in nexusquant eval's --variant (key_codec=pca,key_rate=3.5)",
+    )
     args = ap.parse_args()
     if not args.tiny:
         assert gpu.available(), "CUDA kernels unavailable"
@@ -1118,6 +1132,7 @@ def main():
             args.chunk_size or 2048,
             save,
             args.tiny,
+            parse_variant(f"{args.presets.split(',')[0]}:{args.knobs}").knobs if args.knobs else None,
         )
     print(save())
 
