@@ -3,6 +3,7 @@ recorded by a session or by a cache made with the model."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -136,6 +137,14 @@ def test_a_cache_made_with_the_model_records_its_own_angles(family):
         with nq.nexusquant_evict(model, quality="high", **knobs):
             model(ids[:, 50:60], **with_cache(model, other), use_cache=True)
         assert all(t.length == 60 for t in other.rope_tables.values())
+        # A copy has no hooks: it leaves its angles to a session, which records them.
+        copied = copy.deepcopy(other)
+        assert not copied.records_own_rope
+        with nq.nexusquant_evict(model, quality="high", **knobs):
+            model(ids[:, 60:64], **with_cache(model, copied), use_cache=True)
+        assert all(t.length == 64 for t in copied.rope_tables.values())
+        assert all(t.length == 60 for t in other.rope_tables.values())
+        del copied
     finally:
         model.set_attn_implementation("sdpa")
     del cache, other

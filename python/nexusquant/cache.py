@@ -824,6 +824,14 @@ class NexusQuantCache(Cache):
         weakref.finalize(self, _remove_hooks, handles)
         self.records_own_rope = True
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (copy.deepcopy, pickle) has no hooks of its own: it must not claim to record its
+        # angles, so that a nexusquant_evict session records them for it (or the clear error says
+        # what to do).
+        state = self.__dict__.copy()
+        state.pop("records_own_rope", None)
+        return state
+
     def get_mask_sizes(self, query_length: Any, layer_idx: int) -> tuple[int, int]:
         """transformers sizes a forward's masks here, before any layer runs: the moment to compress
         what a forward under another attention implementation left (:meth:`NexusQuantLayer.catch_up`),
