@@ -54,6 +54,13 @@ GAUSSIAN_MSE = (1.0, 0.3634, 0.1188, 0.03744, 0.01154, 0.003490, 0.001040, 0.000
 _STEP_SWEEP = (0.6, 0.7, 0.8, 0.9, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0)
 
 
+def _bit_gains(weight: torch.Tensor, max_bits: int) -> torch.Tensor:
+    """float64 ``(F, max_bits)``: the error the b-th bit of each component removes (its weight times
+    the Gaussian uniform quantizer's MSE drop), decreasing in b."""
+    mse = torch.tensor(GAUSSIAN_MSE[: max_bits + 1], dtype=torch.float64)
+    return weight.double().clamp(min=0)[:, None] * (mse[:-1] - mse[1:])[None, :]
+
+
 def allocate_bits(variances: torch.Tensor, total_bits: int, max_bits: int = MAX_BITS) -> torch.Tensor:
     """Integer bits per component for ``total_bits`` in all, by greedy reverse water-filling.
 
@@ -75,9 +82,7 @@ def allocate_bits(variances: torch.Tensor, total_bits: int, max_bits: int = MAX_
     """
     f = variances.shape[0]
     total_bits = max(0, min(int(total_bits), f * max_bits))
-    mse = torch.tensor(GAUSSIAN_MSE[: max_bits + 1], dtype=torch.float64)
-    drop = mse[:-1] - mse[1:]  # (max_bits,) error removed by the b-th bit of a unit-variance component
-    gains = variances.double().clamp(min=0)[:, None] * drop[None, :]  # (F, max_bits)
+    gains = _bit_gains(variances, max_bits)
     bits = torch.zeros(f, dtype=torch.int64)
     if total_bits == 0:
         return bits
@@ -157,10 +162,7 @@ def _choose_components_lagrangian(
     bit is spent where it removes more than ``lagrange`` of weighted error, and a component is kept
     only if its bits remove more than they cost, its basis column included). With the same
     ``lagrange`` everywhere, every bit anywhere buys the same error: a common water level."""
-    mse = torch.tensor(GAUSSIAN_MSE[: max_bits + 1], dtype=torch.float64)
-    drop = mse[:-1] - mse[1:]  # decreasing in b
-    w = weight.double().clamp(min=0)
-    gains = w[:, None] * drop[None, :]  # (F, max_bits)
+    gains = _bit_gains(weight, max_bits)
     bits = (gains > lagrange).sum(1)  # the drops decrease, so the useful bits are a prefix
     net = (gains - lagrange).clamp(min=0).sum(1) - lagrange * side_bits_per_component
     return torch.where((bits > 0) & (net > 0), bits, torch.zeros_like(bits))
