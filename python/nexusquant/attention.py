@@ -30,6 +30,7 @@ from .cache import ATTN_IMPLEMENTATION, LayerView, NexusQuantLayer
 from .chunking import held_for_next_chunk
 from .scoring import SCORERS, ScoreInputs
 from .tables import dense_rotation_torch
+from .tiers import TransformCodedKeys
 
 __all__ = ["nexusquant_attention", "register"]
 
@@ -193,6 +194,8 @@ def _fused_decode(layer: NexusQuantLayer, view: LayerView, query, key, value, mo
     (``gpu.decode_attention``); elsewhere the torch reference below. Returns ``(B, 1, H_q, D)``."""
     b, hq, q, d = query.shape
     hkv = key.shape[1]
+    if any(isinstance(t.keys, TransformCodedKeys) for t in view.lazy_tiers):
+        return _decode_rebuilt(layer, view, query, key, value, model_mask, scaling)
     if query.device.type == "cuda" and sliding is None:
         fp_mask = None
         if model_mask is not None or view.comp_valid is not None:
@@ -260,6 +263,45 @@ def _fused_decode(layer: NexusQuantLayer, view: LayerView, query, key, value, mo
         if layer.v_center is not None:
             a = a + ll[..., None] * layer.v_center.float().reshape(b * hkv, 1, d)
         parts.append((mm.reshape(b, hkv, g), ll.reshape(b, hkv, g), a.reshape(b, hkv, g, d)))
+    out = _merge(parts)  # (B, Hkv, g, D)
+    return out.to(query.dtype).reshape(b, hq, 1, d).transpose(1, 2).contiguous()
+
+
+def _decode_rebuilt(layer: NexusQuantLayer, view: LayerView, query, key, value, model_mask, scaling):
+    """One query per sequence over a layer with transform-coded keys, on CUDA: each tier rebuilt
+    in float32 (:meth:`NexusQuantLayer.decode_tier`) and attended on its own, the partial softmax
+    states merged with the full-precision sinks and window's; the masks are the ones
+    :meth:`NexusQuantLayer.materialize` would give SDPA (tier validity, sinks' validity, the
+    model's mask over the window). No concatenation of the layer's keys with the window and no
+    SDPA call, whose cuDNN kernel plans itself anew for every length (~8 ms per layer and step
+    at 32K tokens on an H200). Returns ``(B, 1, H_q, D)``."""
+    b, hq, q, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    qg = query.reshape(b, hkv, g, d).float() * scaling
+    win = _window_mask(view, model_mask, q, None, key.device)
+    masks = []
+    if view.compressed:
+        c = (
+            view.comp_valid[:, :, None, :]
+            if view.comp_valid is not None
+            else torch.ones(1, 1, 1, view.compressed, dtype=torch.bool, device=key.device)
+        )
+        masks.append(c.expand(b, hkv, 1, view.compressed))
+    masks.append(win.expand(b, hkv, 1, view.window))
+    allowed = torch.cat(masks, dim=-1)  # (B, Hkv, 1, T_fp)
+    s = torch.matmul(qg, key.float().transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+    m = s.amax(-1)
+    p = torch.exp(s - m[..., None]).nan_to_num(0.0)
+    parts = [(m, p.sum(-1), torch.matmul(p, value.float()))]
+    for tier in view.lazy_tiers:
+        k, v = layer.decode_tier(tier)  # float32 (B, Hkv, T, D)
+        s = torch.matmul(qg, k.transpose(-1, -2))  # (B, Hkv, g, T)
+        if tier.valid is not None:
+            s = s.masked_fill(~tier.valid[:, :, None, :], float("-inf"))
+        m = s.amax(-1)
+        p = torch.exp(s - m[..., None]).nan_to_num(0.0)
+        parts.append((m, p.sum(-1), torch.matmul(p, v)))
     out = _merge(parts)  # (B, Hkv, g, D)
     return out.to(query.dtype).reshape(b, hq, 1, d).transpose(1, 2).contiguous()
 

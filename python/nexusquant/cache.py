@@ -309,10 +309,15 @@ class NexusQuantLayer(CacheLayerMixin):
             self.compress(None, generated=True)
 
     def _fused_decode_possible(self) -> bool:
-        """Whether decode attention can read this layer's codes directly (CUDA kernel, post-RoPE keys)."""
-        if self.is_sliding or self.settings.key_domain != "post_rope":
+        """Whether decode attention can read this layer's codes directly (CUDA kernel, post-RoPE keys),
+        or, for transform-coded keys on CUDA, rebuild them tier by tier (:meth:`decode_tier`)."""
+        if self.is_sliding:
             return False
         tiers = self.holding_tiers()
+        if any(isinstance(t.keys, TransformCodedKeys) for t in tiers):
+            return self.device.type == "cuda" and gpu.transform_keys_supported(self.device)
+        if self.settings.key_domain != "post_rope":
+            return False
         if not tiers or any(t.keys.codec is None or t.values.codec is None for t in tiers):
             return False
         if self.device.type == "cuda":
@@ -352,6 +357,63 @@ class NexusQuantLayer(CacheLayerMixin):
         view.comp_seq, view.comp_valid, view.lazy_tiers = comp_seq, comp_valid, ()
         return torch.cat([comp_k, self.win_k], dim=2), torch.cat([comp_v, self.win_v], dim=2)
 
+    def decode_tier(self, tier: Tier) -> tuple[torch.Tensor, torch.Tensor]:
+        """A tier's keys and values as one-query decode attention reads them on CUDA: float32
+        ``(B, H, T, D)``, centres added, RoPE redone for pre-RoPE keys.
+
+        Transform-coded keys are rebuilt by :func:`nexusquant.gpu.transform_keys` (unpacking kernel
+        and one fp16 GEMM per batch row) and placed and rotated by :func:`nexusquant.gpu.place_keys`;
+        no key tensor in the model's dtype and no concatenation with the window is made. Any
+        other tier (the E8 "generated" tier of such a layer: its generated blocks, small next to
+        the prompt) is dequantized as :meth:`materialize` does, RoPE redone in torch.
+        """
+        v = tier.values.dequantize().float()
+        if self.v_center is not None:
+            v = v + self.v_center.float()
+        pre_rope = self.settings.key_domain == "pre_rope" and tier.keys.bits != 16
+        rope = self._kernel_rope() if pre_rope else None
+        keys = tier.keys
+        if not isinstance(keys, TransformCodedKeys) or (pre_rope and rope is None):
+            k = keys.dequantize(self.k_center) if isinstance(keys, TransformCodedKeys) else keys.dequantize()
+            if self.k_center is not None and not isinstance(keys, TransformCodedKeys):
+                k = k + self.k_center
+            if pre_rope:
+                assert tier.seq is not None  # pre-RoPE layers track positions
+                k = self._redo_rope(k, tier.seq)
+            return k.float(), v
+        keys.join_appends()
+        b, h, t, d = v.shape
+        out = torch.empty(b, h, t, d, dtype=torch.float32, device=v.device)
+        center = None if self.k_center is None else self.k_center.reshape(b, h * d)
+        for i, row in enumerate(keys.rows):
+            exact = self.dtype == torch.float32
+            flat = gpu.transform_keys(row[0], None if center is None else center[i], exact)  # (T, H * D)
+            if rope is None:
+                gpu.place_keys(flat, h, out[i])
+            else:
+                assert tier.seq is not None  # pre-RoPE layers track positions
+                cos, sin, rot = rope
+                r = min(i, cos.shape[0] - 1)  # a table of one row serves every batch row
+                seq = tier.seq[i, 0].to(torch.int32).contiguous()  # every head holds the same tokens
+                gpu.place_keys(flat, h, out[i], (cos[r], sin[r], rot), seq)
+        return out, v
+
+    def _kernel_rope(self) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
+        """The rotary table as :func:`nexusquant.gpu.place_keys` reads it, float32 ``(B or 1,
+        positions, width)`` and the rotated width; None where the model's rotation is not the
+        split-half one the kernel computes (checked once per model, on random angles)."""
+        if self.rope_adapter is None or self.rope_key not in self.rope_tables:
+            self._rope_angles(torch.zeros(1, 1, 0, dtype=torch.int32))  # raises the error that says why
+        assert self.rope_key is not None and self.rope_adapter is not None
+        table = self.rope_tables[self.rope_key]
+        assert table.cos is not None and table.sin is not None
+        width = table.cos.shape[-1]
+        rot = 2 * width if table.half else width
+        if not _split_half_rotation(self.rope_adapter, self.head_dim, width, table.half):
+            return None
+        cos, sin = table.mirror(self.device)
+        return cos.float().contiguous(), sin.float().contiguous(), rot
+
     def _compressed_parts(self):
         """Sinks and both tiers, dequantized: keys, values ``(B, H, C, D)``, sequence index and
         validity ``(B, H, C)`` (None where not tracked / all valid)."""
@@ -363,10 +425,15 @@ class NexusQuantLayer(CacheLayerMixin):
             seqs.append(self.sink_seq)
             valids.append(self.sink_valid)
         for tier in self.holding_tiers():
-            k = tier.keys.dequantize()
+            if isinstance(tier.keys, TransformCodedKeys):
+                # The centre rides in the rebuild's bias on the GPU (one pass less over the keys).
+                k = tier.keys.dequantize(self.k_center)
+            else:
+                k = tier.keys.dequantize()
+                if self.k_center is not None:
+                    k = k + self.k_center
             v = tier.values.dequantize()
-            if self.k_center is not None:
-                k = k + self.k_center
+            if self.v_center is not None:
                 v = v + self.v_center
             if self.settings.key_domain == "pre_rope" and tier.keys.bits != 16:
                 k = self._redo_rope(k, tier.seq)
@@ -720,6 +787,39 @@ class NexusQuantLayer(CacheLayerMixin):
             "ratio": (unc / nb) if nb else math.nan,
             "bits_per_kept_element": (8 * nb / elements) if elements else math.nan,
         }
+
+
+_SPLIT_HALF: dict[tuple, bool] = {}
+
+
+def _split_half_rotation(adapter: RopeAdapter, d: int, width: int, half: bool) -> bool:
+    """Whether ``adapter`` (the model's apply_rotary_pos_emb) rotates a ``d``-dim key with angle
+    rows of ``width`` (a half table: repeated) as the split-half formula of ``nq_pca_place``
+    does: tried once per model function and shape on random keys and angles, on the CPU."""
+    key = (adapter.fn, adapter.kind, adapter.rotary_dim, d, width, half)
+    hit = _SPLIT_HALF.get(key)
+    if hit is not None:
+        return hit
+    rot = 2 * width if half else width
+    ok = False
+    if rot <= d and rot % 2 == 0:
+        gen = torch.Generator().manual_seed(0)
+        k = torch.randn(1, 1, 3, d, generator=gen)
+        cos = torch.randn(1, 1, 3, width, generator=gen)
+        sin = torch.randn(1, 1, 3, width, generator=gen)
+        if half:
+            cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        try:
+            got = adapter.rotate(k, cos, sin)
+        except Exception:  # a layout the adapter cannot even apply to these shapes
+            got = None
+        r = rot // 2
+        want = k.clone()
+        want[..., :r] = k[..., :r] * cos[..., :r] - k[..., r:rot] * sin[..., :r]
+        want[..., r:rot] = k[..., r:rot] * cos[..., r:rot] + k[..., :r] * sin[..., r:rot]
+        ok = got is not None and got.shape == want.shape and bool(torch.allclose(got, want, atol=1e-5))
+    _SPLIT_HALF[key] = ok
+    return ok
 
 
 def _select_rows(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

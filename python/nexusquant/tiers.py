@@ -13,6 +13,7 @@ on the device being a CPU.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -187,13 +188,35 @@ class TransformCodedKeys:
         for i in range(b):
             self.rows[i].append(self.rows[i][0].encode_more(flat[i]))
 
-    def dequantize(self) -> torch.Tensor:
-        """All keys, ``(B, H, T, head_dim)`` in the model's dtype."""
+    def dequantize(self, center: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """All keys, ``(B, H, T, head_dim)`` in the model's dtype, plus ``center`` ``(B, H, 1,
+        head_dim)`` (the layer's ``k_center``) where given.
+
+        On CUDA the codes are unpacked by a kernel and the keys rebuilt by one fp16 GEMM per row
+        (:mod:`nexusquant.gpu.transform`); elsewhere in float32 by :meth:`KeyTransformCode.decode`.
+        """
+        if self.rows and gpu.transform_keys_supported(self.rows[0][0].codes.device):
+            self.join_appends()
+            flat = None if center is None else center.reshape(len(self.rows), -1)  # (B, H * D)
+            out = []
+            for i, row in enumerate(self.rows):
+                # (T, H * D); float32 models get float32 accuracy
+                keys = gpu.transform_keys(row[0], None if flat is None else flat[i], self.dtype == torch.float32)
+                out.append(keys.reshape(keys.shape[0], -1, self.head_dim).permute(1, 0, 2))
+            return torch.stack(out).to(self.dtype)
         out = []
         for row in self.rows:
             keys = torch.cat([c.decode() for c in row], 0)  # (T, H * D)
             out.append(keys.reshape(keys.shape[0], -1, self.head_dim).permute(1, 0, 2))
-        return torch.stack(out).to(self.dtype)
+        keys = torch.stack(out).to(self.dtype)
+        return keys if center is None else keys + center
+
+    def join_appends(self) -> None:
+        """Hold each row's appends (a chunked prefill's chunks) as one code, as a file restores
+        them: the kernel then reads one array per row. Same codes, same bytes."""
+        for i, row in enumerate(self.rows):
+            if len(row) > 1:
+                self.rows[i] = [replace(row[0], codes=torch.cat([c.codes for c in row], 0))]
 
     def nbytes(self) -> int:
         # The basis, mean, steps and widths are shared by a row's appends: count them once.

@@ -11,6 +11,8 @@
 //                                and one bit width: nq_quantize_fast_*, nq_dequantize_fast_*.
 //   NQ_ATT_P, NQ_ATT_KB0, ...    the decode-attention kernel nq_attend_* for one P and the bit
 //                                widths of up to two tiers.
+//   NQ_PCA                       transform-coded keys: nq_pca_coeffs_* (codes to coefficients),
+//                                nq_pca_place_* (rebuilt keys to the head layout, RoPE redone).
 //
 // The codec modules are compiled with --fmad=false: every float operation is written in the same
 // order as the Rust encoder (rust/codec.rs, rust/e8p.rs, rust/hadamard.rs) and no multiply-add may
@@ -286,7 +288,7 @@ __device__ __forceinline__ void nq_group_value(const unsigned char* cr, int g, i
     for (int c = 0; c < 8; ++c) out[c] = __fmul_rn(sc, __fadd_rn(out[c], __fmul_rn(r, c2v[c])));
 }
 
-#if !defined(NQ_CODEC_P) && !defined(NQ_ATT_P)
+#if !defined(NQ_CODEC_P) && !defined(NQ_ATT_P) && !defined(NQ_PCA)
 // ============================================================================= generic codec
 // In-place orthonormal Walsh-Hadamard transform of s[off .. off+len) by one warp: the same
 // butterflies (a+b, a-b) and the same final scaling as hadamard::fwht_inplace. len and h are
@@ -1494,3 +1496,97 @@ NQ_ATTEND_ENTRY(nq_attend_f16, __half)
 NQ_ATTEND_ENTRY(nq_attend_bf16, __nv_bfloat16)
 #endif
 #endif  // NQ_ATT_P
+
+#ifdef NQ_PCA
+// ============================================================================= transform-coded keys
+// The coefficients of keys coded by the transform coder (python/nexusquant/transform.py): component
+// j of a token has width bits[j] (1-8) and starts at bit offset[j] of the token's code bytes, LSB
+// first (pack_fixed). One warp per token (a token's bytes are read by its own warp, from L1), lanes
+// stride over the components so that the writes of a row are coalesced. Each coefficient is
+// (q - 2^bits/2 + 0.5) * scale[j], where scale = the quantizer step times the basis column's fp16
+// scale: the int8 basis then multiplies the coefficients directly (a tensor-core GEMM in fp16 on
+// the Python side rebuilds the keys; every head of a token shares its coefficients).
+template <typename T>
+__device__ __forceinline__ void nq_pca_coeffs(const unsigned char* __restrict__ codes, long long tokens,
+                                              int code_bytes, int k, int ld, int split,
+                                              const int* __restrict__ offset,
+                                              const unsigned char* __restrict__ bits,
+                                              const float* __restrict__ scale, T* __restrict__ out) {
+    const int lane = threadIdx.x & 31;
+    const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long t = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; t < tokens; t += warps) {
+        const unsigned char* row = codes + t * code_bytes;
+        T* orow = out + t * (split ? 2 * ld : ld);
+        // Columns k .. ld are zeros: the GEMM's inner dimension padded for aligned tensor-core tiles.
+        for (int j = k + lane; j < ld; j += 32) {
+            nq_from_f32(0.0f, &orow[j]);
+            if (split) nq_from_f32(0.0f, &orow[ld + j]);
+        }
+        for (int j = lane; j < k; j += 32) {
+            const int off = offset[j];
+            const int w = bits[j];
+            const int byte = off >> 3;
+            unsigned v = row[byte];
+            // A code that ends in the token's last byte has no spill-over byte to read.
+            if (byte + 1 < code_bytes) v |= (unsigned)row[byte + 1] << 8;
+            const unsigned q = (v >> (off & 7)) & ((1u << w) - 1u);
+            const float c = ((float)q - (float)(1 << (w - 1)) + 0.5f) * scale[j];
+            nq_from_f32(c, &orow[j]);
+            // split: the rounding error of the first part as a second one (columns ld ..), for a
+            // GEMM against the basis twice: float32 accuracy from fp16 tensor cores.
+            if (split) nq_from_f32(c - nq_to_f32(orow[j]), &orow[ld + j]);
+        }
+    }
+}
+
+#define NQ_PCA_COEFFS_ENTRY(NAME, T)                                                                           \
+    extern "C" __global__ void __launch_bounds__(NQ_WARPS * 32)                                                \
+        NAME(const unsigned char* codes, long long tokens, int code_bytes, int k, int ld, int split,           \
+             const int* offset, const unsigned char* bits, const float* scale, T* out) {                       \
+        nq_pca_coeffs<T>(codes, tokens, code_bytes, k, ld, split, offset, bits, scale, out);                   \
+    }
+NQ_PCA_COEFFS_ENTRY(nq_pca_coeffs_f32, float)
+NQ_PCA_COEFFS_ENTRY(nq_pca_coeffs_f16, __half)
+
+// Rebuilt keys (T, H*D) of one batch row, the GEMM's output, into float32 (H, T, D) for decode
+// attention, with the rotary embedding redone for pre-RoPE keys (cos == nullptr: post-RoPE, only
+// the layout changes). The split-half layout of transformers' rotate_half: within the first `rot`
+// dims, out[i] = k[i] cos[i] - k[i + rot/2] sin[i] for i < rot/2 and k[i] cos[i] + k[i - rot/2]
+// sin[i] above; dims from `rot` on pass through (partial rotary). cos/sin: float32 rows of `width`
+// angles at each token's sequence index seq[t]; a half table (width rot/2) repeats its row. The
+// caller checks once per model that this is what its apply_rotary_pos_emb computes.
+template <typename T>
+__device__ __forceinline__ void nq_pca_place(const T* __restrict__ keys, long long tokens, int heads, int d,
+                                             const float* __restrict__ cos, const float* __restrict__ sin,
+                                             int width, int rot, const int* __restrict__ seq,
+                                             float* __restrict__ out) {
+    const long long n = tokens * heads * d;
+    const int half = rot >> 1;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += (long long)gridDim.x * blockDim.x) {
+        const int i = (int)(e % d);
+        const long long ht = e / d;
+        const long long t = ht % tokens;
+        const int h = (int)(ht / tokens);
+        const T* row = keys + t * (long long)heads * d + (long long)h * d;
+        float x = nq_to_f32(row[i]);
+        if (cos != nullptr && i < rot) {
+            const float* c = cos + (long long)seq[t] * width;
+            const float* s = sin + (long long)seq[t] * width;
+            const int a = width == rot ? i : (i < half ? i : i - half);
+            const float partner = nq_to_f32(row[i < half ? i + half : i - half]);
+            x = i < half ? x * c[a] - partner * s[a] : x * c[a] + partner * s[a];
+        }
+        out[e] = x;
+    }
+}
+
+#define NQ_PCA_PLACE_ENTRY(NAME, T)                                                                            \
+    extern "C" __global__ void __launch_bounds__(NQ_WARPS * 32)                                                \
+        NAME(const T* keys, long long tokens, int heads, int d, const float* cos, const float* sin, int width, \
+             int rot, const int* seq, float* out) {                                                            \
+        nq_pca_place<T>(keys, tokens, heads, d, cos, sin, width, rot, seq, out);                               \
+    }
+NQ_PCA_PLACE_ENTRY(nq_pca_place_f32, float)
+NQ_PCA_PLACE_ENTRY(nq_pca_place_f16, __half)
+#endif  // NQ_PCA

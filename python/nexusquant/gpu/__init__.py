@@ -11,7 +11,8 @@ path when it cannot. The package, one job per module, each importing only those 
 - :mod:`.codec`: E8 ``encode`` and ``decode``, bit-identical to the Rust codec;
 - :mod:`.attention`: ``decode_attention`` (one launch per decode step), its tiers
   (:class:`CodedTier`) and the kernel's parameter struct, written once as a field list;
-- :mod:`.reference`: the same attention in plain torch, for tests and CPU tensors.
+- :mod:`.reference`: the same attention in plain torch, for tests and CPU tensors;
+- :mod:`.transform`: transform-coded keys rebuilt on the GPU (an unpacking kernel and one GEMM).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .build import available, kernel_source_path
 from .codec import decode, encode
 from .device_tables import dense_inverse_rotation
 from .reference import decode_attention_partials_reference, decode_attention_reference, rotate_queries
+from .transform import place_keys, transform_keys, transform_keys_supported
 
 __all__ = [
     "available",
@@ -34,4 +36,7 @@ __all__ = [
     "rotate_queries",
     "dense_inverse_rotation",
     "CodedTier",
+    "transform_keys",
+    "place_keys",
+    "transform_keys_supported",
 ]

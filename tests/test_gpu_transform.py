@@ -1,0 +1,163 @@
+"""Transform-coded keys (key_codec="pca") on CUDA against the float32 path (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from tiny_models import make_tiny
+
+import nexusquant as nq
+from nexusquant.transform import fit_key_transform
+
+pytestmark = pytest.mark.gpu
+
+
+def _gpu():
+    from nexusquant import gpu
+
+    return gpu
+
+
+@pytest.mark.parametrize("f", [64, 256, 1024])
+@pytest.mark.parametrize("rate", [1.5, 3.5, 8.0])
+def test_transform_keys_match_the_float32_decode(f, rate):
+    gpu = _gpu()
+    torch.manual_seed(f + int(10 * rate))
+    t = 700
+    x = torch.randn(t, f) @ (torch.randn(f, f) / f**0.5) * torch.linspace(0.2, 3.0, f)
+    code = fit_key_transform(x, rate)
+    center = torch.randn(f)
+    ref = code.decode() + center
+    dev = type(code)(*(getattr(code, n).cuda() for n in code._FIELDS))
+    got = gpu.transform_keys(dev, center.cuda())
+    assert got.dtype == torch.float16
+    err = float((got.float().cpu() - ref).norm() / ref.norm())
+    # fp16 coefficients and outputs: a few 1e-4; a wrong offset, width or sign is O(1).
+    assert err < 2e-3, err
+    exact = gpu.transform_keys(dev, center.cuda(), exact=True)
+    assert exact.dtype == torch.float32
+    # Two fp16 parts per coefficient and a float32 output: float32 accuracy.
+    err = float((exact.cpu() - ref).norm() / ref.norm())
+    assert err < 1e-5, err
+    # Codes that do not end on a byte boundary and 8-bit widths both occur at these rates.
+    assert int(code.bits.sum()) % 8 != 0 or rate == 8.0 or f == 64
+
+
+def test_transform_keys_beyond_fp16_range_stay_float32():
+    gpu = _gpu()
+    torch.manual_seed(1)
+    x = torch.randn(600, 128) * 3e4
+    code = fit_key_transform(x, 4.0)
+    dev = type(code)(*(getattr(code, n).cuda() for n in code._FIELDS))
+    got = gpu.transform_keys(dev, None)
+    assert got.dtype == torch.float32
+    ref = code.decode()
+    assert float((got.cpu() - ref).norm() / ref.norm()) < 1e-4
+
+
+def _grouped_llama(group: int, head_dim: int):
+    """A tiny Llama with ``group`` query heads per KV head (2 KV heads)."""
+    config = tf.LlamaConfig(
+        vocab_size=96,
+        hidden_size=48 * group,  # a multiple of the query heads, as transformers checks
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2 * group,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=2048,
+    )
+    torch.manual_seed(group)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ("q_proj" in name or "k_proj" in name) and p.dim() == 2:
+                p.mul_(4.0)
+    return model.eval()
+
+
+CASES = [
+    # (model maker, key_domain, chunk_size)
+    (lambda: make_tiny("llama"), "pre_rope", None),
+    (lambda: make_tiny("llama"), "post_rope", 48),
+    (lambda: make_tiny("qwen3"), "pre_rope", 48),
+    (lambda: make_tiny("qwen2"), "pre_rope", None),  # MHA, head_dim 80
+    (lambda: make_tiny("phi3"), "pre_rope", None),  # partial rotary, head_dim 96
+    (lambda: make_tiny("gemma3"), "pre_rope", 48),  # head_dim 256, sliding layers keep E8
+    (lambda: _grouped_llama(8, 128), "pre_rope", 48),
+    (lambda: _grouped_llama(3, 64), "post_rope", None),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_generation_over_transform_coded_keys_matches_the_torch_path(case, monkeypatch):
+    """Batch 2 with left padding, chunked or one-shot prefill, generation past a block (the
+    generated E8 tier exists): the kernel path gives the torch path's greedy tokens and logits."""
+    gpu = _gpu()
+    make, domain, chunk = CASES[case]
+    model = make().cuda()
+    torch.manual_seed(case)
+    ids = torch.randint(3, 90, (2, 150)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :23] = 0  # left padding of the second row
+    ids[1, :23] = 0
+    knobs = dict(quality="high", key_codec="pca", key_rate=3.5, key_domain=domain, recent_window=8, block=16)
+    if chunk is not None:
+        knobs["chunk_size"] = chunk
+    calls = []
+    real = gpu.transform_keys
+
+    def counting(code, center, exact=False):
+        calls.append(code.codes.shape[0])
+        return real(code, center, exact)
+
+    def run():
+        with nq.nexusquant_evict(model, **knobs) as s, torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=40,
+                min_new_tokens=40,
+                do_sample=False,
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+            layers = [l for l in s.cache.layers if not l.is_sliding]
+            assert any(l.tiers["generated"].length > 0 for l in layers), "no generated tier"
+            assert all(l.fine.keys.codec is None for l in layers), "not transform-coded"
+            lazy = [bool(l.last_view is not None and l.last_view.lazy_tiers) for l in layers]
+        return out, lazy
+
+    monkeypatch.setattr(gpu, "transform_keys", counting)
+    fused, lazy = run()
+    assert calls, "the GPU rebuild did not run"
+    assert all(lazy), "decode did not read the tiers through NexusQuantLayer.decode_tier"
+    monkeypatch.setattr(gpu, "transform_keys_supported", lambda device: False)
+    calls.clear()
+    plain, lazy = run()
+    assert not calls and not any(lazy)
+    a = torch.stack(fused.scores).float()  # (steps, B, vocab)
+    b = torch.stack(plain.scores).float()
+    finite = torch.isfinite(b)  # min_new_tokens sets the end-of-sequence score to -inf
+    assert torch.equal(finite, torch.isfinite(a))
+    scale = float(b[finite].abs().max())
+    # fp16 coefficients against float32 (a CPU emulation measured up to 3e-3 of the largest
+    # logit); a misplaced or unrotated key moves logits by O(1).
+    tol = 1e-2 * scale
+    steps = a.shape[0]
+    new_a, new_b = fused.sequences[:, -steps:], plain.sequences[:, -steps:]
+    for row in range(ids.shape[0]):
+        differ = (new_a[row] != new_b[row]).nonzero()
+        same = steps if differ.numel() == 0 else int(differ[0])
+        # Up to the first differing token both runs saw the same tokens: their logits must agree.
+        upto = min(steps, same + 1)
+        got, ref = a[:upto, row], b[:upto, row]
+        ok = finite[:upto, row]
+        torch.testing.assert_close(got[ok], ref[ok], atol=tol, rtol=0)
+        if same < steps:
+            # Greedy tokens may differ only where the reference's best two logits nearly tie.
+            top = b[same, row].topk(2).values
+            assert float(top[0] - top[1]) < 2 * tol, f"row {row}: token {same} differs without a near tie"
+    assert (new_a == new_b).float().mean() > 0.5
