@@ -1,0 +1,133 @@
+"""Kernel-level timing of one transform-coded layer's decode pieces on the GPU (8B shape).
+
+One batch row, ``--tokens`` keys of 8 KV heads x 128 (F = 1024) with a decaying spectrum, coded at
+``--rate`` bits per element; times (CUDA events, median of ``--reps``):
+
+- ``rebuild (kernel + GEMM)``: :func:`nexusquant.gpu.transform_keys` (unpack kernel, fp16 GEMM);
+- ``rebuild (float32 torch)``: :meth:`KeyTransformCode.decode` on the same CUDA tensors (the path
+  before the kernel);
+- ``RoPE redo (torch)``: the model's rotation of those keys with gathered angles;
+- ``place + RoPE into float32 (kernel)``: :func:`nexusquant.gpu.place_keys`, what decode uses;
+- ``E8 value decode``: the layer's 4-bit values;
+- ``SDPA, bf16 K/V``: flash decode of one query (32 heads) over bf16 keys and values of that length.
+
+``python benches/pca_keys_bench.py --out DIR`` writes ``pca_keys_bench.{json,md}`` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import nexusquant as nq
+from nexusquant import gpu
+from nexusquant.tiers import QuantizedTensor
+from nexusquant.transform import fit_key_transform
+
+
+def median_ms(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--rate", type=float, default=3.5)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    hkv, d, t = 8, 128, args.tokens
+    f = hkv * d
+    torch.manual_seed(0)
+    mix = torch.randn(f, f, device=dev) / f**0.5 * torch.logspace(0.5, -1.5, f, device=dev)[None, :]
+    x = torch.randn(t, f, device=dev) @ mix.T
+    code = fit_key_transform(x, args.rate)
+    center = torch.randn(f, device=dev) * 0.1
+    ref = code.decode() + center
+    got = gpu.transform_keys(code, center)
+    err = float((got.float() - ref).norm() / ref.norm())
+    keys = got.reshape(1, t, hkv, d).permute(0, 2, 1, 3).to(torch.bfloat16)
+    angles = torch.arange(t, device=dev)[:, None] * (10000 ** (-torch.arange(0, d, 2, device=dev) / d))[None, :]
+    cos_t = torch.cat([angles.cos(), angles.cos()], -1).to(torch.bfloat16)
+    sin_t = torch.cat([angles.sin(), angles.sin()], -1).to(torch.bfloat16)
+    seq = torch.arange(t, device=dev, dtype=torch.int32).expand(1, hkv, t)
+    placed = torch.empty(hkv, t, d, device=dev)
+    cos_f, sin_f = angles.cos().float()[None].contiguous(), angles.sin().float()[None].contiguous()
+    gpu.place_keys(got, hkv, placed, (cos_f[0], sin_f[0], d), seq[0, 0].contiguous())
+    want = got.float().reshape(t, hkv, d).permute(1, 0, 2)
+    full_cos, full_sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    want = want * full_cos + rotate_half(want) * full_sin
+    place_err = float((placed - want).norm() / want.norm())
+
+    def rope():
+        idx = seq.long()
+        c, s = cos_t[idx], sin_t[idx]
+        return keys * c + rotate_half(keys) * s
+
+    values = QuantizedTensor(d, 4, 0, torch.bfloat16)
+    values.append(torch.randn(1, hkv, t, d, device=dev, dtype=torch.bfloat16))
+    q = torch.randn(1, 32, 1, d, device=dev, dtype=torch.bfloat16)
+    kf = torch.randn(1, hkv, t, d, device=dev, dtype=torch.bfloat16)
+    vf = torch.randn_like(kf)
+    rows = {
+        "rebuild (kernel + GEMM)": median_ms(lambda: gpu.transform_keys(code, center), args.reps),
+        "rebuild (float32 torch)": median_ms(lambda: code.decode() + center, args.reps),
+        "RoPE redo (torch)": median_ms(rope, args.reps),
+        "place + RoPE into float32 (kernel)": median_ms(
+            lambda: gpu.place_keys(got, hkv, placed, (cos_f, sin_f, d), seq[0, 0]), args.reps
+        ),
+        "E8 value decode": median_ms(values.dequantize, args.reps),
+        "SDPA, bf16 K/V (flash, GQA)": median_ms(
+            lambda: F.scaled_dot_product_attention(q, kf, vf, enable_gqa=True), args.reps
+        ),
+    }
+    result = dict(
+        device=torch.cuda.get_device_name(0),
+        tokens=t,
+        kv_heads=hkv,
+        head_dim=d,
+        rate=args.rate,
+        components=int(code.bits.numel()),
+        code_bytes=int(code.codes.shape[1]),
+        rebuild_rel_error=err,
+        place_rel_error=place_err,
+        nexusquant=nq.__version__,
+        ms=rows,
+    )
+    md = [
+        f"{result['device']}, {t} tokens, {hkv} KV heads x {d}, {args.rate} b/elem: "
+        f"{result['components']} components, {result['code_bytes']} code bytes per token; "
+        f"rebuild rel. error against float32 {err:.1e}, placement + RoPE {place_err:.1e}.",
+        "",
+        "| piece (one layer, batch 1) | ms |",
+        "|---|---|",
+    ] + [f"| {k} | {v:.3f} |" for k, v in rows.items()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pca_keys_bench.json").write_text(json.dumps(result, indent=2))
+    (out / "pca_keys_bench.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
