@@ -15,7 +15,7 @@ import nexusquant as nq
 from nexusquant._core import read_nqkv, write_nqkv
 from nexusquant.cache import NexusQuantCache
 from nexusquant.compat import output_cache, with_cache
-from nexusquant.rope import RopeTable
+from nexusquant.rope import RopeFormula, RopeTable, _repeats_half
 
 
 def _angles(n: int, r: int, start: int = 0, repeat: bool = True):
@@ -57,6 +57,8 @@ def test_half_tables_give_the_same_logits_and_files(family, tmp_path, monkeypatc
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 90, (1, 90), generator=g)
     knobs = dict(quality="high", key_domain="pre_rope", recent_window=8, block=8)
+    # Rows, not positions: the formula's frequencies are hidden from the recorder.
+    monkeypatch.setattr("nexusquant.rope.rotary_sources", lambda model: [])
 
     def run():
         with nq.nexusquant_evict(model, **knobs) as session:
@@ -74,7 +76,7 @@ def test_half_tables_give_the_same_logits_and_files(family, tmp_path, monkeypatc
     assert torch.equal(got, want)
     if family != "gptj":  # split-half layouts repeat their rows; GPT-J's interleaved one does not
         assert all(halves) and nq.compression_stats(cache)["nbytes"] < nq.compression_stats(whole)["nbytes"]
-    monkeypatch.undo()
+    monkeypatch.setattr("nexusquant.rope._repeats_half", _repeats_half)
     nq.save_cache(cache, tmp_path / "h.nqkv")
     loaded = nq.load_cache(tmp_path / "h.nqkv", model)
     assert [t.half for t in loaded.rope_tables.values()] == halves
@@ -84,7 +86,8 @@ def test_half_tables_give_the_same_logits_and_files(family, tmp_path, monkeypatc
     assert torch.equal(a, b)
 
 
-def test_a_bad_half_flag_is_a_corrupt_file(tmp_path):
+def test_a_bad_half_flag_is_a_corrupt_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("nexusquant.rope.rotary_sources", lambda model: [])
     model = make_tiny("llama")
     ids = torch.randint(3, 90, (1, 60), generator=torch.Generator().manual_seed(1))
     with nq.nexusquant_evict(model, quality="high", key_domain="pre_rope", recent_window=8) as session:
@@ -157,3 +160,95 @@ def test_a_cache_made_with_the_model_records_its_own_angles(family):
     # Made from the config alone it cannot hook anything: the first compression says what to do.
     with pytest.raises(nq.NexusQuantError, match=r"NexusQuantCache\(model"):
         decode(NexusQuantCache(model.config, preset="high", **knobs))
+
+
+def _formula(r: int = 8, scaling: float = 1.0) -> RopeFormula:
+    return RopeFormula(1.0 / (100.0 ** (torch.arange(0, r, 2, dtype=torch.float32) / r)), scaling, torch.float32)
+
+
+def test_a_table_of_positions_recomputes_the_angles_and_turns_into_rows_when_they_stop_matching():
+    f = _formula()
+    pos = torch.arange(10)[None]
+    cos, sin = f.angles(pos)
+    table = RopeTable()
+    table.record(cos, sin, 0, forward=1, positions=pos, formulas=lambda: [_formula(r=6), f])
+    assert table.formula is f and table.cos is None and table.nbytes() == 10 * 4 + 4 * 4
+    more = torch.arange(10, 13)[None]
+    table.record(*f.angles(more), 10, forward=2, positions=more, formulas=lambda: [])
+    assert table.length == 13 and table.formula is f
+    c, s = table.gather(torch.tensor([[[0, 4, 12]]], dtype=torch.int32))
+    want_c, want_s = f.angles(torch.tensor([[0, 4, 12]]))
+    assert torch.equal(c[0], want_c) and torch.equal(s[0], want_s)
+    # Angles the formula does not give (frequencies rescaled, as dynamic scaling does): rows from now on.
+    odd = torch.arange(13, 15)[None]
+    odd_cos, odd_sin = _formula(scaling=0.5).angles(odd)
+    table.record(odd_cos, odd_sin, 13, forward=3, positions=odd, formulas=lambda: [])
+    assert table.formula is None and table.half and table.length == 15
+    c, s = table.gather(torch.tensor([[[4, 14]]], dtype=torch.int32))
+    assert torch.equal(c[0, 0, 0], want_c[0, 1]) and torch.equal(s[0, 0, 1], odd_sin[0, 1])
+    # Without positions, or angles no formula gives, a new sequence is held as rows.
+    table.record(cos, sin, 0, forward=4, positions=None, formulas=lambda: [f])
+    assert table.formula is None and table.length == 10
+    table.record(odd_cos, odd_sin, 0, forward=5, positions=odd, formulas=lambda: [f])
+    assert table.formula is None
+
+
+@pytest.mark.parametrize("family", [f for f in ("llama", "gemma3") if family_supported(f)])
+@torch.no_grad()
+def test_positions_tables_give_the_logits_of_rows_and_survive_files(family, tmp_path, monkeypatch):
+    """Where transformers' default rotary formula gives the model's angles, a table holds positions
+    (4 bytes a token) and recomputes the angles: the same logits as a table of rows, fewer bytes,
+    and a file that loads to the same cache. Batch 2 with left padding: the padded row's positions
+    are not its sequence indices."""
+    model = make_tiny(family)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 90, (2, 90), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate makes them
+    knobs = dict(quality="high", key_domain="pre_rope", recent_window=8, block=8)
+
+    def step(i: int, j: int, cache=None):
+        kw = dict(attention_mask=mask[:, :j], position_ids=pos[:, i:j], use_cache=True)
+        return model(ids[:, i:j], **kw, **({} if cache is None else with_cache(model, cache)))
+
+    def run():
+        with nq.nexusquant_evict(model, **knobs):
+            cache = output_cache(step(0, 80))
+            logits = [step(i, i + 1, cache).logits for i in range(80, 90)]
+        return torch.cat(logits, 1), cache
+
+    got, cache = run()
+    assert cache.rope_tables and all(t.formula is not None for t in cache.rope_tables.values())
+    monkeypatch.setattr("nexusquant.rope.rotary_sources", lambda model: [])
+    want, rows = run()
+    assert all(t.formula is None for t in rows.rope_tables.values())
+    monkeypatch.undo()
+    # One unit in the last place of float32 where the two cos code paths round differently.
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for t in cache.rope_tables.values():  # an int32 per token and row, and the frequencies
+        assert t.formula is not None and t.nbytes() == 4 * 2 * 90 + 4 * t.formula.inv_freq.numel()
+    assert nq.compression_stats(cache)["nbytes"] < nq.compression_stats(rows)["nbytes"]
+    nq.save_cache(cache, tmp_path / "p.nqkv")
+    loaded = nq.load_cache(tmp_path / "p.nqkv", model)
+    assert all(t.formula is not None for t in loaded.rope_tables.values())
+    assert torch.equal(next(iter(loaded.rope_tables.values())).positions[1, :10], pos[1, :10].to(torch.int32))
+    with nq.nexusquant_evict(model, **knobs):
+        a = step(89, 90, cache).logits
+        b = step(89, 90, loaded).logits
+    assert torch.equal(a, b)
+
+
+def test_a_bad_rotary_formula_is_a_corrupt_file(tmp_path):
+    model = make_tiny("llama")
+    ids = torch.randint(3, 90, (1, 60), generator=torch.Generator().manual_seed(1))
+    with nq.nexusquant_evict(model, quality="high", key_domain="pre_rope", recent_window=8) as session:
+        model(ids, use_cache=True)
+    nq.save_cache(session.cache, tmp_path / "ok.nqkv")
+    sections = read_nqkv(str(tmp_path / "ok.nqkv"))
+    meta = json.loads(bytes(sections[0][1]))
+    assert meta["rope_tables"]["0"]["formula"]["scaling"] == 1.0
+    meta["rope_tables"]["0"]["formula"]["scaling"] = "one"
+    write_nqkv(str(tmp_path / "bad.nqkv"), [("META", json.dumps(meta).encode())] + list(sections[1:]))
+    with pytest.raises(nq.CorruptFileError, match="scaling must be a finite number"):
+        nq.load_cache(tmp_path / "bad.nqkv", model)

@@ -906,7 +906,7 @@ class NexusQuantCache(Cache):
         """Hook ``model``'s attention modules so that every forward with this cache records its
         rotary angles (:class:`~nexusquant.rope.RopeRecorder`). The hooks hold the cache weakly
         and are removed when it is collected."""
-        recorder = RopeRecorder(plan)
+        recorder = RopeRecorder(plan, model)
         me = weakref.ref(self)
         state = {"forward": 0}
 

@@ -57,7 +57,7 @@ class EvictSession:
         self.chunk_size = chunk_size
         self.plan = layer_plan(model.config)
         self.fingerprint = model_fingerprint(model.config)
-        self._rope = RopeRecorder(self.plan)
+        self._rope = RopeRecorder(self.plan, model)
         # A strong reference: the DynamicCache that generate makes is freed when generate returns,
         # and stats() is asked for after that (the README's first example). A compressed cache is
         # small; the session holds the last one only, until the session itself goes.

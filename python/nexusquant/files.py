@@ -13,6 +13,7 @@ every array a layer holds, so that loading gives back exactly the same tensors.
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
 import stat
@@ -36,7 +37,7 @@ from ._core import (
 from .architecture import attention_modules, model_fingerprint
 from .cache import LAYER_TENSOR_FIELDS, NexusQuantCache, NexusQuantLayer, compression_stats
 from .presets import CompressionSettings
-from .rope import RopeTable
+from .rope import RopeFormula, RopeTable
 from .tiers import TIER_NAMES, TransformCodedKeys
 from .transform import KeyTransformCode
 
@@ -294,7 +295,16 @@ def save_cache(cache: Any, path: Union[str, Path], token_ids: Optional[torch.Ten
     rope_meta: dict[str, dict[str, Any]] = {}
     rope_arrays: dict[str, Any] = {}
     for key, table in rope_tables.items():
-        if table.cos is not None:
+        if table.formula is not None and table.positions is not None:
+            # Positions and the frequencies that give the angles (rope.RopeFormula): the angles
+            # are recomputed on load, 4 bytes a token instead of the rows.
+            rope_meta[str(key)] = {
+                "dtype": str(table.formula.dtype).replace("torch.", ""),
+                "formula": {"scaling": table.formula.scaling},
+            }
+            rope_arrays[f"{key}.positions"] = _np(table.positions.to(torch.int32))
+            rope_arrays[f"{key}.inv_freq"] = _np(table.formula.inv_freq.to(torch.float32))
+        elif table.cos is not None:
             rope_meta[str(key)] = {"dtype": str(table.cos.dtype).replace("torch.", "")}
             if table.half:
                 rope_meta[str(key)]["half"] = True  # absent: the arrays hold whole rows
@@ -753,12 +763,19 @@ def _load_cache(path: Path, model: Any) -> NexusQuantCache:
     rope_meta = meta.get("rope_tables", {})
     if rope_arrays is not None and not isinstance(rope_arrays, dict):
         raise _corrupt("the rotary angles are not an array directory")
-    expected = {f"{k}.{part}" for k in rope_meta for part in ("cos", "sin")}
+    expected = {
+        f"{k}.{part}"
+        for k, entry in rope_meta.items()
+        for part in (("positions", "inv_freq") if "formula" in entry else ("cos", "sin"))
+    }
     if rope_arrays is not None and set(rope_arrays) != expected:
         raise _corrupt(f"rotary angle arrays {sorted(rope_arrays)} do not match META's {sorted(expected)}")
     for key in rope_meta:
         if rope_arrays is None:
             raise _corrupt("rotary angles are missing")
+        if "formula" in rope_meta[key]:
+            cache.rope_tables[int(key)] = _formula_table(key, rope_meta[key], rope_arrays, seen, placement[0])
+            continue
         saved_np = _NP_FLOAT[rope_meta[key]["dtype"]]
         cos, sin = rope_arrays[f"{key}.cos"], rope_arrays[f"{key}.sin"]
         for name, a in (("cos", cos), ("sin", sin)):
@@ -790,6 +807,36 @@ def _load_cache(path: Path, model: Any) -> NexusQuantCache:
                 raise _corrupt(f"layer {i} needs rotary table {layer.rope_key!r}, which the file does not hold")
     cache.token_ids = token_ids.to(placement[0][0]) if token_ids is not None else None
     return cache
+
+
+def _formula_table(key: str, entry: dict[str, Any], arrays: dict[str, Any], seen: int, placement: tuple) -> RopeTable:
+    """A rotary table saved as positions and the frequencies that give its angles."""
+    formula = _dict(entry["formula"], f"rope table {key} formula")
+    scaling = formula.get("scaling")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise _corrupt(f"rotary table {key}: scaling must be a finite number, got {scaling!r}")
+    positions, inv_freq = arrays[f"{key}.positions"], arrays[f"{key}.inv_freq"]
+    if (
+        not isinstance(positions, np.ndarray)
+        or positions.dtype != np.dtype("<i4")
+        or positions.ndim != 2
+        or positions.shape[1] < seen
+    ):
+        raise _corrupt(f"rotary table {key}.positions is not int32 (batch, >= {seen} tokens)")
+    if (
+        not isinstance(inv_freq, np.ndarray)
+        or inv_freq.dtype != np.dtype("<f4")
+        or inv_freq.ndim != 1
+        or inv_freq.size == 0
+        or not np.isfinite(inv_freq).all()
+    ):
+        raise _corrupt(f"rotary table {key}.inv_freq is not a non-empty finite float32 vector")
+    device, dtype = placement
+    table = RopeTable()
+    # The angles come out in the loading model's dtype, as a table of rows is cast on load.
+    table.formula = RopeFormula(_torch(inv_freq, None, device), float(scaling), dtype)
+    table.positions = _torch(positions, None, device)
+    return table
 
 
 def inspect_file(path: Union[str, Path]) -> dict[str, Any]:
