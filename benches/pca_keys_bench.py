@@ -9,7 +9,10 @@ One batch row, ``--tokens`` keys of 8 KV heads x 128 (F = 1024) with a decaying 
 - ``RoPE redo (torch)``: the model's rotation of those keys with gathered angles;
 - ``place + RoPE into float32 (kernel)``: :func:`nexusquant.gpu.place_keys`, what decode uses;
 - ``E8 value decode``: the layer's 4-bit values;
-- ``SDPA, bf16 K/V``: flash decode of one query (32 heads) over bf16 keys and values of that length.
+- ``SDPA, bf16 K/V``: flash decode of one query (32 heads) over bf16 keys and values of that length;
+- ``fused decode attention``: :func:`nexusquant.gpu.pca_decode_attention`, one launch that
+  rebuilds, rotates (angles from positions) and scores the keys on chip and accumulates the E8
+  values, over the coded tokens and an 8-token bf16 window; checked against float32 torch.
 
 ``python benches/pca_keys_bench.py --out DIR`` writes ``pca_keys_bench.{json,md}`` there.
 """
@@ -89,6 +92,33 @@ def main() -> None:
     q = torch.randn(1, 32, 1, d, device=dev, dtype=torch.bfloat16)
     kf = torch.randn(1, hkv, t, d, device=dev, dtype=torch.bfloat16)
     vf = torch.randn_like(kf)
+    # The fused kernel: one query (32 heads, GQA 4) over the coded tokens (RoPE from positions) and
+    # an 8-token window, against float32 torch on the float32-decoded keys.
+    win_k = torch.randn(1, hkv, 8, d, device=dev, dtype=torch.bfloat16)
+    win_v = torch.randn_like(win_k)
+    win_valid = torch.ones(1, 8, dtype=torch.bool, device=dev)
+    inv_freq = (10000 ** (-torch.arange(0, d, 2, device=dev, dtype=torch.float32) / d)).contiguous()
+    positions = torch.arange(t, device=dev, dtype=torch.int32)[None].contiguous()
+    seq1 = positions.clone()
+    rope_arg = ("positions", positions, inv_freq, 1.0, torch.bfloat16)
+    center_b = center[None].contiguous()
+
+    def fused():
+        return gpu.pca_decode_attention(
+            q, win_k, win_v, 0, None, win_valid, [code], center_b, values, None, seq1, rope_arg, None, d**-0.5
+        )
+
+    out = fused()
+    assert out is not None, "the fused kernel does not apply"
+    fr = positions[0].float()[:, None] * inv_freq[None, :]
+    fc = torch.cat([fr.cos(), fr.cos()], -1).to(torch.bfloat16).float()
+    fs = torch.cat([fr.sin(), fr.sin()], -1).to(torch.bfloat16).float()
+    kr = ref.reshape(t, hkv, d).permute(1, 0, 2)
+    kr = kr * fc + rotate_half(kr) * fs
+    k_all = torch.cat([kr[None], win_k.float()], 2)
+    v_all = torch.cat([values.dequantize().float(), win_v.float()], 2)
+    want_o = F.scaled_dot_product_attention(q.float(), k_all, v_all, enable_gqa=True, scale=d**-0.5)
+    fused_err = float((out.float().transpose(1, 2) - want_o).norm() / want_o.norm())
     rows = {
         "rebuild (kernel + GEMM)": median_ms(lambda: gpu.transform_keys(code, center), args.reps),
         "rebuild (float32 torch)": median_ms(lambda: code.decode() + center, args.reps),
@@ -100,6 +130,7 @@ def main() -> None:
         "SDPA, bf16 K/V (flash, GQA)": median_ms(
             lambda: F.scaled_dot_product_attention(q, kf, vf, enable_gqa=True), args.reps
         ),
+        "fused decode attention (one launch, keys on chip)": median_ms(fused, args.reps),
     }
     result = dict(
         device=torch.cuda.get_device_name(0),
@@ -111,13 +142,15 @@ def main() -> None:
         code_bytes=int(code.codes.shape[1]),
         rebuild_rel_error=err,
         place_rel_error=place_err,
+        fused_rel_error=fused_err,
         nexusquant=nq.__version__,
         ms=rows,
     )
     md = [
         f"{result['device']}, {t} tokens, {hkv} KV heads x {d}, {args.rate} b/elem: "
         f"{result['components']} components, {result['code_bytes']} code bytes per token; "
-        f"rebuild rel. error against float32 {err:.1e}, placement + RoPE {place_err:.1e}.",
+        f"rebuild rel. error against float32 {err:.1e}, placement + RoPE {place_err:.1e}, "
+        f"fused attention output {fused_err:.1e}.",
         "",
         "| piece (one layer, batch 1) | ms |",
         "|---|---|",

@@ -10,8 +10,6 @@ from tiny_models import make_tiny
 import nexusquant as nq
 from nexusquant.transform import fit_key_transform
 
-pytestmark = pytest.mark.gpu
-
 
 def _gpu():
     from nexusquant import gpu
@@ -19,6 +17,7 @@ def _gpu():
     return gpu
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("f", [64, 256, 1024])
 @pytest.mark.parametrize("rate", [1.5, 3.5, 8.0])
 def test_transform_keys_match_the_float32_decode(f, rate):
@@ -44,6 +43,7 @@ def test_transform_keys_match_the_float32_decode(f, rate):
     assert int(code.bits.sum()) % 8 != 0 or rate == 8.0 or f == 64
 
 
+@pytest.mark.gpu
 def test_transform_keys_beyond_fp16_range_stay_float32():
     gpu = _gpu()
     torch.manual_seed(1)
@@ -78,66 +78,44 @@ def _grouped_llama(group: int, head_dim: int):
 
 
 CASES = [
-    # (model maker, key_domain, chunk_size)
-    (lambda: make_tiny("llama"), "pre_rope", None),
-    (lambda: make_tiny("llama"), "post_rope", 48),
-    (lambda: make_tiny("qwen3"), "pre_rope", 48),
-    (lambda: make_tiny("qwen2"), "pre_rope", None),  # MHA, head_dim 80
-    (lambda: make_tiny("phi3"), "pre_rope", None),  # partial rotary, head_dim 96
-    (lambda: make_tiny("gemma3"), "pre_rope", 48),  # head_dim 256, sliding layers keep E8
-    (lambda: _grouped_llama(8, 128), "pre_rope", 48),
-    (lambda: _grouped_llama(3, 64), "post_rope", None),
+    # (model maker, key_domain, chunk_size, whether the fused kernel applies)
+    (lambda: make_tiny("llama"), "pre_rope", None, True),  # head_dim 64
+    (lambda: make_tiny("llama"), "post_rope", 48, True),
+    (lambda: make_tiny("qwen3"), "pre_rope", 48, True),  # head_dim 128
+    (lambda: make_tiny("qwen2"), "pre_rope", None, False),  # MHA, head_dim 80: the rebuild path
+    (lambda: make_tiny("phi3"), "pre_rope", None, False),  # partial rotary, head_dim 96
+    (lambda: make_tiny("gemma3"), "pre_rope", 48, True),  # sliding layers keep E8
+    (lambda: _grouped_llama(8, 128), "pre_rope", 48, True),
+    (lambda: _grouped_llama(3, 64), "post_rope", None, True),
+    (lambda: _grouped_llama(1, 128), "pre_rope", None, True),
+    (lambda: _grouped_llama(2, 256), "pre_rope", 48, True),
+    (lambda: _grouped_llama(5, 256), "post_rope", None, True),
+    (lambda: make_tiny("llama", dtype=torch.bfloat16), "pre_rope", 48, True),
+    (lambda: _grouped_llama(4, 128).to(torch.float16), "pre_rope", None, True),
 ]
 
 
-@pytest.mark.parametrize("case", range(len(CASES)))
-def test_generation_over_transform_coded_keys_matches_the_torch_path(case, monkeypatch):
-    """Batch 2 with left padding, chunked or one-shot prefill, generation past a block (the
-    generated E8 tier exists): the kernel path gives the torch path's greedy tokens and logits."""
-    gpu = _gpu()
-    make, domain, chunk = CASES[case]
-    model = make().cuda()
-    torch.manual_seed(case)
-    ids = torch.randint(3, 90, (2, 150)).cuda()
-    mask = torch.ones_like(ids)
-    mask[1, :23] = 0  # left padding of the second row
-    ids[1, :23] = 0
-    knobs = dict(quality="high", key_codec="pca", key_rate=3.5, key_domain=domain, recent_window=8, block=16)
-    if chunk is not None:
-        knobs["chunk_size"] = chunk
-    calls = []
-    real = gpu.transform_keys
+def _generate(model, ids, mask, knobs):
+    with nq.nexusquant_evict(model, **knobs) as s, torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=40,
+            min_new_tokens=40,
+            do_sample=False,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        layers = [l for l in s.cache.layers if not l.is_sliding]
+        assert any(l.tiers["generated"].length > 0 for l in layers), "no generated tier"
+        assert all(l.fine.keys.codec is None for l in layers), "not transform-coded"
+        lazy = [bool(l.last_view is not None and l.last_view.lazy_tiers) for l in layers]
+        formulas = [t.formula is not None for t in s.cache.layers[0].rope_tables.values()]
+    return out, lazy, formulas
 
-    def counting(code, center, exact=False):
-        calls.append(code.codes.shape[0])
-        return real(code, center, exact)
 
-    def run():
-        with nq.nexusquant_evict(model, **knobs) as s, torch.no_grad():
-            out = model.generate(
-                ids,
-                attention_mask=mask,
-                max_new_tokens=40,
-                min_new_tokens=40,
-                do_sample=False,
-                pad_token_id=0,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-            layers = [l for l in s.cache.layers if not l.is_sliding]
-            assert any(l.tiers["generated"].length > 0 for l in layers), "no generated tier"
-            assert all(l.fine.keys.codec is None for l in layers), "not transform-coded"
-            lazy = [bool(l.last_view is not None and l.last_view.lazy_tiers) for l in layers]
-        return out, lazy
-
-    monkeypatch.setattr(gpu, "transform_keys", counting)
-    fused, lazy = run()
-    assert calls, "the GPU rebuild did not run"
-    assert all(lazy), "decode did not read the tiers through NexusQuantLayer.decode_tier"
-    monkeypatch.setattr(gpu, "transform_keys_supported", lambda device: False)
-    calls.clear()
-    plain, lazy = run()
-    assert not calls and not any(lazy)
+def _compare(fused, plain, ids):
     a = torch.stack(fused.scores).float()  # (steps, B, vocab)
     b = torch.stack(plain.scores).float()
     finite = torch.isfinite(b)  # min_new_tokens sets the end-of-sequence score to -inf
@@ -161,3 +139,107 @@ def test_generation_over_transform_coded_keys_matches_the_torch_path(case, monke
             top = b[same, row].topk(2).values
             assert float(top[0] - top[1]) < 2 * tol, f"row {row}: token {same} differs without a near tie"
     assert (new_a == new_b).float().mean() > 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("table", ["positions", "rows"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_generation_over_transform_coded_keys_matches_the_torch_path(case, table, monkeypatch):
+    """Batch 2 with left padding, chunked or one-shot prefill, generation past a block (the
+    generated E8 tier exists), rotary tables of positions or of rows: the fused kernel (where it
+    applies) gives the rebuild path's attention output at every decode step and layer, and both
+    give the torch path's greedy tokens and logits."""
+    from nexusquant import attention
+    from nexusquant import rope as rope_mod
+
+    gpu = _gpu()
+    make, domain, chunk, applies = CASES[case]
+    if table == "rows" and domain == "post_rope":
+        pytest.skip("post-RoPE keys read no rotary table")
+    if table == "rows":
+        monkeypatch.setattr(rope_mod, "_formulas", lambda *a, **k: [])
+    model = make().cuda()
+    torch.manual_seed(case)
+    ids = torch.randint(3, 90, (2, 150)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :23] = 0  # left padding of the second row
+    ids[1, :23] = 0
+    knobs = dict(quality="high", key_codec="pca", key_rate=3.5, key_domain=domain, recent_window=8, block=16)
+    if chunk is not None:
+        knobs["chunk_size"] = chunk
+    calls, errors = [], []
+    real = gpu.transform_keys
+    real_fused = attention._decode_pca_fused
+
+    def counting(code, center, exact=False):
+        calls.append(code.codes.shape[0])
+        return real(code, center, exact)
+
+    def checking(layer, view, query, key, value, model_mask, scaling):
+        out = real_fused(layer, view, query, key, value, model_mask, scaling)
+        if out is not None:
+            monkeypatch.setattr(gpu, "PCA_FUSED_DISABLED", True)
+            ref = attention._decode_rebuilt(layer, view, query, key, value, model_mask, scaling)
+            monkeypatch.setattr(gpu, "PCA_FUSED_DISABLED", False)
+            assert torch.isfinite(out).all()
+            errors.append(float((out.float() - ref.float()).norm() / ref.float().norm()))
+        return out
+
+    monkeypatch.setattr(gpu, "transform_keys", counting)
+    monkeypatch.setattr(attention, "_decode_pca_fused", checking)
+    fused, lazy, formulas = _generate(model, ids, mask, knobs)
+    assert all(lazy), "decode did not read the tiers through NexusQuantLayer.decode_tier"
+    if domain == "pre_rope":
+        assert all(formulas) == (table == "positions") and any(formulas) == (table == "positions")
+    if applies:
+        assert errors, "the fused kernel did not run"
+        # fp16 keys and queries in the score mma against float32 (fp16 GEMM) keys: ~1e-3.
+        assert max(errors) < 2e-2, max(errors)
+    else:
+        assert not errors and calls, "expected the rebuild path"
+    monkeypatch.setattr(gpu, "transform_keys_supported", lambda device: False)
+    calls.clear()
+    plain, lazy, _ = _generate(model, ids, mask, knobs)
+    assert not calls and not any(lazy)
+    _compare(fused, plain, ids)
+
+
+def test_fragment_order_and_pair_meta_rebuild_the_keys():
+    """CPU: the basis in the kernel's fragment order holds, for every m-tile, k-step and lane, the
+    entries the mma's A registers need, and the pair metadata unpacks the codes as the kernel's
+    funnel shift does (a model of ``nq_pca_tier`` steps 1-2 against ``KeyTransformCode.decode``)."""
+    from nexusquant.gpu.pca_attention import fragment_basis, pair_meta
+
+    torch.manual_seed(0)
+    h, p, t = 2, 64, 24
+    f = h * p
+    x = torch.randn(t, f) @ (torch.randn(f, f) / f**0.5) * torch.linspace(0.2, 3.0, f)
+    code = fit_key_transform(x, 3.5)
+    k = code.basis.shape[1]
+    frag = fragment_basis(code.basis, h)
+    meta_i, meta_f, kp = pair_meta(code)
+    assert kp % 16 == 0 and kp >= k and k % 16 != 0  # padding exercised
+    basis = torch.nn.functional.pad(code.basis.float(), (0, kp - k))
+    lane = torch.arange(32)
+    gid, tig = lane // 4, lane % 4
+    by = frag.view(h, kp // 16, p // 16, 32, 8).long() - 128
+    for mt in range(p // 16):
+        for ks in range(kp // 16):
+            a = torch.zeros(h, 16, 16)
+            for j, (dr, dc) in enumerate([(0, 0), (0, 1), (0, 8), (0, 9), (8, 0), (8, 1), (8, 8), (8, 9)]):
+                a[:, gid + dr, 2 * tig + dc] = by[:, ks, mt, :, j].float()
+            want = basis.view(h, p, kp)[:, mt * 16 : mt * 16 + 16, ks * 16 : ks * 16 + 16]
+            assert torch.equal(a, want), (mt, ks)
+    raw = code.codes.flatten().long()
+    words = torch.nn.functional.pad(raw, (0, 8 - raw.numel() % 4)).view(-1, 4)
+    words = (words << torch.tensor([0, 8, 16, 24])).sum(1)
+    off, wc = meta_i[:, 0].long(), meta_i[:, 1].long()
+    wa, wb = wc & 0xFF, wc >> 8
+    bit = torch.arange(t)[:, None] * code.codes.shape[1] * 8 + off[None, :]
+    wi = bit >> 5
+    v = ((words[wi + 1] << 32 | words[wi]) >> (bit & 31)) & 0xFFFFFFFF
+    qa, qb = v & ((1 << wa) - 1), (v >> wa) & ((1 << wb) - 1)
+    coef = torch.stack([(qa + meta_f[:, 0]) * meta_f[:, 1], (qb + meta_f[:, 2]) * meta_f[:, 3]], -1).reshape(t, kp)
+    keys = code.mean.float() + coef @ basis.T
+    ref = code.decode()
+    assert float((keys - ref).norm() / ref.norm()) < 1e-6

@@ -275,6 +275,10 @@ def _decode_rebuilt(layer: NexusQuantLayer, view: LayerView, query, key, value, 
     model's mask over the window). No concatenation of the layer's keys with the window and no
     SDPA call, whose cuDNN kernel plans itself anew for every length (~8 ms per layer and step
     at 32K tokens on an H200). Returns ``(B, 1, H_q, D)``."""
+    if query.device.type == "cuda":
+        out = _decode_pca_fused(layer, view, query, key, value, model_mask, scaling)
+        if out is not None:
+            return out
     b, hq, q, d = query.shape
     hkv = key.shape[1]
     g = hq // hkv
@@ -304,6 +308,114 @@ def _decode_rebuilt(layer: NexusQuantLayer, view: LayerView, query, key, value, 
         parts.append((m, p.sum(-1), torch.matmul(p, v)))
     out = _merge(parts)  # (B, Hkv, g, D)
     return out.to(query.dtype).reshape(b, hq, 1, d).transpose(1, 2).contiguous()
+
+
+# Per layer: the int32 sequence indices of the transform-coded tier, keyed by the tier's tensor
+# and its version (the tier changes only when blocks are compressed into it).
+_SEQ32: dict[int, tuple] = {}
+
+
+def _pca_rope(layer: NexusQuantLayer, d: int, device) -> Optional[tuple]:
+    """The rotary table as the fused kernel reads it: ``("positions", positions, inv_freq,
+    scaling, dtype)`` for a table of positions, ``("rows", cos, sin)`` float32 otherwise; None
+    where the model's rotation is not the full-width split-half one the kernel computes."""
+    from .cache import _split_half_rotation
+
+    if layer.rope_adapter is None or layer.rope_key not in layer.rope_tables:
+        return None
+    table = layer.rope_tables[layer.rope_key]
+    if table.formula is not None:
+        inv = table.formula.inv_freq
+        if 2 * inv.numel() != d or not _split_half_rotation(layer.rope_adapter, d, d // 2, True):
+            return None
+        (pos,) = table._held_on(device)
+        inv = inv.to(device=device, dtype=torch.float32).contiguous()  # no copy: already there
+        return ("positions", pos.to(torch.int32).contiguous(), inv, float(table.formula.scaling), table.formula.dtype)
+    rope = layer._kernel_rope()
+    if rope is None or rope[2] != d:
+        return None
+    return ("rows", rope[0], rope[1])
+
+
+def _decode_pca_fused(layer: NexusQuantLayer, view: LayerView, query, key, value, model_mask, scaling):
+    """One query per sequence over a layer with one transform-coded tier, in one kernel launch
+    (:func:`nexusquant.gpu.pca_decode_attention`): the tier's keys are rebuilt, rotated and scored
+    on chip, its E8 values decoded in the same pass; any other tier (the E8 "generated" one) is
+    dequantized as :meth:`NexusQuantLayer.decode_tier` does and joins the sinks and the window as
+    full-precision tokens. None where the kernel does not apply (the caller rebuilds)."""
+    if gpu.PCA_FUSED_DISABLED:
+        return None
+    b, hq, q, d = query.shape
+    hkv = key.shape[1]
+    pca = [t for t in view.lazy_tiers if isinstance(t.keys, TransformCodedKeys)]
+    others = [t for t in view.lazy_tiers if not isinstance(t.keys, TransformCodedKeys)]
+    if len(pca) != 1 or hq // hkv > 8:
+        return None
+    tier = pca[0]
+    pre_rope = layer.settings.key_domain == "pre_rope"
+    rope = seq = None
+    if pre_rope:
+        rope = _pca_rope(layer, d, query.device)
+        if rope is None or tier.seq is None:
+            return None
+        hit = _SEQ32.get(id(layer))
+        if hit is None or hit[0] is not tier.seq or hit[1] != tier.seq._version:
+            hit = _SEQ32[id(layer)] = (tier.seq, tier.seq._version, tier.seq[:, 0].to(torch.int32).contiguous())
+        seq = hit[2]
+    tier.keys.join_appends()
+    codes = [row[0] for row in tier.keys.rows]
+    center = None if layer.k_center is None else layer.k_center.reshape(b, hkv * d)
+    # Full-precision part: sinks, then the other tiers' tokens (dequantized, RoPE redone), then the window.
+    win = _window_mask(view, model_mask, q, None, key.device)
+    n_sink = view.compressed
+    fp_mask = None
+    if others or model_mask is not None or view.comp_valid is not None:
+        masks = []
+        keys, values = [], []
+        if n_sink:
+            c = (
+                view.comp_valid[:, :, None, :]
+                if view.comp_valid is not None
+                else torch.ones(1, 1, 1, n_sink, dtype=torch.bool, device=key.device)
+            )
+            masks.append(c.expand(b, hkv, 1, n_sink))
+            keys.append(key[:, :, :n_sink])
+            values.append(value[:, :, :n_sink])
+        for t in others:
+            k, v = layer.decode_tier(t)
+            keys.append(k.to(key.dtype))
+            values.append(v.to(value.dtype))
+            n = k.shape[2]
+            tv = (
+                t.valid[:, :, None, :]
+                if t.valid is not None
+                else torch.ones(1, 1, 1, n, dtype=torch.bool, device=key.device)
+            )
+            masks.append(tv.expand(b, hkv, 1, n))
+        masks.append(win.expand(b, hkv, 1, view.window))
+        keys.append(key[:, :, n_sink:])
+        values.append(value[:, :, n_sink:])
+        fp_mask = torch.cat(masks, dim=-1).reshape(b, hkv, -1).contiguous()
+        if others:
+            key, value = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+            n_sink = key.shape[2] - view.window
+    assert layer.win_valid is not None
+    return gpu.pca_decode_attention(
+        query,
+        key,
+        value,
+        n_sink,
+        fp_mask,
+        layer.win_valid,
+        codes,
+        center,
+        tier.values,
+        tier.valid,
+        seq,
+        rope,
+        layer.v_center,
+        scaling,
+    )
 
 
 def _merge_splits(m, l, acc):

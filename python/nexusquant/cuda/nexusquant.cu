@@ -1482,6 +1482,7 @@ __device__ __forceinline__ void nq_attend(const NqAttnParams& p) {
 #else
 #define NQ_ATT_BOUNDS __launch_bounds__(NQ_AT)
 #endif
+#ifndef NQ_ATT_PCA  // the transform-coded module builds only its own entry (below)
 #define NQ_ATTEND_ENTRY(NAME, T) \
     extern "C" __global__ void NQ_ATT_BOUNDS NAME(const NqAttnParams p) { nq_attend<T>(p); }
 // NQ_ATT_T picks the one model dtype to build (0 float, 1 half, 2 bfloat16; all three if unset):
@@ -1495,6 +1496,441 @@ NQ_ATTEND_ENTRY(nq_attend_f16, __half)
 #if !defined(NQ_ATT_T) || NQ_ATT_T == 2
 NQ_ATTEND_ENTRY(nq_attend_bf16, __nv_bfloat16)
 #endif
+#endif  // !NQ_ATT_PCA
+#ifdef NQ_ATT_PCA
+// ============================================================================= fused decode over transform-coded keys
+// One new query per sequence against a layer whose prompt keys are transform-coded (transform.py:
+// per batch row an int8 basis F x K with the column scales folded into the coefficients, codes
+// packed LSB-first at fixed bit offsets) and whose values are E8-coded, plus the full-precision
+// part (sinks, the generated tier the caller dequantized, the window), in ONE launch with the
+// layout of nq_attend: grid (S + 1, B * H_kv); blocks [0, S) take a chunk of the coded tokens each,
+// the last one the full-precision tokens; the last block to finish merges (nq_attend_merge, with
+// no key centre: the rebuilt keys already hold mean + k_center).
+//
+// Per warp and tile of 16 tokens (keys never leave the chip):
+//  1. unpack the tile's coefficients, a chunk of NQ_PKC components at a time, as fp16 into the
+//     warp's shared buffer (a lane takes two neighbouring components: one funnel shift reads both);
+//  2. rebuild K^T (dims x tokens) of the block's KV head on the tensor cores: A = the head's
+//     basis rows (16 dims x 16 components, int8 + 128 in shared memory in fragment order, two
+//     byte permutes and one fp16 subtract per register), B = coefficients (16 components x 8
+//     tokens), fp32 accumulators;
+//  3. add mean + k_center; redo RoPE in registers (a dim and its split-half partner sit in the
+//     same lane: m-tiles mt and mt + rot/32), with cos/sin computed from each token's position
+//     and the rotary frequencies (tables of positions) or read from float32 rows;
+//  4. transpose the keys to the score mma's A operand in registers (movmatrix), score against
+//     the query group (S^T = K Q, Q scaled by scale * log2 e), online softmax, and accumulate the
+//     E8 values exactly as nq_attend_tier does.
+// NQ_ATT_KB0 (unused here) must equal NQ_ATT_VB0: the shared templates are instantiated with both.
+#define NQ_PKC 128               // components per coefficient chunk
+#define NQ_PCS (NQ_PKC + 8)      // halves per token row of the chunk buffer (skewed: conflict-free)
+#define NQ_PNPASS (NQ_ATT_P > 128 ? 2 : 1)  // passes over the dims (accumulator registers)
+
+struct NqPcaRow {                // one batch row's code (64 bytes)
+    const unsigned char* codes;  // [T, code_bytes], 4-byte aligned
+    const uint2* basis;          // [H][Kp/16][P/16][32]: 8 bytes per lane (rows gid, gid+8), int8 + 128
+    const int2* meta_i;          // [Kp/2]: bit offset of component 2c, width 2c | width 2c+1 << 8
+    const float4* meta_f;        // [Kp/2]: (0.5 - 2^(w-1), scale) of components 2c and 2c+1
+    const float* bias;           // [H * P]: mean + k_center
+    long long code_bytes;
+    long long kp;                // components padded to a multiple of 16 (pad: width 0, scale 0)
+};
+
+struct NqPcaParams {
+    NqAttnParams a;              // tier[0]: the values' codes and scales, valid, tokens/splits/chunk
+    const NqPcaRow* rows;        // [B]
+    const int* seq;              // [B, T]: each token's index into the rotary table; null: post-RoPE
+    const float* cos;            // [table_rows, table_len, width] float32, or null (positions)
+    const float* sin;
+    const int* positions;        // [table_rows, table_len], or null (rows)
+    const float* inv_freq;       // [rot / 2]
+    long long table_rows, table_len, kp_cap;
+    int width, rot;              // row width (rot, or rot / 2 for half rows); rotated dims
+    float rscale;                // positions: cos/sin times this, then rounded to rdtype
+    int rdtype;                  // 0 float32, 1 float16, 2 bfloat16
+};
+static_assert(sizeof(NqPcaRow) == 56, "gpu/pca_attention.py (_ROW) mirrors this layout");
+static_assert(sizeof(NqPcaParams) == 288 + 9 * 8 + 16, "gpu/pca_attention.py mirrors this layout");
+
+__device__ __forceinline__ unsigned nq_word(const unsigned char* base, long long wi, long long nbytes) {
+    if ((wi + 1) * 4 <= nbytes) return reinterpret_cast<const unsigned*>(base)[wi];
+    unsigned v = 0u;  // the last, partial word of the codes (never past their end)
+    for (int b = 0; b < 4; ++b)
+        if (wi * 4 + b < nbytes) v |= (unsigned)base[wi * 4 + b] << (8 * b);
+    return v;
+}
+// Two int8 (+128) bytes as an fp16 pair: 0x64XX is 1024 + XX exactly; minus 1152.
+__device__ __forceinline__ unsigned nq_i8pair(unsigned w, unsigned sel) {
+    return nq_hadd2(__byte_perm(w, 0x64646464u, sel), 0xE480E480u);  // + (-1152, -1152)
+}
+__device__ __forceinline__ float nq_round_to(float x, int dt) {
+    if (dt == 1) return __half2float(__float2half_rn(x));
+    if (dt == 2) return __bfloat162float(__float2bfloat16_rn(x));
+    return x;
+}
+
+// cos/sin of frequency f (< rot/2) for the lo and hi dims of a pair at table index s.
+__device__ __forceinline__ void nq_pca_angle(const NqPcaParams& pp, long long r, int s, int f, float& clo, float& slo,
+                                             float& chi, float& shi) {
+    if (pp.positions != nullptr) {
+        const float a = (float)pp.positions[r * pp.table_len + s] * pp.inv_freq[f];
+        float sn, cs;
+        sincosf(a, &sn, &cs);
+        clo = chi = nq_round_to(cs * pp.rscale, pp.rdtype);
+        slo = shi = nq_round_to(sn * pp.rscale, pp.rdtype);
+    } else {
+        const long long o = (r * pp.table_len + s) * pp.width;
+        clo = pp.cos[o + f];
+        slo = pp.sin[o + f];
+        const int h = pp.width == pp.rot ? f + pp.rot / 2 : f;
+        chi = pp.cos[o + h];
+        shi = pp.sin[o + h];
+    }
+}
+
+template <int VB>
+__device__ __forceinline__ void nq_pca_tier(const NqPcaParams& pp, long long bh, int split, const NqTbl& tbl,
+                                            const unsigned (&qf)[NQ_ATT_P / 16][2], const uint2* sb,
+                                            __half* scoef, const float* sbias, float* wm, float* wl, float* wacc,
+                                            float& m0o, float& m1o) {
+    constexpr int P = NQ_ATT_P, NG = P / 8, VG = NG / 8, MT = P / 16, NSV = (VG + 1) / 2;
+    constexpr int NP = NQ_PNPASS, MTP = MT / NP;
+    const NqAttnParams& p = pp.a;
+    const NqTier& tr = p.tier[0];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const float NEG_INF = __int_as_float(0xff800000);
+    const long long b = bh / p.hkv;
+    const NqPcaRow row = pp.rows[b];
+    const long long t_begin = (long long)split * tr.chunk;
+    const long long t_end = min(tr.tokens, t_begin + tr.chunk);
+    const int n = (int)(t_end - t_begin);
+    const int n_tiles = (n + 15) / 16;
+    const unsigned vr2 = nq_pack_h2(tr.vres, tr.vres);
+    const long long nbytes = tr.tokens * row.code_bytes;
+    const int kp = (int)row.kp;
+    // RoPE over every dim (rot == P, checked by the caller): dim d < P/2 pairs with d + P/2, the
+    // m-tile MT/2 above, which sits MTP/2 above in this pass's accumulators.
+    constexpr int LO = MTP / 2;
+    const long long trow = min(b, pp.table_rows - 1);
+    constexpr int VCB = NG * VB;
+    constexpr int V1 = VB == 1 ? 1 : 2, V2 = VB == 3 ? 1 : 2;
+    const long long row0 = bh * tr.tokens + t_begin;
+    const unsigned char* vbase = tr.vcodes + (row0 + 2 * tig) * VCB;
+    const unsigned char* v1 = vbase + VG * gid * V1;
+    const unsigned char* v2 = vbase + NG * V1 + VG * gid * V2;
+
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
+    float o[MT][4];
+    #pragma unroll
+    for (int i = 0; i < MT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float osh[NSV][4];
+    #pragma unroll
+    for (int i = 0; i < NSV; ++i) osh[i][0] = osh[i][1] = osh[i][2] = osh[i][3] = 0.0f;
+
+    for (int tile = warp; tile < n_tiles; tile += NQ_AW) {
+        const int t0 = tile * 16, last = n - 1;
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        #pragma unroll
+        for (int ps = 0; ps < NP; ++ps) {
+            float acc[MTP][2][4];
+            #pragma unroll
+            for (int i = 0; i < MTP; ++i)
+                #pragma unroll
+                for (int j = 0; j < 2; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+            for (int c0 = 0; c0 < kp; c0 += NQ_PKC) {
+                const int kc = min(NQ_PKC, kp - c0);
+                __syncwarp();
+                // 1. coefficients of the tile's 16 tokens, components c0 .. c0 + kc.
+                for (int pi = lane; pi < kc / 2; pi += 32) {
+                    const int2 mi = row.meta_i[c0 / 2 + pi];
+                    const float4 mf = row.meta_f[c0 / 2 + pi];
+                    const int wa = mi.y & 0xff, wb = mi.y >> 8;
+                    const unsigned ma = (1u << wa) - 1u, mb = (1u << wb) - 1u;
+                    #pragma unroll 4
+                    for (int tk = 0; tk < 16; ++tk) {
+                        const long long tt = t_begin + min(t0 + tk, last);
+                        const long long bit = tt * row.code_bytes * 8 + mi.x;
+                        const long long wi = bit >> 5;
+                        const unsigned v = __funnelshift_r(nq_word(row.codes, wi, nbytes), nq_word(row.codes, wi + 1, nbytes),
+                                                           (unsigned)(bit & 31));
+                        const float ca = ((float)(v & ma) + mf.x) * mf.y;
+                        const float cb = ((float)((v >> wa) & mb) + mf.z) * mf.w;
+                        reinterpret_cast<unsigned*>(scoef + tk * NQ_PCS)[pi] = nq_pack_h2(ca, cb);
+                    }
+                }
+                __syncwarp();
+                // 2. K^T (dims x tokens) += basis (dims x components) . coefficients^T.
+                for (int ks = 0; ks < kc / 16; ++ks) {
+                    const unsigned* r0 = reinterpret_cast<const unsigned*>(scoef + gid * NQ_PCS + ks * 16);
+                    const unsigned* r1 = reinterpret_cast<const unsigned*>(scoef + (gid + 8) * NQ_PCS + ks * 16);
+                    const unsigned b00 = r0[tig], b01 = r0[4 + tig], b10 = r1[tig], b11 = r1[4 + tig];
+                    const uint2* ab = sb + ((c0 / 16 + ks) * MT) * 32 + lane;
+                    #pragma unroll
+                    for (int i = 0; i < MTP; ++i) {
+                        const int mt = NP == 1 ? i : (i < MTP / 2 ? ps * (MTP / 2) + i : MT / 2 + ps * (MTP / 2) + i - MTP / 2);
+                        const uint2 w = ab[mt * 32];
+                        const unsigned a0 = nq_i8pair(w.x, 0x4140u), a2 = nq_i8pair(w.x, 0x4342u);
+                        const unsigned a1 = nq_i8pair(w.y, 0x4140u), a3 = nq_i8pair(w.y, 0x4342u);
+                        nq_mma(acc[i][0], a0, a1, a2, a3, b00, b01);
+                        nq_mma(acc[i][1], a0, a1, a2, a3, b10, b11);
+                    }
+                }
+            }
+            // 3. mean + k_center, then RoPE: lane holds dims mt*16 + gid (+8) of tokens n*8 + 2tig (+1).
+            #pragma unroll
+            for (int i = 0; i < MTP; ++i) {
+                const int mt = NP == 1 ? i : (i < MTP / 2 ? ps * (MTP / 2) + i : MT / 2 + ps * (MTP / 2) + i - MTP / 2);
+                const float bl = sbias[mt * 16 + gid], bu = sbias[mt * 16 + gid + 8];
+                #pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    acc[i][j][0] += bl; acc[i][j][1] += bl; acc[i][j][2] += bu; acc[i][j][3] += bu;
+                }
+            }
+            if (pp.seq != nullptr) {
+                #pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    #pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const long long tt = t_begin + min(t0 + 8 * j + 2 * tig + e, last);
+                        const int s = pp.seq[b * tr.tokens + tt];
+                        #pragma unroll
+                        for (int i = 0; i < MTP; ++i) {
+                            if (i < LO) {
+                                const int mt = NP == 1 ? i : ps * (MTP / 2) + i;
+                                #pragma unroll
+                                for (int u = 0; u < 2; ++u) {
+                                    float clo, slo, chi, shi;
+                                    nq_pca_angle(pp, trow, s, mt * 16 + gid + 8 * u, clo, slo, chi, shi);
+                                    const float xl = acc[i][j][2 * u + e], xh = acc[i + LO][j][2 * u + e];
+                                    acc[i][j][2 * u + e] = xl * clo - xh * slo;
+                                    acc[i + LO][j][2 * u + e] = xh * chi + xl * shi;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // 4. scores: S^T (16 tokens x 8 heads) += K (16 tokens x 16 dims) . Q (16 dims x 8 heads).
+            #pragma unroll
+            for (int i = 0; i < MTP; ++i) {
+                const int mt = NP == 1 ? i : (i < MTP / 2 ? ps * (MTP / 2) + i : MT / 2 + ps * (MTP / 2) + i - MTP / 2);
+                const unsigned x0 = nq_movtrans(nq_pack_h2(acc[i][0][0], acc[i][0][1]));
+                const unsigned x1 = nq_movtrans(nq_pack_h2(acc[i][1][0], acc[i][1][1]));
+                const unsigned x2 = nq_movtrans(nq_pack_h2(acc[i][0][2], acc[i][0][3]));
+                const unsigned x3 = nq_movtrans(nq_pack_h2(acc[i][1][2], acc[i][1][3]));
+                nq_mma(c, x0, x1, x2, x3, qf[mt][0], qf[mt][1]);
+            }
+        }
+        // Validity of tokens gid and gid + 8 of the tile (past the split's end: masked).
+        const int ta = t0 + gid, tb = ta + 8;
+        bool oka = ta <= last, okb = tb <= last;
+        if (tr.valid != nullptr) {
+            oka = oka && tr.valid[row0 + min(ta, last)];
+            okb = okb && tr.valid[row0 + min(tb, last)];
+        }
+        const float x0 = oka ? c[0] : NEG_INF, x1 = oka ? c[1] : NEG_INF;
+        const float x2 = okb ? c[2] : NEG_INF, x3 = okb ? c[3] : NEG_INF;
+        float mx0 = fmaxf(x0, x2), mx1 = fmaxf(x1, x3);
+        #pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(NQ_FULL, mx0, off));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(NQ_FULL, mx1, off));
+        }
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float mu0 = mn0 == NEG_INF ? 0.0f : mn0, mu1 = mn1 == NEG_INF ? 0.0f : mn1;
+        const float al0 = nq_ex2(m0 - mu0), al1 = nq_ex2(m1 - mu1);
+        const float p0 = nq_ex2(x0 - mu0), p1 = nq_ex2(x1 - mu1), p2 = nq_ex2(x2 - mu0), p3 = nq_ex2(x3 - mu1);
+        l0 = l0 * al0 + (p0 + p2);
+        l1 = l1 * al1 + (p1 + p3);
+        m0 = mn0;
+        m1 = mn1;
+        if (!__all_sync(NQ_FULL, al0 == 1.0f && al1 == 1.0f)) {
+            #pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                o[i][0] *= al0; o[i][1] *= al1; o[i][2] *= al0; o[i][3] *= al1;
+            }
+            #pragma unroll
+            for (int i = 0; i < NSV; ++i) {
+                osh[i][0] *= al0; osh[i][1] *= al1; osh[i][2] *= al0; osh[i][3] *= al1;
+            }
+        }
+        // Values: as nq_attend_tier (tokens 2tig, 2tig+1, 2tig+8, 2tig+9; scales of gid, gid+8).
+        NqChunk<VB, VG> vc[4];
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int o_ = (min(t0 + 2 * tig + (i & 1) + 8 * (i >> 1), last) - 2 * tig) * VCB;
+            vc[i].load(v1 + o_, v2 + o_);
+        }
+        const float sva = __half2float(__ushort_as_half(tr.vscales[row0 + min(ta, last)]));
+        const float svb = __half2float(__ushort_as_half(tr.vscales[row0 + min(tb, last)]));
+        const unsigned b0 = nq_movtrans(nq_pack_h2(p0 * sva, p1 * sva));
+        const unsigned b1 = nq_movtrans(nq_pack_h2(p2 * svb, p3 * svb));
+        nq_for<0, VG>([&](auto ji) {
+            constexpr int j = decltype(ji)::value;
+            unsigned h[4][4];
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) vc[i].template decode<j>(tbl, vr2, h[i]);
+            #pragma unroll
+            for (int cp = 0; cp < 4; ++cp) {
+                const unsigned a0 = __byte_perm(h[0][cp], h[1][cp], 0x5410);
+                const unsigned a1 = __byte_perm(h[0][cp], h[1][cp], 0x7632);
+                const unsigned a2 = __byte_perm(h[2][cp], h[3][cp], 0x5410);
+                const unsigned a3 = __byte_perm(h[2][cp], h[3][cp], 0x7632);
+                nq_mma(o[4 * j + cp], a0, a1, a2, a3, b0, b1);
+            }
+        });
+        nq_for<0, NSV>([&](auto si) {
+            constexpr int sv = decltype(si)::value, g0 = 2 * sv;
+            const unsigned a0 = nq_shifts<g0, g0, false>(vc[0], vc[1], vr2);
+            const unsigned a2 = nq_shifts<g0, g0, false>(vc[2], vc[3], vr2);
+            unsigned a1 = 0u, a3 = 0u;
+            if constexpr (g0 + 1 < VG) {
+                a1 = nq_shifts<g0 + 1, g0 + 1, false>(vc[0], vc[1], vr2);
+                a3 = nq_shifts<g0 + 1, g0 + 1, false>(vc[2], vc[3], vr2);
+            }
+            nq_mma(osh[sv], a0, a1, a2, a3, b0, b1);
+        });
+    }
+    #pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+        l0 += __shfl_xor_sync(NQ_FULL, l0, off);
+        l1 += __shfl_xor_sync(NQ_FULL, l1, off);
+    }
+    __syncthreads();  // every warp is done with the pattern table, whose space wacc reuses
+    if (gid == 0) {
+        wm[warp * NQ_AMAXG + 2 * tig] = m0;
+        wm[warp * NQ_AMAXG + 2 * tig + 1] = m1;
+        wl[warp * NQ_AMAXG + 2 * tig] = l0;
+        wl[warp * NQ_AMAXG + 2 * tig + 1] = l1;
+    }
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        const int j = mt / 4;
+        const float s0 = osh[j / 2][(j & 1) * 2], s1 = osh[j / 2][(j & 1) * 2 + 1];
+        o[mt][0] += s0;
+        o[mt][2] += s0;
+        o[mt][1] += s1;
+        o[mt][3] += s1;
+        const int dim = 8 * (VG * gid + mt / 4) + 2 * (mt % 4);
+        float* r0 = wacc + (warp * NQ_AMAXG + 2 * tig) * P;
+        float* r1 = r0 + P;
+        r0[dim] = o[mt][0];
+        r1[dim] = o[mt][1];
+        r0[dim + 1] = o[mt][2];
+        r1[dim + 1] = o[mt][3];
+    }
+    m0o = m0;
+    m1o = m1;
+}
+
+template <typename T>
+__device__ __forceinline__ void nq_attend_pca(const NqPcaParams& pp) {
+    constexpr int P = NQ_ATT_P, MT = P / 16;
+    const NqAttnParams& p = pp.a;
+    constexpr int REGION_FLOATS_T = 256 * NQ_AREP * 4;
+    constexpr int REGION_FLOATS_W = NQ_AW * NQ_AMAXG * P;
+    constexpr int REGION_FLOATS_M = 2 * NQ_AMAXS * NQ_AMAXG + 4 * NQ_AMAXG + NQ_AMAXG * P;
+    constexpr int RA = REGION_FLOATS_T > REGION_FLOATS_W ? (REGION_FLOATS_T > REGION_FLOATS_M ? REGION_FLOATS_T : REGION_FLOATS_M)
+                                                         : (REGION_FLOATS_W > REGION_FLOATS_M ? REGION_FLOATS_W : REGION_FLOATS_M);
+    __shared__ __align__(16) float region[RA];
+    __shared__ __align__(16) float qrot[NQ_AMAXG * P];  // the fp block's queries; here the bias
+    __shared__ float wm[NQ_AW * NQ_AMAXG], wl[NQ_AW * NQ_AMAXG];
+    __shared__ int last;
+    extern __shared__ __align__(16) unsigned char nq_dyn[];  // basis (P * kp_cap bytes), then chunks
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+    const long long bh = blockIdx.y;
+    const int split = blockIdx.x, s_total = gridDim.x;
+    const int g = (int)p.g;
+    const float NEG_INF = __int_as_float(0xff800000);
+    float* part = p.part + (bh * s_total + split) * NQ_APS;
+    const int s0 = (int)p.tier[0].splits;
+
+    if (split < s0) {
+        const long long b = bh / p.hkv, h = bh % p.hkv;
+        const NqPcaRow& row = pp.rows[b];
+        uint4* tbl = reinterpret_cast<uint4*>(region);
+        for (int i = tid; i < 256; i += blockDim.x) {
+            const uint4 v = p.table[i];
+            #pragma unroll
+            for (int r = 0; r < NQ_AREP; ++r) tbl[i * NQ_AREP + r] = v;
+        }
+        // The head's basis (P * kp bytes, fragment order) into shared memory.
+        const long long n16 = (long long)P * row.kp / 16;
+        const uint4* src = reinterpret_cast<const uint4*>(row.basis) + h * n16;
+        uint4* dst = reinterpret_cast<uint4*>(nq_dyn);
+        for (long long i = tid; i < n16; i += blockDim.x) dst[i] = src[i];
+        for (int i = tid; i < P; i += blockDim.x) qrot[i] = row.bias[h * P + i];
+        __syncthreads();
+        // Q fragments (B of the score mma): head gid, dims mt*16 + 2tig (+1) and + 8, scaled to log2 units.
+        const T* q = static_cast<const T*>(p.q) + bh * g * P;
+        unsigned qf[MT][2];
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            float f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (gid < g) {
+                const T* qr = q + gid * P + mt * 16 + 2 * tig;
+                f[0] = nq_to_f32(qr[0]) * p.qscale;
+                f[1] = nq_to_f32(qr[1]) * p.qscale;
+                f[2] = nq_to_f32(qr[8]) * p.qscale;
+                f[3] = nq_to_f32(qr[9]) * p.qscale;
+            }
+            qf[mt][0] = nq_pack_h2(f[0], f[1]);
+            qf[mt][1] = nq_pack_h2(f[2], f[3]);
+        }
+        NqTbl tb;
+        tb.set(tbl + (lane & (NQ_AREP - 1)));
+        __half* scoef = reinterpret_cast<__half*>(nq_dyn + P * pp.kp_cap) + warp * 16 * NQ_PCS;
+        float m0, m1;
+        nq_pca_tier<NQ_ATT_VB0>(pp, bh, split, tb, qf, reinterpret_cast<const uint2*>(nq_dyn), scoef, qrot, wm, wl,
+                                region, m0, m1);
+        __syncthreads();
+        for (int i = tid; i < g * P; i += blockDim.x) {
+            const int j = i / P, d = i % P;
+            float mx = NEG_INF;
+            #pragma unroll
+            for (int w = 0; w < NQ_AW; ++w) mx = fmaxf(mx, wm[w * NQ_AMAXG + j]);
+            float a = 0.0f, l = 0.0f;
+            #pragma unroll
+            for (int w = 0; w < NQ_AW; ++w) {
+                const float mw = wm[w * NQ_AMAXG + j];
+                const float f = mw == NEG_INF ? 0.0f : nq_ex2(mw - mx);
+                a += f * region[(w * NQ_AMAXG + j) * P + d];
+                l += f * wl[w * NQ_AMAXG + j];
+            }
+            part[2 * NQ_AMAXG + j * P + d] = a;
+            if (d == 0) {
+                part[j] = mx;
+                part[NQ_AMAXG + j] = l;
+            }
+        }
+    } else {
+        nq_attend_fp<T>(p, bh, qrot, region, wm, part);
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        const int prev = atomicAdd(&p.counters[bh], 1);
+        last = prev == s_total - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    nq_attend_merge<T>(p, bh, s_total, region);
+    if (tid == 0) p.counters[bh] = 0;
+}
+
+#define NQ_ATTEND_PCA_ENTRY(NAME, T) \
+    extern "C" __global__ void __launch_bounds__(NQ_AT, 1) NAME(const NqPcaParams p) { nq_attend_pca<T>(p); }
+#if !defined(NQ_ATT_T) || NQ_ATT_T == 0
+NQ_ATTEND_PCA_ENTRY(nq_attend_pca_f32, float)
+#endif
+#if !defined(NQ_ATT_T) || NQ_ATT_T == 1
+NQ_ATTEND_PCA_ENTRY(nq_attend_pca_f16, __half)
+#endif
+#if !defined(NQ_ATT_T) || NQ_ATT_T == 2
+NQ_ATTEND_PCA_ENTRY(nq_attend_pca_bf16, __nv_bfloat16)
+#endif
+#endif  // NQ_ATT_PCA
 #endif  // NQ_ATT_P
 
 #ifdef NQ_PCA

@@ -12,15 +12,20 @@ path when it cannot. The package, one job per module, each importing only those 
 - :mod:`.attention`: ``decode_attention`` (one launch per decode step), its tiers
   (:class:`CodedTier`) and the kernel's parameter struct, written once as a field list;
 - :mod:`.reference`: the same attention in plain torch, for tests and CPU tensors;
-- :mod:`.transform`: transform-coded keys rebuilt on the GPU (an unpacking kernel and one GEMM).
+- :mod:`.transform`: transform-coded keys rebuilt on the GPU (an unpacking kernel and one GEMM);
+- :mod:`.pca_attention`: decode attention over transform-coded keys in one launch (keys rebuilt on
+  chip), the rebuild path's replacement where it applies.
 """
 
 from __future__ import annotations
+
+import os
 
 from .attention import CodedTier, decode_attention, fused_supported
 from .build import available, kernel_source_path
 from .codec import decode, encode
 from .device_tables import dense_inverse_rotation
+from .pca_attention import pca_decode_attention
 from .reference import decode_attention_partials_reference, decode_attention_reference, rotate_queries
 from .transform import place_keys, transform_keys, transform_keys_supported
 
@@ -39,4 +44,10 @@ __all__ = [
     "transform_keys",
     "place_keys",
     "transform_keys_supported",
+    "pca_decode_attention",
+    "PCA_FUSED_DISABLED",
 ]
+
+# True: decode over transform-coded keys takes the rebuild path (tests and benchmarks compare;
+# NEXUSQUANT_PCA_FUSED=0 in the environment sets it).
+PCA_FUSED_DISABLED = os.environ.get("NEXUSQUANT_PCA_FUSED") == "0"
