@@ -406,12 +406,12 @@ class NexusQuantLayer(CacheLayerMixin):
             self._rope_angles(torch.zeros(1, 1, 0, dtype=torch.int32))  # raises the error that says why
         assert self.rope_key is not None and self.rope_adapter is not None
         table = self.rope_tables[self.rope_key]
-        assert table.cos is not None and table.sin is not None
-        width = table.cos.shape[-1]
+        # A table of positions computes its (half) rows here, for every position it holds.
+        cos, sin = table.mirror(self.device)
+        width = cos.shape[-1]
         rot = 2 * width if table.half else width
         if not _split_half_rotation(self.rope_adapter, self.head_dim, width, table.half):
             return None
-        cos, sin = table.mirror(self.device)
         return cos.float().contiguous(), sin.float().contiguous(), rot
 
     def _compressed_parts(self):
