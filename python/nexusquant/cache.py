@@ -565,10 +565,10 @@ class NexusQuantLayer(CacheLayerMixin):
         b, hq, q, d = query.shape
         h = self.heads
         g = hq // h
-        x = query
+        x = query.detach()  # a statistic for the coder, not part of the model's graph
         if self.settings.key_domain == "pre_rope":
             seq = (self.seen - q + torch.arange(q, device=query.device, dtype=torch.int32)).expand(b, hq, q)
-            x = self._undo_rope(query, seq)
+            x = self._undo_rope(x, seq)
         x = x.float()
         if self.win_valid is not None:
             x = x * self.win_valid[:, None, -q:, None].to(x.dtype)

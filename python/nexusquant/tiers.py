@@ -170,6 +170,10 @@ class TransformCodedKeys:
         :func:`~nexusquant.transform.fit_key_transform`), None for plain principal components;
         ``amortize_tokens``: the prompt's tokens the basis will code (chunked prefill), at least."""
         b, h, t, d = x.shape
+        # Codes are data, not part of a graph: a forward run without no_grad must not make the
+        # basis (an eigendecomposition of the prompt's keys) hold the prefill's autograd graph.
+        x = x.detach()
+        metric = None if metric is None else metric.detach()
         flat = x.permute(0, 2, 1, 3).reshape(b, t, h * d)
         if not self.rows:
             self.rows = [
