@@ -84,7 +84,16 @@ def test_quantization_error_follows_codec_distortion(family):
     ref = reference_logits(model, prompt, cont)
     errs = {}
     for bits in (2, 4):
-        knobs = dict(evict=0.0, demote=0.0, key_bits=bits, value_bits=bits, recent_window=8, center=False)
+        knobs = dict(
+            evict=0.0,
+            demote=0.0,
+            key_bits=bits,
+            value_bits=bits,
+            recent_window=8,
+            center=False,
+            key_codec="e8",
+            key_domain="post_rope",
+        )
         with nq.nexusquant_evict(model, **knobs):
             cache = DynamicCache()
             with torch.no_grad():
@@ -117,6 +126,8 @@ def test_eviction_equals_an_explicitly_pruned_cache(family):
     ids = _ids(110, seed=2)
     prompt, cont = ids[:, :96], ids[:, 96:]
     knobs = dict(
+        key_codec="e8",  # per-head selection: the transform coder keeps the same tokens in every head
+        key_domain="post_rope",
         evict=0.5,
         demote=0.2,
         key_bits=16,
@@ -257,10 +268,10 @@ def test_two_models_and_nested_blocks():
     a, b = make_tiny("llama", seed=1), make_tiny("qwen2", seed=2)
     ids = _ids(100)
     ref_b = reference_logits(b, ids[:, :80], ids[:, 80:])
-    with nq.nexusquant_evict(a, quality="max"):
+    with nq.nexusquant_evict(a, quality=nq.E8_PRESETS["max"]):  # it evicts
         # b is untouched while a is compressed
         torch.testing.assert_close(reference_logits(b, ids[:, :80], ids[:, 80:]), ref_b)
-        _, _, outer = compressed_logits(a, ids[:, :80], ids[:, 80:], quality="max", recent_window=8)
+        _, _, outer = compressed_logits(a, ids[:, :80], ids[:, 80:], quality=nq.E8_PRESETS["max"], recent_window=8)
         with nq.nexusquant_evict(a, **EXACT) as inner:
             cache = DynamicCache()
             with torch.no_grad():
@@ -325,10 +336,13 @@ def test_nbytes_counts_every_tensor_held():
     )
     for layer in cache.layers:
         assert layer.nbytes() == _tensor_bytes(layer)
-    assert stats["nbytes"] == sum(layer.nbytes() for layer in cache.layers)
+    # The cache's bytes: its layers', and the rotary tables its pre-RoPE keys share.
+    assert stats["rope_nbytes"] > 0
+    assert stats["nbytes"] == sum(layer.nbytes() for layer in cache.layers) + stats["rope_nbytes"]
     assert stats["ratio"] == pytest.approx(stats["fp16_nbytes"] / stats["nbytes"])
-    # Compressing really shrinks: codes hold far fewer bytes than fp32/fp16 tokens would.
-    assert stats["ratio"] > 2.0
+    # Compressing really shrinks: codes hold far fewer bytes than fp32/fp16 tokens would (less so
+    # at 160 tokens than at real lengths: the transform coder's basis is paid for 512 tokens).
+    assert stats["ratio"] > 1.5
 
 
 def test_bad_settings_raise_clear_errors():
@@ -402,7 +416,7 @@ def test_fused_decode_path_matches_dequantized_attention(family, monkeypatch):
 
     model = make_tiny(family)
     ids = _ids(120, seed=12)
-    knobs = dict(quality="balanced", recent_window=8, block=16, demote=0.2)  # both E8 tiers
+    knobs = dict(quality=nq.E8_PRESETS["balanced"], recent_window=8, block=16, demote=0.2)  # both E8 tiers
     ref, _, _ = compressed_logits(model, ids[:, :100], ids[:, 100:], **knobs)
     monkeypatch.setenv(FUSED_REFERENCE_ENV, "1")
     got, cache, _ = compressed_logits(model, ids[:, :100], ids[:, 100:], **knobs)

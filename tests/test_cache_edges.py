@@ -41,8 +41,10 @@ def test_session_stats_after_generate_returns():
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma3", "gemma2", "gpt_neox"])
 def test_cache_under_another_attention_equals_nexusquant_attention_without_eviction(family):
     """A NexusQuantCache under SDPA (eager for Gemma-2) dequantizes one layer at a time and compresses
-    before the next forward: with nothing evicted, the logits equal those under "nexusquant"."""
-    knobs = dict(evict=0.0, recent_window=8, block=8)
+    before the next forward: with nothing evicted, the logits equal those under "nexusquant". (E8
+    keys: the transform coder fits its basis in the metric of the prompt's queries, which only
+    nexusquant's attention sees; under SDPA it takes the keys' plain principal components.)"""
+    knobs = dict(evict=0.0, recent_window=8, block=8, key_codec="e8", key_domain="post_rope")
     ids = _ids(130, seed=3)
     model = make_tiny(family)
     other = model.config._attn_implementation
@@ -60,7 +62,7 @@ def test_cache_under_another_attention_equals_nexusquant_attention_without_evict
 def test_cache_under_sdpa_evicts_and_generates():
     model = make_tiny("llama")
     assert model.config._attn_implementation == "sdpa"
-    cache = nq.NexusQuantCache(model, preset="balanced", recent_window=8)
+    cache = nq.NexusQuantCache(model, preset=nq.E8_PRESETS["balanced"], recent_window=8)  # it evicts
     out = model.generate(_ids(120), **with_cache(model, cache), max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert out.shape[1] == 126
     stats = cache.compression_stats()
@@ -85,7 +87,8 @@ def test_deepcopy_reuses_a_prompt_cache_for_several_continuations():
     torch.testing.assert_close(a, c, atol=0, rtol=0)
     torch.testing.assert_close(b, c, atol=0, rtol=0)
     assert first.layers[0].seen == 110 and cache.layers[0].seen == 110
-    assert first.layers[0].fine.keys.codes.data_ptr() != cache.layers[0].fine.keys.codes.data_ptr()
+    codes = [c.layers[0].fine.keys.rows[0][0].codes for c in (first, cache)]  # transform-coded keys
+    assert codes[0].data_ptr() != codes[1].data_ptr()
     assert before < cache.nbytes()
 
 

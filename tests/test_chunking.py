@@ -84,13 +84,13 @@ def test_prefill_by_hand(attn):
 
 @torch.no_grad()
 def test_chunked_prefill_compresses_each_chunk():
-    """With the real preset each chunk sees itself and the chunk before it in full precision, never
-    more, and every chunk is evicted at the preset's share."""
+    """With a preset that evicts (the E8 ``balanced``), each chunk sees itself and the chunk before
+    it in full precision, never more, and every chunk is evicted at the preset's share."""
     model = make_tiny("llama")
     ids = _ids(300, seed=4)
     held = []  # full-precision tokens layer 0's attention saw, per forward
 
-    with nq.nexusquant_evict(model, quality="balanced", chunk_size=64) as session:
+    with nq.nexusquant_evict(model, quality=nq.E8_PRESETS["balanced"], chunk_size=64) as session:
 
         def watch(module, args, output):
             held.append(session.cache.layers[0].last_view.window)
@@ -101,7 +101,7 @@ def test_chunked_prefill_compresses_each_chunk():
         finally:
             handle.remove()
         stats = session.stats()
-    s = nq.PRESETS["balanced"]
+    s = nq.E8_PRESETS["balanced"]
     # 300 tokens in chunks of 64: the first chunk alone, then the previous chunk and this one.
     assert held == [64, 128, 128, 128, 64 + 44]
     assert session.cache.layers[0].window_len == s.recent_window  # the last chunk compressed too
@@ -195,7 +195,7 @@ def test_chunks_by_hand_under_sdpa_hold_the_previous_chunk():
     it compresses down to the recent window at the next forward."""
     model = make_tiny("llama")
     ids = _ids(200, seed=7)
-    cache = NexusQuantCache(model, preset="balanced", recent_window=8)
+    cache = NexusQuantCache(model, preset=nq.E8_PRESETS["balanced"], recent_window=8)  # it evicts
     nq.prefill(model, ids[:, :192], cache, chunk_size=64)
     layer = cache.layers[0]
     # The last chunk's forward ran; the one before it was compressed at its start down to one chunk.

@@ -65,7 +65,7 @@ def test_every_method_runs_and_reports(tiny_result):
     assert names[0] == "uncompressed"
     for fam in ("snapkv", "expected-attention", "knorm", "streamingllm"):
         assert f"{fam}@max" in names
-    for name in ("nexusquant-max", "nexusquant-max-prerope", "int2", "int4"):
+    for name in ("nexusquant-max", "nexusquant-max-e8", "int2", "int4"):
         assert name in names
     if peers_backend_ok("quanto"):
         assert "quanto-int2" in names and "quanto-int4" in names

@@ -43,8 +43,9 @@ def _continue(model, cache, cont, knobs):
 @pytest.mark.parametrize(
     "family,knobs",
     [
-        ("llama", dict(quality="balanced", recent_window=8, demote=0.2)),  # both E8 tiers
-        ("gemma3", dict(quality="max", recent_window=8, key_bits=3)),
+        ("llama", dict(quality=nq.E8_PRESETS["balanced"], recent_window=8, demote=0.2)),  # both E8 tiers
+        ("gemma3", dict(quality=nq.E8_PRESETS["max"], recent_window=8, key_bits=3)),
+        ("gemma3", dict(quality="max", recent_window=8)),  # transform-coded keys, a table of positions
         ("qwen2", dict(quality="high", recent_window=8, key_domain="pre_rope")),
     ],
 )
@@ -64,9 +65,7 @@ def test_round_trip_is_exact(tmp_path, family, knobs):
     assert torch.equal(loaded.token_ids, prompt)
     for a, b in zip(cache.layers, loaded.layers):
         ka, va, sa, ma = a._compressed_parts()
-        kb, vb, sb, mb = (
-            b._compressed_parts() if b.rope_adapter or knobs.get("key_domain") != "pre_rope" else (None,) * 4
-        )
+        kb, vb, sb, mb = b._compressed_parts() if b.rope_adapter or b.settings.key_domain != "pre_rope" else (None,) * 4
         if kb is not None:
             assert torch.equal(ka, kb) and torch.equal(va, vb)
         assert torch.equal(a.win_k, b.win_k) and torch.equal(a.win_v, b.win_v)

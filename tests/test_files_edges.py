@@ -35,7 +35,7 @@ def _prefill(model, ids, quality="balanced", **knobs):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     model = make_tiny("llama")
-    knobs = dict(quality="balanced", recent_window=8, demote=0.2)  # both E8 tiers
+    knobs = dict(quality=nq.E8_PRESETS["balanced"], recent_window=8, demote=0.2)  # both E8 tiers
     cache = _prefill(model, _ids(90), **knobs)
     path = tmp_path_factory.mktemp("edges") / "good.nqkv"
     nq.save_cache(cache, path)

@@ -147,7 +147,7 @@ def test_transform_keys_with_eviction_keep_heads_alike(tiny):
 
     torch.manual_seed(1)
     ids = torch.randint(0, 90, (2, 160))
-    with torch.no_grad(), nq.nexusquant_evict(tiny, quality="balanced", key_codec="pca", key_rate=2.0) as s:
+    with torch.no_grad(), nq.nexusquant_evict(tiny, quality="balanced", key_codec="pca", key_rate=2.0, evict=0.5) as s:
         cache = nq.NexusQuantCache(tiny, preset=s.settings, record_positions=True)
         tiny(ids, **with_cache(tiny, cache))
     for layer in cache.layers:
@@ -244,7 +244,7 @@ def test_e8_layers_never_use_the_generated_tier(tiny):
     import nexusquant as nq
 
     ids = torch.randint(0, 90, (1, 120))
-    with torch.no_grad(), nq.nexusquant_evict(tiny, quality="high", recent_window=8, block=8) as s:
+    with torch.no_grad(), nq.nexusquant_evict(tiny, quality=nq.E8_PRESETS["high"], recent_window=8, block=8) as s:
         out = tiny.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
         assert out.shape[1] == 140
         assert all(layer.tiers["generated"].length == 0 for layer in s.cache.layers)

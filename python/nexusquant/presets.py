@@ -3,7 +3,9 @@
 A prompt's tokens end in one of four places when prefill ends:
 
 * **full precision**: the first ``sink_tokens`` (attention sinks) and the last ``recent_window``;
-* the **fine tier**: E8 codes at ``key_bits`` / ``value_bits`` (2–4 bits, or 16 = kept as is);
+* the **fine tier**: keys transform-coded at ``key_rate`` bits per element (``key_codec="pca"``,
+  the presets) or E8-coded at ``key_bits``; values E8-coded at ``value_bits`` (1–4 bits, or 16 =
+  kept as is);
 * the **coarse tier** ("demoted"): E8 codes at ``coarse_key_bits`` / ``coarse_value_bits``;
 * **dropped** (evicted): gone for good.
 
@@ -20,7 +22,7 @@ from typing import Any
 from ._core import NexusQuantError
 from .scoring import SCORERS
 
-__all__ = ["CompressionSettings", "PRESETS", "resolve_settings"]
+__all__ = ["CompressionSettings", "PRESETS", "E8_PRESETS", "resolve_settings"]
 
 _KEY_DOMAINS = ("post_rope", "pre_rope")
 _TIER_BITS = (1, 2, 3, 4, 16)
@@ -146,16 +148,30 @@ class CompressionSettings:
 
 
 # Chosen with `benches/tune_presets.py` (SmolLM2-135M, bf16, 1024-token prefixes from the middle of
-# the packaged texts, held out from the README's evaluation). What the measurements said:
-# - keys need 3 bits: 2-bit keys cost +9% perplexity more than 3-bit ones and lost the pass keys
-#   that 3-bit keys kept; 2-bit values cost next to nothing (+0.03%), 1-bit values +14%;
-# - a 1-bit coarse tier (demotion) did not clearly beat dropping the same tokens, so no preset
-#   demotes (docs/EVAL.md has the numbers);
-# - post-RoPE keys gave lower perplexity than pre-RoPE keys at equal bits on this model (pre-RoPE
-#   kept 2 more of 21 pass keys at `high`; the README reports both);
-# - the full-precision window is a fixed cost per layer, so the higher the ratio, the shorter it is.
-# Each preset's measured ratio and quality are in the README next to the command that measured them.
+# the packaged texts, held out from the README's evaluation, other pass-key seeds), and checked on
+# Gemma-3-270M. What the measurements said (docs/EVAL.md has every number):
+# - keys are the cost and they are low-rank: the transform coder (`key_codec="pca"`, keys before
+#   RoPE, the prompt's own principal components in the queries' metric) at 3 / 2 / 1.5 bits per
+#   element costs a fraction of what E8 codes at the same bytes cost, and keeps the pass keys;
+# - eviction is what loses facts and costs most of the perplexity: 30% evicted on top of 1.5-bit
+#   keys took lcet10's middle from -1% to +32% and half the pass keys, so no preset evicts;
+# - values are not low-rank: they keep per-vector E8 codes, 4 / 3 / 2 bits;
+# - E8 codes still serve sliding-window layers and the generated blocks of transform-coded layers,
+#   at 4 bits: on Gemma-3 (15 of 18 layers slide) 3-bit sliding keys cost +2.9% where 4-bit ones
+#   cost +1.9% (4096 tokens, held-out middles).
+# The presets before December 2026 (E8 keys after RoPE, eviction for ratio) are E8_PRESETS: the
+# eval runs them beside the presets, and `quality=E8_PRESETS["balanced"]` still selects them.
+_TRANSFORM_CODED = CompressionSettings(
+    evict=0.0, demote=0.0, key_codec="pca", key_domain="pre_rope", key_bits=4, recent_window=16
+)
 PRESETS: dict[str, CompressionSettings] = {
+    "high": dataclasses.replace(_TRANSFORM_CODED, key_rate=3.0, value_bits=4),
+    "balanced": dataclasses.replace(_TRANSFORM_CODED, key_rate=2.0, value_bits=3),
+    "max": dataclasses.replace(_TRANSFORM_CODED, key_rate=1.5, value_bits=2),
+}
+# The E8 presets of the first release: each key vector rotated and E8-coded after RoPE, eviction
+# for ratio. Their fused decode kernel is the fastest GPU path; their quality is in the README.
+E8_PRESETS: dict[str, CompressionSettings] = {
     "high": CompressionSettings(evict=0.0, demote=0.0, key_bits=3, value_bits=2, recent_window=16),
     "balanced": CompressionSettings(evict=0.5, demote=0.0, key_bits=3, value_bits=2, recent_window=16),
     "max": CompressionSettings(evict=0.75, demote=0.0, key_bits=3, value_bits=2, recent_window=8),

@@ -212,7 +212,7 @@ def evaluate(
     continuation : int
         Tokens ``C`` scored after the prefix, one forward each.
     methods : sequence of str
-        Families (``nexusquant``, ``nexusquant-prerope``, ``snapkv``, ``expected-attention``, ``knorm``,
+        Families (``nexusquant``, ``nexusquant-e8``, ``snapkv``, ``expected-attention``, ``knorm``,
         ``streamingllm``, ``quanto``, ``hqq``, ``int``), single methods (``int2``, ``quanto-int4``...)
         or ``"all"``. The uncompressed baseline always runs.
     presets : sequence of str

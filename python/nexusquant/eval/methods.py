@@ -19,7 +19,7 @@ from transformers import DynamicCache
 from .._core import NexusQuantError
 from ..chunking import check_chunk_size
 from ..evict import nexusquant_evict
-from ..presets import PRESETS, resolve_settings
+from ..presets import E8_PRESETS, PRESETS, resolve_settings
 from . import peers
 from .names import ALL_METHODS, DEFAULT_METHODS, FAMILIES
 
@@ -256,9 +256,11 @@ def expand_methods(
         if family == "nexusquant":
             for p in presets:
                 add(Method(f"nexusquant-{p}", family, preset=p))
-        elif family == "nexusquant-prerope":
+        elif family == "nexusquant-e8":
+            # The same preset name as the first release defined it (E8 keys after RoPE, eviction),
+            # so one run shows the old codec beside the new one.
             for p in presets:
-                add(Method(f"nexusquant-{p}-prerope", family, preset=p, knobs={"key_domain": "pre_rope"}))
+                add(Method(f"nexusquant-{p}-e8", family, preset=p, knobs=E8_PRESETS[p].as_dict()))
         elif kind == "evict":
             for p in presets:
                 add(Method(f"{family}@{p}", family, preset=p))

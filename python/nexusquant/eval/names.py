@@ -8,8 +8,8 @@ __all__ = ["FAMILIES", "ALL_METHODS", "DEFAULT_METHODS", "DEFAULT_TEXTS", "FULL_
 # family key -> (label in the table and plot, kind)
 FAMILIES: dict[str, tuple[str, str]] = {
     "baseline": ("uncompressed", "baseline"),
-    "nexusquant": ("nexusquant (post-RoPE keys)", "nexusquant"),
-    "nexusquant-prerope": ("nexusquant (pre-RoPE keys)", "nexusquant"),
+    "nexusquant": ("nexusquant", "nexusquant"),
+    "nexusquant-e8": ("nexusquant, E8 presets (before December 2026)", "nexusquant"),
     "nexusquant-variant": ("nexusquant variant", "nexusquant"),
     "snapkv": ("SnapKV (evict)", "evict"),
     "expected-attention": ("ExpectedAttention (evict)", "evict"),

@@ -11,7 +11,7 @@ __all__ = ["plot_results"]
 
 _MARKERS = {
     "nexusquant": "o",
-    "nexusquant-prerope": "D",
+    "nexusquant-e8": "D",
     "nexusquant-variant": "h",
     "snapkv": "s",
     "expected-attention": "^",
