@@ -153,7 +153,7 @@ def test_decode_attention_long_window():
 def test_generation_on_cuda_matches_cpu(family):
     model = make_tiny(family)
     ids = torch.randint(3, 90, (2, 150))
-    knobs = dict(quality="balanced", recent_window=8, block=16, demote=0.2)  # both E8 tiers
+    knobs = dict(quality=nq.E8_PRESETS["balanced"], recent_window=8, block=16, demote=0.2)  # both E8 tiers
     with nq.nexusquant_evict(model, **knobs), torch.no_grad():
         cpu = model.generate(
             ids, max_new_tokens=20, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
@@ -174,6 +174,30 @@ def test_generation_on_cuda_matches_cpu(family):
     a = torch.stack(cpu.scores)
     b = torch.stack(gpu_out.scores).cpu()
     torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("preset", ["high", "max"])
+def test_preset_generation_on_cuda_matches_cpu(preset):
+    """The presets (transform-coded keys, E8 values) generate on CUDA what they generate on the CPU."""
+    model = make_tiny("llama")
+    ids = torch.randint(3, 90, (2, 150))
+    knobs = dict(quality=preset, recent_window=8, block=16)
+    with nq.nexusquant_evict(model, **knobs), torch.no_grad():
+        cpu = model.generate(
+            ids, max_new_tokens=20, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
+        )
+    model = model.cuda()
+    with nq.nexusquant_evict(model, **knobs) as s, torch.no_grad():
+        gpu_out = model.generate(
+            ids.cuda(),
+            max_new_tokens=20,
+            do_sample=False,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        assert s.cache.layers[0].fine.keys.rows[0][0].codes.is_cuda
+    torch.testing.assert_close(torch.stack(gpu_out.scores).cpu(), torch.stack(cpu.scores), atol=5e-3, rtol=5e-3)
 
 
 def test_kernels_run_on_the_tensors_device():
@@ -211,7 +235,7 @@ def test_device_map_split_matches_one_gpu(family, key_domain):
         pytest.skip("needs two GPUs")
     model = make_tiny(family).cuda()
     ids = torch.randint(3, 90, (2, 150)).cuda()
-    knobs = dict(quality="balanced", recent_window=8, block=16, key_domain=key_domain, demote=0.2)
+    knobs = dict(quality=nq.E8_PRESETS["balanced"], recent_window=8, block=16, key_domain=key_domain, demote=0.2)
 
     def run():
         with nq.nexusquant_evict(model, **knobs) as s, torch.no_grad():
@@ -263,7 +287,7 @@ def test_cache_file_loads_into_a_split_model(tmp_path, key_domain):
     model = make_tiny("llama").cuda()
     ids = torch.randint(3, 90, (1, 160)).cuda()
     prompt, cont = ids[:, :140], ids[:, 140:]
-    knobs = dict(quality="balanced", recent_window=8, block=16, key_domain=key_domain, demote=0.2)
+    knobs = dict(quality=nq.E8_PRESETS["balanced"], recent_window=8, block=16, key_domain=key_domain, demote=0.2)
 
     def continue_from(cache):  # 20 single-token steps: a block of 16 is compressed on the way
         with nq.nexusquant_evict(model, **knobs), torch.no_grad():
