@@ -10,9 +10,17 @@ One batch row, ``--tokens`` keys of 8 KV heads x 128 (F = 1024) with a decaying 
 - ``place + RoPE into float32 (kernel)``: :func:`nexusquant.gpu.place_keys`, what decode uses;
 - ``E8 value decode``: the layer's 4-bit values;
 - ``SDPA, bf16 K/V``: flash decode of one query (32 heads) over bf16 keys and values of that length;
-- ``fused decode attention``: :func:`nexusquant.gpu.pca_decode_attention`, one launch that
-  rebuilds, rotates (angles from positions) and scores the keys on chip and accumulates the E8
-  values, over the coded tokens and an 8-token bf16 window; checked against float32 torch.
+- ``fused decode attention``: :func:`nexusquant.gpu.pca_decode_attention`: the coefficients
+  unpacked once per token (``nq_pca_coeffs_f16``), then one launch that rebuilds, rotates (angles
+  from positions) and scores the keys on chip and accumulates the E8 values, over the coded tokens
+  and an 8-token bf16 window; checked against float32 torch; ``first version``: the kernel that
+  unpacks the codes itself in every KV head's block (``NEXUSQUANT_PCA_STAGE=0``);
+- ``rebuild path total``: what ``attention._decode_rebuilt`` runs for such a layer (rebuild, place
+  with angles from positions, E8 values, float32 torch attention over the rebuilt keys; the
+  window's few tokens and the merge left out).
+
+``--sweep 1024,4096,...`` also times the fused kernel and the rebuild path total at those token
+counts (the first rows of the same code): the crossover ``attention._FUSED_MAX_TOKENS`` encodes.
 
 ``python benches/pca_keys_bench.py --out DIR`` writes ``pca_keys_bench.{json,md}`` there.
 """
@@ -20,6 +28,7 @@ One batch row, ``--tokens`` keys of 8 KV heads x 128 (F = 1024) with a decaying 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -28,6 +37,8 @@ import torch.nn.functional as F
 
 import nexusquant as nq
 from nexusquant import gpu
+from nexusquant.gpu import pca_attention
+from nexusquant.gpu.transform import transform_coeffs
 from nexusquant.tiers import QuantizedTensor
 from nexusquant.transform import fit_key_transform
 
@@ -57,6 +68,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=3.5)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--sweep", default="")
     args = ap.parse_args()
     dev = torch.device("cuda")
     hkv, d, t = 8, 128, args.tokens
@@ -108,8 +120,11 @@ def main() -> None:
             q, win_k, win_v, 0, None, win_valid, [code], center_b, values, None, seq1, rope_arg, None, d**-0.5
         )
 
+    pca_attention.STAGED = False
+    out_v1 = fused()
+    pca_attention.STAGED = True
     out = fused()
-    assert out is not None, "the fused kernel does not apply"
+    assert out is not None and out_v1 is not None, "the fused kernel does not apply"
     fr = positions[0].float()[:, None] * inv_freq[None, :]
     fc = torch.cat([fr.cos(), fr.cos()], -1).to(torch.bfloat16).float()
     fs = torch.cat([fr.sin(), fr.sin()], -1).to(torch.bfloat16).float()
@@ -119,6 +134,30 @@ def main() -> None:
     v_all = torch.cat([values.dequantize().float(), win_v.float()], 2)
     want_o = F.scaled_dot_product_attention(q.float(), k_all, v_all, enable_gqa=True, scale=d**-0.5)
     fused_err = float((out.float().transpose(1, 2) - want_o).norm() / want_o.norm())
+    fused_v1_err = float((out_v1.float().transpose(1, 2) - want_o).norm() / want_o.norm())
+    pos_arg = (positions[0], inv_freq, 1.0, torch.bfloat16)
+    gpu.place_keys(got, hkv, placed, seq=seq1[0], positions=pos_arg)
+    want_p = got.float().reshape(t, hkv, d).permute(1, 0, 2)
+    want_p = want_p * fc + rotate_half(want_p) * fs
+    place_pos_err = float((placed - want_p).norm() / want_p.norm())
+
+    def rebuild_path(code_, values_, placed_, seq_):
+        flat = gpu.transform_keys(code_, center)
+        gpu.place_keys(flat, hkv, placed_, seq=seq_, positions=pos_arg)
+        v = values_.dequantize().float()
+        qg = q.reshape(1, hkv, 4, d).float() * d**-0.5
+        s = torch.matmul(qg, placed_[None].transpose(-1, -2))
+        m = s.amax(-1)
+        p = torch.exp(s - m[..., None])
+        return torch.matmul(p, v) / p.sum(-1)[..., None]
+
+    def timed_fused(staged):
+        def run():
+            pca_attention.STAGED = staged
+            return fused()
+
+        return run
+
     rows = {
         "rebuild (kernel + GEMM)": median_ms(lambda: gpu.transform_keys(code, center), args.reps),
         "rebuild (float32 torch)": median_ms(lambda: code.decode() + center, args.reps),
@@ -130,8 +169,41 @@ def main() -> None:
         "SDPA, bf16 K/V (flash, GQA)": median_ms(
             lambda: F.scaled_dot_product_attention(q, kf, vf, enable_gqa=True), args.reps
         ),
-        "fused decode attention (one launch, keys on chip)": median_ms(fused, args.reps),
+        "place + RoPE from positions (kernel)": median_ms(
+            lambda: gpu.place_keys(got, hkv, placed, seq=seq1[0], positions=pos_arg), args.reps
+        ),
+        "rebuild path total (rebuild + place + values + torch attention)": median_ms(
+            lambda: rebuild_path(code, values, placed, seq1[0]), args.reps
+        ),
+        "fused, first version (codes unpacked in every head's block)": median_ms(timed_fused(False), args.reps),
+        "coefficients pre-pass (nq_pca_coeffs_f16)": median_ms(
+            lambda: transform_coeffs(code, -(-code.basis.shape[1] // 64) * 64), args.reps
+        ),
+        "fused decode attention (pre-pass + one launch, keys on chip)": median_ms(timed_fused(True), args.reps),
     }
+    pca_attention.STAGED = True
+    sweep = []
+    for n in [int(x) for x in args.sweep.split(",") if x]:
+        if n > t:
+            continue
+        code_n = dataclasses.replace(code, codes=code.codes[:n].contiguous())
+        vals_n = QuantizedTensor(d, 4, 0, torch.bfloat16)
+        vals_n.append(torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16))
+        placed_n = torch.empty(hkv, n, d, device=dev)
+
+        seq_n = seq1[:, :n].contiguous()
+
+        def fused_n(code_n=code_n, vals_n=vals_n, seq_n=seq_n):
+            return gpu.pca_decode_attention(
+                q, win_k, win_v, 0, None, win_valid, [code_n], center_b, vals_n, None, seq_n, rope_arg, None, d**-0.5
+            )
+
+        def rebuild_n(code_n=code_n, vals_n=vals_n, placed_n=placed_n, seq_n=seq_n):
+            return rebuild_path(code_n, vals_n, placed_n, seq_n[0])
+
+        row = dict(tokens=n, fused_ms=median_ms(fused_n, args.reps), rebuild_path_ms=median_ms(rebuild_n, args.reps))
+        sweep.append(row)
+        print(row, flush=True)
     result = dict(
         device=torch.cuda.get_device_name(0),
         tokens=t,
@@ -143,6 +215,9 @@ def main() -> None:
         rebuild_rel_error=err,
         place_rel_error=place_err,
         fused_rel_error=fused_err,
+        fused_first_version_rel_error=fused_v1_err,
+        place_positions_rel_error=place_pos_err,
+        sweep=sweep,
         nexusquant=nq.__version__,
         ms=rows,
     )
@@ -150,11 +225,15 @@ def main() -> None:
         f"{result['device']}, {t} tokens, {hkv} KV heads x {d}, {args.rate} b/elem: "
         f"{result['components']} components, {result['code_bytes']} code bytes per token; "
         f"rebuild rel. error against float32 {err:.1e}, placement + RoPE {place_err:.1e}, "
-        f"fused attention output {fused_err:.1e}.",
+        f"fused attention output {fused_err:.1e} (first version {fused_v1_err:.1e}), placement with angles "
+        f"from positions {place_pos_err:.1e}.",
         "",
         "| piece (one layer, batch 1) | ms |",
         "|---|---|",
     ] + [f"| {k} | {v:.3f} |" for k, v in rows.items()]
+    if sweep:
+        md += ["", "| tokens | fused ms | rebuild path ms |", "|---|---|---|"]
+        md += [f"| {r['tokens']} | {r['fused_ms']:.3f} | {r['rebuild_path_ms']:.3f} |" for r in sweep]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pca_keys_bench.json").write_text(json.dumps(result, indent=2))

@@ -243,3 +243,55 @@ def test_fragment_order_and_pair_meta_rebuild_the_keys():
     keys = code.mean.float() + coef @ basis.T
     ref = code.decode()
     assert float((keys - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_staged_slots_rebuild_the_keys():
+    """CPU: a model of the staged kernel (``NQ_PCA_STAGE``): the coefficients (fp16 ``(T, ld)``, as
+    ``nq_pca_coeffs_f16`` writes them) copied into a warp's slots by the 16-byte pieces of
+    ``stage()`` (lane + 32 j: token row piece / 8, eight halves at column 8 (piece % 8)), read as
+    the mma's B registers and multiplied with the fragment-ordered basis, give
+    ``KeyTransformCode.decode`` for a tile that runs past the split's last token."""
+    from nexusquant.gpu.pca_attention import _SCS, _SKC, fragment_basis, pair_meta
+
+    torch.manual_seed(1)
+    h, p, t = 2, 64, 11  # one tile of 16 rows over 11 tokens: rows 11..15 repeat token 10
+    f = h * p
+    x = torch.randn(t, f) @ (torch.randn(f, f) / f**0.5) * torch.linspace(0.2, 3.0, f)
+    code = fit_key_transform(x, 3.5)
+    k = code.basis.shape[1]
+    meta_i, meta_f, kp = pair_meta(code)
+    ld = -(-k // _SKC) * _SKC
+    ref = code.decode() - code.mean.float()
+    # Coefficients as the pre-pass gives them: decode's (codes dequantized) in fp16, zeros past K.
+    basis = code.basis.float()
+    coef = torch.linalg.lstsq(basis, ref.T).solution.T  # (t, k): exact, basis has full column rank
+    coeffs = torch.zeros(t, ld)
+    coeffs[:, :k] = coef
+    by = fragment_basis(code.basis, h).view(h, kp // 16, p // 16, 32, 8).float() - 128
+    lane = torch.arange(32)
+    gid, tig = lane // 4, lane % 4
+    keys = torch.zeros(h, p, 16)  # K^T of the tile: dims x token rows
+    n, last = t, t - 1
+    for ci in range(-(-kp // _SKC)):
+        slot = torch.full((16, _SCS), float("nan"))
+        for j in range(4):
+            piece = lane + 32 * j
+            r, cc = piece >> 3, piece & 7
+            for L in range(32):
+                tt = min(int(r[L]), n - 1)
+                slot[r[L], cc[L] * 8 : cc[L] * 8 + 8] = coeffs[tt, ci * _SKC + cc[L] * 8 : ci * _SKC + cc[L] * 8 + 8]
+        kc = min(_SKC, kp - ci * _SKC)
+        for ks in range(kc // 16):
+            bmat = torch.zeros(16, 16)  # B: components x token rows (both n-tiles)
+            for half in range(2):
+                rows = gid + 8 * half
+                for dc in (0, 1, 8, 9):
+                    bmat[2 * tig + dc, rows] = slot[rows, ks * 16 + 2 * tig + dc]
+            for mt in range(p // 16):
+                a = torch.zeros(h, 16, 16)
+                for jj, (dr, dc) in enumerate([(0, 0), (0, 1), (0, 8), (0, 9), (8, 0), (8, 1), (8, 8), (8, 9)]):
+                    a[:, gid + dr, 2 * tig + dc] = by[:, ci * _SKC // 16 + ks, mt, :, jj]
+                keys[:, mt * 16 : mt * 16 + 16] += a @ bmat
+    got = keys.permute(2, 0, 1).reshape(16, f)
+    want = torch.cat([ref, ref[last:].expand(16 - t, f)])
+    assert float((got - want).norm() / want.norm()) < 1e-4

@@ -15,6 +15,7 @@ attention where the model soft-caps logits, so the model computes exactly what i
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Optional
 
@@ -275,7 +276,7 @@ def _decode_rebuilt(layer: NexusQuantLayer, view: LayerView, query, key, value, 
     model's mask over the window). No concatenation of the layer's keys with the window and no
     SDPA call, whose cuDNN kernel plans itself anew for every length (~8 ms per layer and step
     at 32K tokens on an H200). Returns ``(B, 1, H_q, D)``."""
-    if query.device.type == "cuda":
+    if query.device.type == "cuda" and _fused_is_faster(view):
         out = _decode_pca_fused(layer, view, query, key, value, model_mask, scaling)
         if out is not None:
             return out
@@ -299,7 +300,7 @@ def _decode_rebuilt(layer: NexusQuantLayer, view: LayerView, query, key, value, 
     p = torch.exp(s - m[..., None]).nan_to_num(0.0)
     parts = [(m, p.sum(-1), torch.matmul(p, value.float()))]
     for tier in view.lazy_tiers:
-        k, v = layer.decode_tier(tier)  # float32 (B, Hkv, T, D)
+        k, v = _rebuilt_tier(layer, tier, d, query.device)  # float32 (B, Hkv, T, D)
         s = torch.matmul(qg, k.transpose(-1, -2))  # (B, Hkv, g, T)
         if tier.valid is not None:
             s = s.masked_fill(~tier.valid[:, :, None, :], float("-inf"))
@@ -313,6 +314,59 @@ def _decode_rebuilt(layer: NexusQuantLayer, view: LayerView, query, key, value, 
 # Per layer: the int32 sequence indices of the transform-coded tier, keyed by the tier's tensor
 # and its version (the tier changes only when blocks are compressed into it).
 _SEQ32: dict[int, tuple] = {}
+
+# The fused kernel (_decode_pca_fused) is taken for a transform-coded tier of at most this many
+# tokens per batch row, the rebuild path above it. Measured on an H200 (8B shape, 3 b/elem, batch 1,
+# `python benches/pca_keys_bench.py --rate 3 --tokens 131072 --sweep ...`,
+# benches/results/pca_keys_bench_stage_128k.*): the staged kernel (pre-pass included) against the
+# whole rebuild path (rebuild + place + E8 values + float32 attention) 0.11 vs 0.40 ms at 1K tokens,
+# 0.53 vs 1.86 at 32K, 1.85 vs 6.85 at 128K: no crossover, the fused kernel everywhere.
+# NEXUSQUANT_PCA_FUSED_MAX_TOKENS sets a bound (benchmarks; a GPU where the crossover exists).
+_FUSED_MAX_TOKENS = int(os.environ.get("NEXUSQUANT_PCA_FUSED_MAX_TOKENS", str(1 << 62)))
+
+
+def _fused_is_faster(view: LayerView) -> bool:
+    for t in view.lazy_tiers:
+        if isinstance(t.keys, TransformCodedKeys) and t.values.scales.shape[2] > _FUSED_MAX_TOKENS:
+            return False
+    return True
+
+
+def _seq32(layer: NexusQuantLayer, tier) -> torch.Tensor:
+    """int32 ``(B, T)``: the tier's sequence indices (every head holds the same tokens), cached."""
+    hit = _SEQ32.get(id(layer))
+    if hit is None or hit[0] is not tier.seq or hit[1] != tier.seq._version:
+        hit = _SEQ32[id(layer)] = (tier.seq, tier.seq._version, tier.seq[:, 0].to(torch.int32).contiguous())
+    return hit[2]
+
+
+def _rebuilt_tier(layer: NexusQuantLayer, tier, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`NexusQuantLayer.decode_tier`, except for a pre-RoPE transform-coded tier whose rotary
+    table holds positions: its keys are rotated by ``nq_pca_place`` with the angles computed in the
+    kernel from each token's position (as the fused kernel does), so no rows of the table are made
+    at every step (``table.mirror``: every position's angles in torch)."""
+    keys = tier.keys
+    pre_rope = layer.settings.key_domain == "pre_rope" and keys.bits != 16
+    if not (pre_rope and isinstance(keys, TransformCodedKeys) and tier.seq is not None):
+        return layer.decode_tier(tier)
+    rope = _pca_rope(layer, d, device)
+    if rope is None or rope[0] != "positions":
+        return layer.decode_tier(tier)
+    _, pos, inv_freq, rscale, rdtype = rope
+    v = tier.values.dequantize().float()
+    if layer.v_center is not None:
+        v = v + layer.v_center.float()
+    keys.join_appends()
+    b, h, t, _ = v.shape
+    out = torch.empty(b, h, t, d, dtype=torch.float32, device=v.device)
+    center = None if layer.k_center is None else layer.k_center.reshape(b, h * d)
+    seq = _seq32(layer, tier)
+    exact = layer.dtype == torch.float32
+    for i, row in enumerate(keys.rows):
+        flat = gpu.transform_keys(row[0], None if center is None else center[i], exact)  # (T, H * D)
+        r = min(i, pos.shape[0] - 1)  # a table of one row serves every batch row
+        gpu.place_keys(flat, h, out[i], seq=seq[i], positions=(pos[r], inv_freq, rscale, rdtype))
+    return out, v
 
 
 def _pca_rope(layer: NexusQuantLayer, d: int, device) -> Optional[tuple]:
@@ -358,10 +412,7 @@ def _decode_pca_fused(layer: NexusQuantLayer, view: LayerView, query, key, value
         rope = _pca_rope(layer, d, query.device)
         if rope is None or tier.seq is None:
             return None
-        hit = _SEQ32.get(id(layer))
-        if hit is None or hit[0] is not tier.seq or hit[1] != tier.seq._version:
-            hit = _SEQ32[id(layer)] = (tier.seq, tier.seq._version, tier.seq[:, 0].to(torch.int32).contiguous())
-        seq = hit[2]
+        seq = _seq32(layer, tier)
     tier.keys.join_appends()
     codes = [row[0] for row in tier.keys.rows]
     center = None if layer.k_center is None else layer.k_center.reshape(b, hkv * d)

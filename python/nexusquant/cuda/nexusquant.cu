@@ -1524,6 +1524,14 @@ NQ_ATTEND_ENTRY(nq_attend_bf16, __nv_bfloat16)
 #define NQ_PKC 128               // components per coefficient chunk
 #define NQ_PCS (NQ_PKC + 8)      // halves per token row of the chunk buffer (skewed: conflict-free)
 #define NQ_PNPASS (NQ_ATT_P > 128 ? 2 : 1)  // passes over the dims (accumulator registers)
+// NQ_PCA_STAGE (the default build): the coefficients come unpacked (fp16 [T, ld], one
+// nq_pca_coeffs_f16 launch before this one: every token unpacked once for all KV heads, not once
+// per head's block), and each warp streams its tiles' chunks of NQ_SKC components into a
+// double-buffered shared slot with 16-byte cp.async (L2-cached: the H_kv blocks of a token range
+// run side by side and read the same bytes), the next chunk in flight while the current one is
+// multiplied. Without it, step 1 below unpacks the codes in the kernel (the first version).
+#define NQ_SKC 64                // components per staged chunk
+#define NQ_SCS (NQ_SKC + 8)      // halves per token row of a staged slot (144 bytes: 16-byte rows, no conflicts)
 
 struct NqPcaRow {                // one batch row's code (64 bytes)
     const unsigned char* codes;  // [T, code_bytes], 4-byte aligned
@@ -1533,6 +1541,8 @@ struct NqPcaRow {                // one batch row's code (64 bytes)
     const float* bias;           // [H * P]: mean + k_center
     long long code_bytes;
     long long kp;                // components padded to a multiple of 16 (pad: width 0, scale 0)
+    const __half* coeffs;        // NQ_PCA_STAGE: [T, ld] fp16 coefficients (nq_pca_coeffs_f16), 16-byte rows
+    long long ld;                // NQ_PCA_STAGE: coefficients per row (a multiple of 64, >= kp; zeros past K)
 };
 
 struct NqPcaParams {
@@ -1548,7 +1558,7 @@ struct NqPcaParams {
     float rscale;                // positions: cos/sin times this, then rounded to rdtype
     int rdtype;                  // 0 float32, 1 float16, 2 bfloat16
 };
-static_assert(sizeof(NqPcaRow) == 56, "gpu/pca_attention.py (_ROW) mirrors this layout");
+static_assert(sizeof(NqPcaRow) == 72, "gpu/pca_attention.py (_ROW) mirrors this layout");
 static_assert(sizeof(NqPcaParams) == 288 + 9 * 8 + 16, "gpu/pca_attention.py mirrors this layout");
 
 __device__ __forceinline__ unsigned nq_word(const unsigned char* base, long long wi, long long nbytes) {
@@ -1558,6 +1568,12 @@ __device__ __forceinline__ unsigned nq_word(const unsigned char* base, long long
         if (wi * 4 + b < nbytes) v |= (unsigned)base[wi * 4 + b] << (8 * b);
     return v;
 }
+__device__ __forceinline__ void nq_cp16(void* dst, const void* src) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+__device__ __forceinline__ void nq_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void nq_cp_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 // Two int8 (+128) bytes as an fp16 pair: 0x64XX is 1024 + XX exactly; minus 1152.
 __device__ __forceinline__ unsigned nq_i8pair(unsigned w, unsigned sel) {
     return nq_hadd2(__byte_perm(w, 0x64646464u, sel), 0xE480E480u);  // + (-1152, -1152)
@@ -1605,7 +1621,9 @@ __device__ __forceinline__ void nq_pca_tier(const NqPcaParams& pp, long long bh,
     const int n = (int)(t_end - t_begin);
     const int n_tiles = (n + 15) / 16;
     const unsigned vr2 = nq_pack_h2(tr.vres, tr.vres);
+#ifndef NQ_PCA_STAGE
     const long long nbytes = tr.tokens * row.code_bytes;
+#endif
     const int kp = (int)row.kp;
     // RoPE over every dim (rot == P, checked by the caller): dim d < P/2 pairs with d + P/2, the
     // m-tile MT/2 above, which sits MTP/2 above in this pass's accumulators.
@@ -1626,6 +1644,24 @@ __device__ __forceinline__ void nq_pca_tier(const NqPcaParams& pp, long long bh,
     #pragma unroll
     for (int i = 0; i < NSV; ++i) osh[i][0] = osh[i][1] = osh[i][2] = osh[i][3] = 0.0f;
 
+#ifdef NQ_PCA_STAGE
+    // Chunk (tile, ps, ci) of this warp: 16 tokens x NQ_SKC components into slot `slot` (4 x 16
+    // bytes per lane; tokens past the split's end repeat its last token, masked below).
+    const int nchunk = (kp + NQ_SKC - 1) / NQ_SKC;
+    auto stage = [&](int tile_, int ci, int slot_) {
+        const __half* src = row.coeffs + (long long)ci * NQ_SKC;
+        __half* dst = scoef + slot_ * 16 * NQ_SCS;
+        #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int piece = lane + 32 * j, r = piece >> 3, cc = piece & 7;
+            const long long tt = t_begin + min(tile_ * 16 + r, n - 1);
+            nq_cp16(dst + r * NQ_SCS + cc * 8, src + tt * row.ld + cc * 8);
+        }
+    };
+    int slot = 0;
+    if (warp < n_tiles) stage(warp, 0, 0);
+    nq_cp_commit();
+#endif
     for (int tile = warp; tile < n_tiles; tile += NQ_AW) {
         const int t0 = tile * 16, last = n - 1;
         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -1636,6 +1672,36 @@ __device__ __forceinline__ void nq_pca_tier(const NqPcaParams& pp, long long bh,
             for (int i = 0; i < MTP; ++i)
                 #pragma unroll
                 for (int j = 0; j < 2; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+#ifdef NQ_PCA_STAGE
+            for (int ci = 0; ci < nchunk; ++ci) {
+                const int c0 = ci * NQ_SKC, kc = min(NQ_SKC, kp - c0);
+                // The next chunk into the other slot (read by the previous iteration, synced after it).
+                if (ci + 1 < nchunk) stage(tile, ci + 1, slot ^ 1);
+                else if (ps + 1 < NP) stage(tile, 0, slot ^ 1);
+                else if (tile + NQ_AW < n_tiles) stage(tile + NQ_AW, 0, slot ^ 1);
+                nq_cp_commit();
+                nq_cp_wait1();
+                __syncwarp();
+                const __half* cbuf = scoef + slot * 16 * NQ_SCS;
+                for (int ks = 0; ks < kc / 16; ++ks) {
+                    const unsigned* r0 = reinterpret_cast<const unsigned*>(cbuf + gid * NQ_SCS + ks * 16);
+                    const unsigned* r1 = reinterpret_cast<const unsigned*>(cbuf + (gid + 8) * NQ_SCS + ks * 16);
+                    const unsigned b00 = r0[tig], b01 = r0[4 + tig], b10 = r1[tig], b11 = r1[4 + tig];
+                    const uint2* ab = sb + ((c0 / 16 + ks) * MT) * 32 + lane;
+                    #pragma unroll
+                    for (int i = 0; i < MTP; ++i) {
+                        const int mt = NP == 1 ? i : (i < MTP / 2 ? ps * (MTP / 2) + i : MT / 2 + ps * (MTP / 2) + i - MTP / 2);
+                        const uint2 w = ab[mt * 32];
+                        const unsigned a0 = nq_i8pair(w.x, 0x4140u), a2 = nq_i8pair(w.x, 0x4342u);
+                        const unsigned a1 = nq_i8pair(w.y, 0x4140u), a3 = nq_i8pair(w.y, 0x4342u);
+                        nq_mma(acc[i][0], a0, a1, a2, a3, b00, b01);
+                        nq_mma(acc[i][1], a0, a1, a2, a3, b10, b11);
+                    }
+                }
+                __syncwarp();  // every lane is done with this slot before the next stage() refills it
+                slot ^= 1;
+            }
+#else
             for (int c0 = 0; c0 < kp; c0 += NQ_PKC) {
                 const int kc = min(NQ_PKC, kp - c0);
                 __syncwarp();
@@ -1675,6 +1741,7 @@ __device__ __forceinline__ void nq_pca_tier(const NqPcaParams& pp, long long bh,
                     }
                 }
             }
+#endif
             // 3. mean + k_center, then RoPE: lane holds dims mt*16 + gid (+8) of tokens n*8 + 2tig (+1).
             #pragma unroll
             for (int i = 0; i < MTP; ++i) {
@@ -1879,7 +1946,11 @@ __device__ __forceinline__ void nq_attend_pca(const NqPcaParams& pp) {
         }
         NqTbl tb;
         tb.set(tbl + (lane & (NQ_AREP - 1)));
+#ifdef NQ_PCA_STAGE
+        __half* scoef = reinterpret_cast<__half*>(nq_dyn + P * pp.kp_cap) + warp * 2 * 16 * NQ_SCS;
+#else
         __half* scoef = reinterpret_cast<__half*>(nq_dyn + P * pp.kp_cap) + warp * 16 * NQ_PCS;
+#endif
         float m0, m1;
         nq_pca_tier<NQ_ATT_VB0>(pp, bh, split, tb, qf, reinterpret_cast<const uint2*>(nq_dyn), scoef, qrot, wm, wl,
                                 region, m0, m1);
@@ -1985,17 +2056,27 @@ NQ_PCA_COEFFS_ENTRY(nq_pca_coeffs_f32, float)
 NQ_PCA_COEFFS_ENTRY(nq_pca_coeffs_f16, __half)
 
 // Rebuilt keys (T, H*D) of one batch row, the GEMM's output, into float32 (H, T, D) for decode
-// attention, with the rotary embedding redone for pre-RoPE keys (cos == nullptr: post-RoPE, only
-// the layout changes). The split-half layout of transformers' rotate_half: within the first `rot`
-// dims, out[i] = k[i] cos[i] - k[i + rot/2] sin[i] for i < rot/2 and k[i] cos[i] + k[i - rot/2]
-// sin[i] above; dims from `rot` on pass through (partial rotary). cos/sin: float32 rows of `width`
-// angles at each token's sequence index seq[t]; a half table (width rot/2) repeats its row. The
-// caller checks once per model that this is what its apply_rotary_pos_emb computes.
+// attention, with the rotary embedding redone for pre-RoPE keys (cos == nullptr and positions ==
+// nullptr: post-RoPE, only the layout changes). The split-half layout of transformers' rotate_half:
+// within the first `rot` dims, out[i] = k[i] cos[i] - k[i + rot/2] sin[i] for i < rot/2 and
+// k[i] cos[i] + k[i - rot/2] sin[i] above; dims from `rot` on pass through (partial rotary).
+// cos/sin: float32 rows of `width` angles at each token's sequence index seq[t]; a half table
+// (width rot/2) repeats its row. A rotary table of positions (positions != nullptr) gives the
+// angles here, as nq_attend_pca does: sincos(positions[seq[t]] * inv_freq[i mod rot/2]) times
+// rscale, rounded to the model dtype (rdtype 0 float32, 1 float16, 2 bfloat16) as transformers'
+// default formula does; no table of rows is made. The caller checks once per model that this is
+// what its apply_rotary_pos_emb computes.
+__device__ __forceinline__ float nq_place_round(float x, int dt) {
+    if (dt == 1) return __half2float(__float2half_rn(x));
+    if (dt == 2) return __bfloat162float(__float2bfloat16_rn(x));
+    return x;
+}
 template <typename T>
 __device__ __forceinline__ void nq_pca_place(const T* __restrict__ keys, long long tokens, int heads, int d,
                                              const float* __restrict__ cos, const float* __restrict__ sin,
                                              int width, int rot, const int* __restrict__ seq,
-                                             float* __restrict__ out) {
+                                             const int* __restrict__ positions, const float* __restrict__ inv_freq,
+                                             float rscale, int rdtype, float* __restrict__ out) {
     const long long n = tokens * heads * d;
     const int half = rot >> 1;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
@@ -2006,12 +2087,20 @@ __device__ __forceinline__ void nq_pca_place(const T* __restrict__ keys, long lo
         const int h = (int)(ht / tokens);
         const T* row = keys + t * (long long)heads * d + (long long)h * d;
         float x = nq_to_f32(row[i]);
-        if (cos != nullptr && i < rot) {
-            const float* c = cos + (long long)seq[t] * width;
-            const float* s = sin + (long long)seq[t] * width;
-            const int a = width == rot ? i : (i < half ? i : i - half);
+        if ((cos != nullptr || positions != nullptr) && i < rot) {
             const float partner = nq_to_f32(row[i < half ? i + half : i - half]);
-            x = i < half ? x * c[a] - partner * s[a] : x * c[a] + partner * s[a];
+            float cs, sn;
+            if (positions != nullptr) {
+                const float a = (float)positions[seq[t]] * inv_freq[i < half ? i : i - half];
+                sincosf(a, &sn, &cs);
+                cs = nq_place_round(cs * rscale, rdtype);
+                sn = nq_place_round(sn * rscale, rdtype);
+            } else {
+                const int a = width == rot ? i : (i < half ? i : i - half);
+                cs = cos[(long long)seq[t] * width + a];
+                sn = sin[(long long)seq[t] * width + a];
+            }
+            x = i < half ? x * cs - partner * sn : x * cs + partner * sn;
         }
         out[e] = x;
     }
@@ -2020,8 +2109,10 @@ __device__ __forceinline__ void nq_pca_place(const T* __restrict__ keys, long lo
 #define NQ_PCA_PLACE_ENTRY(NAME, T)                                                                            \
     extern "C" __global__ void __launch_bounds__(NQ_WARPS * 32)                                                \
         NAME(const T* keys, long long tokens, int heads, int d, const float* cos, const float* sin, int width, \
-             int rot, const int* seq, float* out) {                                                            \
-        nq_pca_place<T>(keys, tokens, heads, d, cos, sin, width, rot, seq, out);                               \
+             int rot, const int* seq, const int* positions, const float* inv_freq, float rscale, int rdtype,  \
+             float* out) {                                                                                     \
+        nq_pca_place<T>(keys, tokens, heads, d, cos, sin, width, rot, seq, positions, inv_freq, rscale, rdtype, \
+                        out);                                                                                  \
     }
 NQ_PCA_PLACE_ENTRY(nq_pca_place_f32, float)
 NQ_PCA_PLACE_ENTRY(nq_pca_place_f16, __half)

@@ -8,7 +8,10 @@ rotary table holds positions), scores them against the query group, and accumula
 decoded from their codes in the same pass, flash-decoding style: the tokens are split over enough
 blocks to fill the GPU, each writing a partial softmax state, and the last block merges them with
 the full-precision part (sinks, window and whatever the caller puts there). The keys never reach
-device memory. Layout of the launch, the partial states and the merge: :mod:`.attention`.
+device memory. Layout of the launch, the partial states and the merge: :mod:`.attention`. The
+staged build (``STAGED``, the default) first unpacks every token's coefficients once for all KV
+heads (``nq_pca_coeffs_f16``, one launch per batch row) and the kernel streams them into shared
+memory with ``cp.async``; the first version unpacked the codes in every head's block.
 
 :func:`pca_decode_attention` returns None where the kernel does not apply (the caller then takes
 the rebuild path, :meth:`~nexusquant.cache.NexusQuantLayer.decode_tier`).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import struct
 import weakref
 from typing import TYPE_CHECKING, Any, Optional
@@ -37,15 +41,20 @@ __all__ = ["pca_decode_attention", "fragment_basis", "pair_meta"]
 _KC = 128  # NQ_PKC: components per coefficient chunk
 _PCS = _KC + 8  # NQ_PCS: halves per token row of a warp's chunk buffer
 # NqPcaRow and the tail of NqPcaParams after its NqAttnParams (cuda/nexusquant.cu, static_asserts).
-_ROW = struct.Struct("<QQQQQqq")
+_ROW = struct.Struct("<QQQQQqqQq")
 _TAIL = struct.Struct("<QQQQQQqqqiifi")
-assert _ROW.size == 56 and _ATTN_PARAMS.size + _TAIL.size == 376
+assert _ROW.size == 72 and _ATTN_PARAMS.size + _TAIL.size == 376
 _RDTYPE = {"torch.float32": 0, "torch.float16": 1, "torch.bfloat16": 2}
 _tls_buf: list = []
 # Per basis tensor, by id: (weak reference, (fragment-ordered basis, meta ints, meta floats, kp)).
 _rows: dict[int, tuple[weakref.ref, tuple]] = {}
 _index_cache: dict[tuple[int, int], tuple] = {}
 _misc: dict[tuple, Any] = {}
+_SKC, _SCS = 64, 72  # NQ_SKC, NQ_SCS: components per staged chunk, halves per token row of a slot
+# The staged kernel (NQ_PCA_STAGE): coefficients unpacked once per token by nq_pca_coeffs_f16 and
+# streamed by cp.async; NEXUSQUANT_PCA_STAGE=0 builds the first version, which unpacks the codes in
+# every KV head's block (kept for comparison: benches/pca_keys_bench.py).
+STAGED = os.environ.get("NEXUSQUANT_PCA_STAGE") != "0"
 
 
 def _warps(p: int) -> int:
@@ -154,7 +163,7 @@ def _kernel(index: int, dtype, p: int, vbits: int, dyn: int) -> Optional[int]:
         ("NQ_ATT_T", _ATT_DTYPE[suffix]),
         ("NQ_AW", aw),
         ("NQ_ATT_PCA", 1),
-    )
+    ) + ((("NQ_PCA_STAGE", 1),) if STAGED else ())
     fn = _function(index, defines, False, f"nq_attend_pca_{suffix}")
     key = ("fn", index, defines)
     state = _misc.get(key)
@@ -230,7 +239,7 @@ def pca_decode_attention(
         rows.append(_row_plan(code, hkv))
         kp_cap = max(kp_cap, rows[-1][3])
     aw = _warps(d)
-    dyn = d * kp_cap + aw * 16 * _PCS * 2
+    dyn = d * kp_cap + (aw * 2 * 16 * _SCS * 2 if STAGED else aw * 16 * _PCS * 2)
     fn_ptr = _kernel(index, dtype, d, vc.bits, dyn)
     if fn_ptr is None:
         return None
@@ -247,8 +256,15 @@ def pca_decode_attention(
         if not hit[1]:
             return None  # keys that could leave fp16's range: the float32 rebuild path
         biases.append(hit)
+    coeffs: list = []
+    if STAGED:
+        from .transform import transform_coeffs
+
+        # Every token's coefficients once for all KV heads (one launch per batch row; the blocks of
+        # the attention kernel then read them through L2, not the codes once per head).
+        coeffs = [transform_coeffs(code, -(-code.basis.shape[1] // _SKC) * _SKC) for code in codes]
     row_vals: list[int] = []
-    for code, (frag, meta_i, meta_f, kp, _), (bias, _) in zip(codes, rows, biases):
+    for i, (code, (frag, meta_i, meta_f, kp, _), (bias, _)) in enumerate(zip(codes, rows, biases)):
         row_vals.extend(
             (
                 code.codes.data_ptr(),
@@ -258,6 +274,8 @@ def pca_decode_attention(
                 bias.data_ptr(),
                 code.codes.shape[1],
                 kp,
+                coeffs[i].data_ptr() if coeffs else 0,
+                coeffs[i].shape[1] if coeffs else 0,
             )
         )
 
@@ -265,7 +283,7 @@ def pca_decode_attention(
     def make_rows():
         buf = bytearray(_ROW.size * b)
         for i in range(b):
-            _ROW.pack_into(buf, i * _ROW.size, *row_vals[7 * i : 7 * i + 7])
+            _ROW.pack_into(buf, i * _ROW.size, *row_vals[9 * i : 9 * i + 9])
         host = torch.frombuffer(buf, dtype=torch.uint8)
         return host.to(query.device)
 

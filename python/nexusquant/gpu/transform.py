@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from ..transform import KeyTransformCode
 
-__all__ = ["transform_keys", "transform_keys_supported", "place_keys"]
+__all__ = ["transform_keys", "transform_keys_supported", "place_keys", "transform_coeffs"]
 
 _FP16_LIMIT = 32768.0  # keys bounded under this rebuild in fp16 (max 65504; margin for the bias)
 # Per basis tensor, by id: (a weak reference to it, (bit offsets int32, folded scales float32,
@@ -134,17 +134,44 @@ def transform_keys(code: KeyTransformCode, center: Optional[torch.Tensor], exact
     return torch.addmm(bias.to(dtype), coeffs, basis.T)
 
 
+def transform_coeffs(code: KeyTransformCode, ld: int) -> torch.Tensor:
+    """fp16 ``(T, ld)`` coefficients of a batch row's codes (``nq_pca_coeffs_f16``: dequantized,
+    the step and the basis column's scale folded in, columns K .. ld zeros), for the fused decode
+    kernel, which streams them with 16-byte copies (``ld`` a multiple of 64). The caller checked
+    that fp16 holds them (:func:`_plan`)."""
+    import torch
+
+    t, k = code.codes.shape[0], code.basis.shape[1]
+    coeffs = torch.empty(t, ld, dtype=torch.float16, device=code.codes.device)
+    if t == 0:
+        return coeffs
+    offset, scale, _ = _plan(code, code.mean.float())
+    index = _device_index(code.codes.device)
+    codes = code.codes.contiguous()
+    fn = _function(index, (("NQ_PCA", 1),), False, "nq_pca_coeffs_f16")
+    bits = code.bits.contiguous()
+    args = (codes.data_ptr(), t, np.int32(codes.shape[1]), np.int32(k), np.int32(ld), np.int32(0),
+            offset.data_ptr(), bits.data_ptr(), scale.data_ptr(), coeffs.data_ptr())  # fmt: skip
+    _launch(fn, (_grid(t, _WARPS, index),), (32 * _WARPS,), args, index)
+    return coeffs
+
+
 def place_keys(
     keys: torch.Tensor,
     heads: int,
     out: torch.Tensor,
     rope: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None,
     seq: Optional[torch.Tensor] = None,
+    positions: Optional[tuple] = None,
 ) -> torch.Tensor:
     """Rebuilt keys ``(T, heads * D)`` (:func:`transform_keys`) into float32 ``out`` ``(heads, T, D)``,
     the rotary embedding redone where ``rope`` is given: ``(cos, sin, rot)``, float32 tables
     ``(positions, width)`` (width ``rot`` or ``rot / 2`` for a half table) read at ``seq`` int32
-    ``(T,)``, split-half layout over the first ``rot`` dims (the caller checked the model's)."""
+    ``(T,)``, split-half layout over the first ``rot`` dims (the caller checked the model's); or
+    where ``positions`` is given: ``(positions int32 (N,), inv_freq float32 (rot / 2,), scaling,
+    dtype)``, a rotary table of positions whose angles the kernel computes for each token
+    (``positions[seq[t]] * inv_freq``, cos/sin times ``scaling`` rounded to ``dtype``, as the fused
+    kernel and transformers' default formula do): no rows are made."""
     t = keys.shape[0]
     d = out.shape[-1]
     if t == 0:
@@ -155,10 +182,16 @@ def place_keys(
     keys = keys.contiguous()
     name = "nq_pca_place_f32" if keys.dtype == torch.float32 else "nq_pca_place_f16"
     fn = _function(index, (("NQ_PCA", 1),), False, name)
-    if rope is None:
-        cos_ptr = sin_ptr = seq_ptr = 0
-        width = rot = 0
-    else:
+    cos_ptr = sin_ptr = seq_ptr = pos_ptr = inv_ptr = 0
+    width = rot = rdtype = 0
+    rscale = 1.0
+    if positions is not None:
+        pos, inv_freq, rscale, rdt = positions
+        assert seq is not None
+        pos_ptr, inv_ptr, seq_ptr = pos.data_ptr(), inv_freq.data_ptr(), seq.data_ptr()
+        rot = 2 * inv_freq.numel()
+        rdtype = {"torch.float16": 1, "torch.bfloat16": 2}.get(str(rdt), 0)
+    elif rope is not None:
         cos, sin, rot = rope
         assert seq is not None
         cos_ptr, sin_ptr, seq_ptr, width = cos.data_ptr(), sin.data_ptr(), seq.data_ptr(), cos.shape[-1]
@@ -173,6 +206,10 @@ def place_keys(
         np.int32(width),
         np.int32(rot),
         seq_ptr,
+        pos_ptr,
+        inv_ptr,
+        np.float32(rscale),
+        np.int32(rdtype),
         out.data_ptr(),
     )
     _launch(fn, (_grid(n, 32 * _WARPS * 4, index),), (32 * _WARPS,), args, index)
