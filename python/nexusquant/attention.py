@@ -27,7 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import gpu
 from ._core import NexusQuantError
-from .cache import ATTN_IMPLEMENTATION, LayerView, NexusQuantLayer
+from .cache import ATTN_IMPLEMENTATION, LayerView, NexusQuantLayer, _split_half_rotation
 from .chunking import held_for_next_chunk
 from .scoring import SCORERS, ScoreInputs
 from .tables import dense_rotation_torch
@@ -373,8 +373,6 @@ def _pca_rope(layer: NexusQuantLayer, d: int, device) -> Optional[tuple]:
     """The rotary table as the fused kernel reads it: ``("positions", positions, inv_freq,
     scaling, dtype)`` for a table of positions, ``("rows", cos, sin)`` float32 otherwise; None
     where the model's rotation is not the full-width split-half one the kernel computes."""
-    from .cache import _split_half_rotation
-
     if layer.rope_adapter is None or layer.rope_key not in layer.rope_tables:
         return None
     table = layer.rope_tables[layer.rope_key]

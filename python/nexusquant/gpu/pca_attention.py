@@ -26,10 +26,13 @@ import struct
 import weakref
 from typing import TYPE_CHECKING, Any, Optional
 
+from .._core import NexusQuantError
 from .attention import _ATT_DTYPE, _ATTN_PARAMS, _LOG2E, _MAX_SPLITS, _ONE_GPU, _tier_params, _workspace
 from .build import _FAST_DIMS, _SUFFIX, _function
 from .device_tables import _half_table, _rotation, _single_block_scale
 from .launch import _cu_launch, _OnDevice, _sm_count, _stream_ptr
+from .transform import _plan as _keys_plan
+from .transform import transform_coeffs
 
 if TYPE_CHECKING:
     import torch
@@ -244,8 +247,6 @@ def pca_decode_attention(
     if fn_ptr is None:
         return None
 
-    from .transform import _plan as _keys_plan
-
     biases = []
     for i, (code, plan) in enumerate(zip(codes, rows)):
         ckey = None if center is None else (center.data_ptr(), center._version, i)
@@ -258,8 +259,6 @@ def pca_decode_attention(
         biases.append(hit)
     coeffs: list = []
     if STAGED:
-        from .transform import transform_coeffs
-
         # Every token's coefficients once for all KV heads (one launch per batch row; the blocks of
         # the attention kernel then read them through L2, not the codes once per head).
         coeffs = [transform_coeffs(code, -(-code.basis.shape[1] // _SKC) * _SKC) for code in codes]
@@ -396,7 +395,5 @@ def pca_decode_attention(
         with _OnDevice(index):
             rc = launch(fn_ptr, s_total, bh, 1, 32 * aw, 1, 1, dyn, stream, kp_arr, None)
     if rc != 0:
-        from .._core import NexusQuantError
-
         raise NexusQuantError(f"decode attention (transform-coded keys): cuLaunchKernel failed with CUDA error {rc}")
     return out
