@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -311,8 +312,9 @@ def _decode_rebuilt(layer: NexusQuantLayer, view: LayerView, query, key, value, 
     return out.to(query.dtype).reshape(b, hq, 1, d).transpose(1, 2).contiguous()
 
 
-# Per layer: the int32 sequence indices of the transform-coded tier, keyed by the tier's tensor
-# and its version (the tier changes only when blocks are compressed into it).
+# Per layer (by id): the int32 sequence indices of the transform-coded tier, with the tier's tensor
+# and its version (the tier changes only when blocks are compressed into it). An entry goes when its
+# layer does (weakref.finalize), so a long-running process that makes many caches keeps none of them.
 _SEQ32: dict[int, tuple] = {}
 
 # The fused kernel (_decode_pca_fused) is taken for a transform-coded tier of at most this many
@@ -335,6 +337,8 @@ def _fused_is_faster(view: LayerView) -> bool:
 def _seq32(layer: NexusQuantLayer, tier) -> torch.Tensor:
     """int32 ``(B, T)``: the tier's sequence indices (every head holds the same tokens), cached."""
     hit = _SEQ32.get(id(layer))
+    if hit is None:
+        weakref.finalize(layer, _SEQ32.pop, id(layer), None)
     if hit is None or hit[0] is not tier.seq or hit[1] != tier.seq._version:
         hit = _SEQ32[id(layer)] = (tier.seq, tier.seq._version, tier.seq[:, 0].to(torch.int32).contiguous())
     return hit[2]
