@@ -86,8 +86,9 @@ def test_half_tables_give_the_same_logits_and_files(family, tmp_path, monkeypatc
     assert torch.equal(a, b)
 
 
-def test_a_bad_half_flag_is_a_corrupt_file(tmp_path, monkeypatch):
-    monkeypatch.setattr("nexusquant.rope.rotary_sources", lambda model: [])
+def _file_with_rope_table_edited(tmp_path, edit):
+    """A tiny Llama's pre-RoPE cache saved, then written again with ``edit`` applied to rotary table
+    0's META entry (the checksums stay valid): ``(model, path of the edited file)``."""
     model = make_tiny("llama")
     ids = torch.randint(3, 90, (1, 60), generator=torch.Generator().manual_seed(1))
     with nq.nexusquant_evict(model, quality="high", key_domain="pre_rope", recent_window=8) as session:
@@ -95,11 +96,21 @@ def test_a_bad_half_flag_is_a_corrupt_file(tmp_path, monkeypatch):
     nq.save_cache(session.cache, tmp_path / "ok.nqkv")
     sections = read_nqkv(str(tmp_path / "ok.nqkv"))
     meta = json.loads(bytes(sections[0][1]))
-    assert meta["rope_tables"]["0"]["half"] is True
-    meta["rope_tables"]["0"]["half"] = "yes"
+    edit(meta["rope_tables"]["0"])
     write_nqkv(str(tmp_path / "bad.nqkv"), [("META", json.dumps(meta).encode())] + list(sections[1:]))
+    return model, tmp_path / "bad.nqkv"
+
+
+def test_a_bad_half_flag_is_a_corrupt_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("nexusquant.rope.rotary_sources", lambda model: [])
+
+    def edit(entry):
+        assert entry["half"] is True
+        entry["half"] = "yes"
+
+    model, bad = _file_with_rope_table_edited(tmp_path, edit)
     with pytest.raises(nq.CorruptFileError, match="half must be true or false"):
-        nq.load_cache(tmp_path / "bad.nqkv", model)
+        nq.load_cache(bad, model)
 
 
 @pytest.mark.parametrize("family", [f for f in ("llama", "gemma3") if family_supported(f)])
@@ -240,15 +251,10 @@ def test_positions_tables_give_the_logits_of_rows_and_survive_files(family, tmp_
 
 
 def test_a_bad_rotary_formula_is_a_corrupt_file(tmp_path):
-    model = make_tiny("llama")
-    ids = torch.randint(3, 90, (1, 60), generator=torch.Generator().manual_seed(1))
-    with nq.nexusquant_evict(model, quality="high", key_domain="pre_rope", recent_window=8) as session:
-        model(ids, use_cache=True)
-    nq.save_cache(session.cache, tmp_path / "ok.nqkv")
-    sections = read_nqkv(str(tmp_path / "ok.nqkv"))
-    meta = json.loads(bytes(sections[0][1]))
-    assert meta["rope_tables"]["0"]["formula"]["scaling"] == 1.0
-    meta["rope_tables"]["0"]["formula"]["scaling"] = "one"
-    write_nqkv(str(tmp_path / "bad.nqkv"), [("META", json.dumps(meta).encode())] + list(sections[1:]))
+    def edit(entry):
+        assert entry["formula"]["scaling"] == 1.0
+        entry["formula"]["scaling"] = "one"
+
+    model, bad = _file_with_rope_table_edited(tmp_path, edit)
     with pytest.raises(nq.CorruptFileError, match="scaling must be a finite number"):
-        nq.load_cache(tmp_path / "bad.nqkv", model)
+        nq.load_cache(bad, model)
