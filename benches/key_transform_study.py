@@ -9,10 +9,21 @@ Hadamard + E8 code, keys centred per head) or ``pca-<bits per element>[-pre][-w]
 metric of the prefill's queries, as the product fits it; ``-x0.03``: the 3% of tokens the basis
 codes worst, by error in that metric, get 3-bit E8 codes instead), or ``pcag-...``: the same with one
 water level for all layers (a Lagrange multiplier found by bisection so that all layers together
-hold the rate; ``pca-`` gives each layer the rate), and values ``fp``, ``e8-<bits>`` or
-``pca-<bits per element>[-o]`` (the same transform coder on the values of all KV heads side by
-side; ``-o``: in the metric of the output projection, ``sum_j W_o,j^T W_o,j`` over the query heads
-``j`` of each KV group, since a value error reaches the residual stream through ``W_o``).
+hold the rate; ``pca-`` gives each layer the rate). Two more key suffixes use the attention the
+prompt's last 32 queries pay each token (averaged over them, summed over heads): ``-aw<floor>``
+weighs the tokens in the fit by it plus ``floor`` times the even weight (``-aw1``: half and half,
+the product's ``key_attention_share=0.5``; ``-aw1p``: the attention pooled over 7 neighbours first,
+as the eviction scorer gives it), ``-a<fraction>``: the most attended tokens keep 4-bit E8 codes.
+Values ``fp``, ``e8-<bits>``, ``pca-<bits per element>[-o]`` (the same transform coder on the
+values of all KV heads side by side; ``-o``: in the metric of the output projection,
+``sum_j W_o,j^T W_o,j`` over the query heads ``j`` of each KV group, since a value error reaches
+the residual stream through ``W_o``), or E8 codes whose width follows attention:
+``e8a-<hi>-<lo>-<fraction>`` (per KV head, the most attended ``fraction`` of tokens at ``hi``
+bits, the rest at ``lo``), ``e8w-<mean bits>-<min bits>`` (per token and head, widths from
+``min`` to 4 by greedy allocation on mean_q p² |v - mean|², the expected squared output error,
+all heads of a layer sharing the budget), ``e8L-<mean bits>`` / ``e8H-<mean bits>`` (one width per
+layer / per layer and head, all layers sharing the budget, on the measured attention-weighted
+error).
 
 For each text: the prefix is prefilled once (fp32 model); for each variant the prefix's keys and
 values, except the first 4 (sinks) and the last 16 (window), are replaced by their decoded codes in
@@ -94,7 +105,7 @@ def undo_redo(model, k: torch.Tensor, cos, sin, inverse: bool) -> torch.Tensor:
 
 
 def code_keys(
-    spec: str, k: torch.Tensor, model, cos, sin, q_pre=None, q_post=None, lagrange=None
+    spec: str, k: torch.Tensor, model, cos, sin, q_pre=None, q_post=None, lagrange=None, attention=None
 ) -> tuple[torch.Tensor, int]:
     """Decoded keys ``(1, H, T, D)`` and the bytes the code holds."""
     from nexusquant.tables import get_codec
@@ -122,9 +133,39 @@ def code_keys(
         m = None
         if "w" in parts[2:]:
             m = query_moment(q_pre if pre else q_post, h)
-        code = fit_key_transform(flat, rate, query_moment=m, lagrange=lagrange)
+        weighted = [p for p in parts[2:] if p.startswith("aw")]
+        token_weight = None
+        if weighted:
+            # ``-aw<floor>``: tokens weighted in the fit by the last queries' attention plus
+            # ``floor`` times the uniform weight (a token nobody looks at still counts a little).
+            pooled = weighted[0].endswith("p")
+            floor = float(weighted[0][2:].rstrip("p"))
+            a = attention
+            if pooled:
+                # pooled over 7 neighbours, as the product's query scorer gives it
+                a = torch.nn.functional.avg_pool1d(a[None, None], 7, 1, 3, count_include_pad=False)[0, 0]
+            a = a / a.sum()
+            capped = [p for p in parts[2:] if p.startswith("cap")]
+            if capped:
+                # ``-cap<c>``: no token weighs more than ``c`` times the mean attention
+                a = a.clamp(max=float(capped[0][3:]) / a.numel())
+                a = a / a.sum()
+            token_weight = (a + floor / a.numel()) * a.numel() / (1 + floor)
+        code = fit_key_transform(flat, rate, valid=token_weight, query_moment=m, lagrange=lagrange)
         nbytes = code.nbytes()
         dec_flat = code.decode().float()
+        top = [p for p in parts[2:] if p.startswith("a") and not p.startswith("aw")]
+        if top:
+            # ``-a<fraction>``: the tokens the last queries attend to most keep 4-bit E8 codes.
+            frac = float(top[0][1:])
+            n_top = int(round(frac * t))
+            chosen = torch.topk(attention, n_top).indices
+            per_head = x[0].permute(1, 0, 2)[chosen]
+            center = x[0].mean(1, keepdim=True).permute(1, 0, 2)
+            codec = get_codec(d, 4, 0)
+            codes, scales = encode_tensor(codec, (per_head - center)[None])
+            dec_flat[chosen] = (decode_tensor(codec, codes, scales, torch.float32)[0] + center).reshape(n_top, h * d)
+            nbytes += codes.numel() + scales.numel() * 2 - n_top * code.codes.shape[1]
         outliers = [p for p in parts[2:] if p.startswith("x")]
         if outliers:
             # ``-x<fraction>``: the tokens the basis codes worst (largest error in the query metric,
@@ -162,13 +203,80 @@ def output_metric(attn, hkv: int, d: int) -> torch.Tensor:
     return m / g
 
 
-def code_values(spec: str, v: torch.Tensor, attn=None) -> tuple[torch.Tensor, int]:
+def attention_scores(k: torch.Tensor, q_post: torch.Tensor, window: int = 32, power: int = 1) -> torch.Tensor:
+    """``(H_kv, T)``: attention of the prompt's last ``window`` queries to each key, averaged over
+    those queries and each KV head's query group (causal)."""
+    _, hkv, t, d = k.shape
+    hq = q_post.shape[1]
+    g = hq // hkv
+    q = q_post[0, :, t - window :].float()  # (Hq, W, D)
+    kk = k[0].float().repeat_interleave(g, 0)  # (Hq, T, D)
+    s = q @ kk.transpose(1, 2) / math.sqrt(d)
+    pos = torch.arange(t - window, t)[:, None]
+    s = s.masked_fill(torch.arange(t)[None, :] > pos, float("-inf"))
+    p = s.softmax(-1).pow(power).mean(1)  # (Hq, T)
+    return p.reshape(hkv, g, t).mean(1)
+
+
+def code_values(spec: str, v: torch.Tensor, attn=None, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     from nexusquant.tables import get_codec
     from nexusquant.tiers import decode_tensor, encode_tensor
     from nexusquant.transform import fit_key_transform
 
     if spec == "fp":
         return v, v.numel() * 2
+    if spec.startswith("e8w-"):
+        # ``e8w-<mean bits>-<min bits>``: bits per token (min..4) by greedy water-filling on each
+        # token's expected squared output error, mean_q p_qt^2 * |v_t - mean|^2 (all KV heads of the
+        # layer share the budget): a bit divides a vector's error by about 4.
+        _, avg_b, min_b = spec.split("-")
+        assert scores is not None
+        lo_bits, max_bits = int(min_b), 4
+        center = v.mean(2, keepdim=True)
+        w = scores.double() * (v - center)[0].double().pow(2).sum(-1)  # (H, T)
+        h, t = w.shape
+        extra = int(round((float(avg_b) - lo_bits) * h * t))
+        steps = max_bits - lo_bits
+        gains = w.reshape(-1, 1) * torch.tensor([4.0 ** -(lo_bits + j) * 0.75 for j in range(steps)]).double()
+        bits = torch.full((h * t,), lo_bits, dtype=torch.int64)
+        if extra > 0:
+            top = torch.topk(gains.reshape(-1), min(extra, gains.numel())).indices
+            bits.scatter_add_(0, top // steps, torch.ones_like(top))
+        bits = bits.reshape(h, t)
+        out = torch.empty_like(v, dtype=torch.float32)
+        nbytes = center.numel() * 2
+        for b in range(lo_bits, max_bits + 1):
+            mask = bits == b
+            sel = (v - center)[0][mask]
+            if sel.shape[0] == 0:
+                continue
+            codec = get_codec(v.shape[-1], b, 0)
+            codes, sc = encode_tensor(codec, sel[None, None])
+            out[0][mask] = decode_tensor(codec, codes, sc, torch.float32)[0, 0] + center[0].expand_as(v[0])[mask]
+            nbytes += codes.numel() + sc.numel() * 2
+        return out, nbytes
+    if spec.startswith("e8a-"):
+        # ``e8a-<hi>-<lo>-<fraction>``: per KV head, the ``fraction`` of tokens the last queries
+        # attend to most get ``hi``-bit E8 codes, the rest ``lo`` bits.
+        _, hi_b, lo_b, frac = spec.split("-")
+        assert scores is not None
+        center = v.mean(2, keepdim=True)
+        out = torch.empty_like(v, dtype=torch.float32)
+        nbytes = center.numel() * 2
+        t = v.shape[2]
+        n_hi = int(round(float(frac) * t))
+        hi_mask = torch.zeros(v.shape[1], t, dtype=torch.bool)
+        if n_hi:
+            hi_mask.scatter_(1, torch.topk(scores, n_hi, dim=1).indices, True)
+        for bits, mask in ((int(hi_b), hi_mask), (int(lo_b), ~hi_mask)):
+            codec = get_codec(v.shape[-1], bits, 0)
+            sel = (v - center)[0][mask]  # (N, D)
+            if sel.shape[0] == 0:
+                continue
+            codes, sc = encode_tensor(codec, sel[None, None])
+            out[0][mask] = decode_tensor(codec, codes, sc, torch.float32)[0, 0] + center[0].expand_as(v[0])[mask]
+            nbytes += codes.numel() + sc.numel() * 2
+        return out, nbytes
     if spec.startswith("pca-"):
         parts = spec.split("-")
         b, h, t, d = v.shape
@@ -214,10 +322,57 @@ def common_water_level(model, cache, kspec: str, cos, sin, queries) -> float:
     return 10**hi_l
 
 
+def value_unit_bits(model, cache, vspec: str, cos, sin, queries) -> dict:
+    """``e8L-<mean bits>`` / ``e8H-<mean bits>``: one E8 value width (2-4 bits) per layer / per
+    layer and KV head, for all layers together, by greedy allocation on the measured error each
+    width leaves, weighted by the prompt's last queries' squared attention (the output error)."""
+    from nexusquant.tables import get_codec
+    from nexusquant.tiers import decode_tensor, encode_tensor
+
+    per_head = vspec.startswith("e8H-")
+    avg = float(vspec.split("-")[1])
+    units = []  # (key, weighted error at 2, 3, 4 bits, elements)
+    for i, layer in enumerate(cache.layers):
+        k, v = layer.keys, layer.values
+        lo, hi = SINKS, k.shape[2] - WINDOW
+        q_post = undo_redo(model, queries[i], cos, sin, inverse=False)
+        w = attention_scores(k, q_post, power=2)[:, lo:hi].double()  # (H, T)
+        x = v[:, :, lo:hi]
+        center = x.mean(2, keepdim=True)
+        errs = []
+        for b in (2, 3, 4):
+            codec = get_codec(x.shape[-1], b, 0)
+            codes, sc = encode_tensor(codec, x - center)
+            e = (decode_tensor(codec, codes, sc, torch.float32) + center - x)[0].double().pow(2).sum(-1)
+            errs.append((w * e).sum(-1))  # (H,)
+        errs_t = torch.stack(errs, 1)  # (H, 3)
+        if per_head:
+            for h in range(errs_t.shape[0]):
+                units.append(((i, h), errs_t[h], x.shape[2] * x.shape[3]))
+        else:
+            units.append(((i, None), errs_t.sum(0), x[0].numel()))
+    total = sum(u[2] for u in units)
+    budget = (avg - 2) * total  # extra element-bits above 2 bits everywhere
+    bits = {u[0]: 2 for u in units}
+    cand = []
+    for key, e, n in units:
+        for j in range(2):
+            cand.append(((float(e[j] - e[j + 1])) / n, j, key, n))
+    cand.sort(key=lambda c: -c[0])
+    spent = 0
+    for _gain, j, key, n in cand:
+        if spent + n > budget or bits[key] != 2 + j:
+            continue  # over the budget, or the width below this step was not bought
+        bits[key] += 1
+        spent += n
+    return bits
+
+
 def run_variant(model, cache, cont_ids, spec: str, prefix: int, cos, sin, queries=None):
     from transformers import DynamicCache
 
     kspec, vspec = spec.split(":")
+    unit_bits = value_unit_bits(model, cache, vspec, cos, sin, queries) if vspec.startswith(("e8L-", "e8H-")) else None
     lagrange = common_water_level(model, cache, kspec, cos, sin, queries) if kspec.startswith("pcag-") else None
     new = DynamicCache(config=model.config)
     held = fp16 = 0
@@ -231,8 +386,23 @@ def run_variant(model, cache, cont_ids, spec: str, prefix: int, cos, sin, querie
         if queries is not None:
             q_pre = queries[i]
             q_post = undo_redo(model, q_pre, cos, sin, inverse=False)
-        kc, kb = code_keys(kspec, k[:, :, lo:hi], model, cos[:, lo:hi], sin[:, lo:hi], q_pre, q_post, lagrange)
-        vc, vb = code_values(vspec, v[:, :, lo:hi], model.model.layers[i].self_attn)
+        key_attention = None
+        if "-a" in kspec and q_post is not None:
+            key_attention = attention_scores(k, q_post).sum(0)[lo:hi]
+        kc, kb = code_keys(
+            kspec, k[:, :, lo:hi], model, cos[:, lo:hi], sin[:, lo:hi], q_pre, q_post, lagrange, key_attention
+        )
+        scores = None
+        if vspec.startswith(("e8a-", "e8w-")) and q_post is not None:
+            scores = attention_scores(k, q_post, power=2 if vspec.startswith("e8w-") else 1)[:, lo:hi]
+        if unit_bits is not None:
+            if vspec.startswith("e8L-"):
+                vc, vb = code_values(f"e8-{unit_bits[(i, None)]}", v[:, :, lo:hi])
+            else:
+                parts = [code_values(f"e8-{unit_bits[(i, h)]}", v[:, h : h + 1, lo:hi]) for h in range(v.shape[1])]
+                vc, vb = torch.cat([p[0] for p in parts], 1), sum(p[1] for p in parts)
+        else:
+            vc, vb = code_values(vspec, v[:, :, lo:hi], model.model.layers[i].self_attn, scores)
         k2 = torch.cat([k[:, :, :lo], kc.to(k.dtype), k[:, :, hi:]], 2)
         v2 = torch.cat([v[:, :, :lo], vc.to(v.dtype), v[:, :, hi:]], 2)
         new.update(k2, v2, i)

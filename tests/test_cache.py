@@ -360,6 +360,9 @@ def test_bad_settings_raise_clear_errors():
         dict(evict=0.6, demote=0.5),
         dict(pool_kernel=4),
         dict(key_domain="sideways"),
+        dict(key_attention_share=1.5),
+        dict(key_attention_share=-0.1),
+        dict(key_attention_share=True),
     ):
         with pytest.raises(nq.NexusQuantError):
             nq.NexusQuantCache(model.config, **bad)

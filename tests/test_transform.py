@@ -106,6 +106,26 @@ def test_fit_ignores_invalid_tokens():
     assert torch.allclose(a.decode()[:650], b.decode(), atol=1e-4)
 
 
+def test_token_weights_move_the_error_to_the_light_tokens():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(900, 32, generator=g) * torch.linspace(2, 0.2, 32)
+    heavy = torch.zeros(900, dtype=torch.bool)
+    heavy[::9] = True  # the tokens the queries read
+    weight = torch.where(heavy, 5.0, 0.5)
+    weight = weight / weight.mean()
+    even, weighted = fit_key_transform(x, 1.5), fit_key_transform(x, 1.5, weight)
+
+    def err(code, sel):
+        return float((code.decode() - x)[sel].pow(2).mean())
+
+    assert err(weighted, heavy) < 0.9 * err(even, heavy)
+    assert err(weighted, ~heavy) > err(even, ~heavy)
+    # Zero weight is the same as an invalid token.
+    zero = torch.where(heavy, 0.0, 1.0)
+    a, b = fit_key_transform(x, 2.0, zero), fit_key_transform(x, 2.0, ~heavy)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.basis, b.basis)
+
+
 def test_short_prompts_keep_enough_components():
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2000, 64, generator=g) * torch.linspace(3, 0.1, 64)
@@ -154,6 +174,45 @@ def test_transform_keys_with_eviction_keep_heads_alike(tiny):
         seq = layer.fine.seq
         assert seq is not None and bool((seq == seq[:, :1]).all()), "every KV head keeps the same tokens"
         assert layer.dropped > 0
+
+
+def test_attention_share_weights_the_fit_by_what_the_last_queries_read(tiny, monkeypatch):
+    import nexusquant as nq
+    import nexusquant.tiers as tiers
+
+    seen = []
+
+    def spy(x, rate, valid=None, *args, **kwargs):
+        seen.append(None if valid is None else valid.clone())
+        return fit_key_transform(x, rate, valid, *args, **kwargs)
+
+    monkeypatch.setattr(tiers, "fit_key_transform", spy)
+    torch.manual_seed(3)
+    ids = torch.randint(1, 90, (2, 150))
+    mask = torch.ones_like(ids)
+    mask[1, :30] = 0  # row 1 is left-padded
+    fits = {}
+    for share in (0.0, 0.5):
+        seen.clear()
+        knobs = dict(quality="balanced", key_codec="pca", key_rate=2.0, key_attention_share=share, recent_window=8)
+        with torch.no_grad(), nq.nexusquant_evict(tiny, **knobs) as s:
+            cache = nq.NexusQuantCache(tiny, preset=s.settings)
+            tiny(ids, attention_mask=mask, **with_cache(tiny, cache))
+        fits[share] = list(seen)
+        assert all(layer.dropped == 0 for layer in cache.layers), "weighting evicts nothing"
+    n_fits = len(tiny.model.layers) * 2  # one basis per layer and batch row
+    assert len(fits[0.0]) == len(fits[0.5]) == n_fits
+    for w in fits[0.0]:
+        assert w is None or w.dtype == torch.bool, "share 0: every real token alike"
+    for i, w in enumerate(fits[0.5]):
+        assert w is not None and w.dtype == torch.float32
+        real = w > 0
+        assert int(real.sum()) == (150 - 8 - 4 if i % 2 == 0 else 150 - 30 - 8 - 4), "padding weighs nothing"
+        assert float(w[real].mean()) == pytest.approx(1.0, rel=1e-4)
+        assert float(w[real].min()) >= 0.5 - 1e-6, "half of every token's weight stays even"
+        assert float(w[real].max() - w[real].min()) > 0.05, (
+            "tokens weigh what the queries read (a random model reads nearly evenly)"
+        )
 
 
 @pytest.mark.parametrize("domain", ["post_rope", "pre_rope"])

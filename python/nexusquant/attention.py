@@ -30,7 +30,7 @@ from . import gpu
 from ._core import NexusQuantError
 from .cache import ATTN_IMPLEMENTATION, LayerView, NexusQuantLayer, _split_half_rotation
 from .chunking import held_for_next_chunk
-from .scoring import SCORERS, ScoreInputs
+from .scoring import SCORERS, ScoreInputs, query_importance
 from .tables import dense_rotation_torch
 from .tiers import TransformCodedKeys
 
@@ -569,10 +569,22 @@ def nexusquant_attention(
     if q > 1 and layer.wants_prompt_compression():
         layer.observe_queries(query)
         hold = held_for_next_chunk()
+        # The transform coder's fit may weigh tokens by the attention the last queries pay them,
+        # not pooled: a neighbour of a read token is not read (pooled weights lost half the gain,
+        # docs/EVAL.md).
+        attention = (
+            query_importance(query[:, :, -rows:], key, allowed_rows, scaling, softcap)[..., -view.window :]
+            if layer.weights_key_fit()
+            else None
+        )
         if layer.is_sliding or (s.evict == 0.0 and s.demote == 0.0):
-            layer.compress(None, hold)
+            layer.compress(None, hold, attention=attention)
         else:
-            layer.compress(_scores(layer, view, module, query, key, value, allowed_rows, scaling, softcap), hold)
+            layer.compress(
+                _scores(layer, view, module, query, key, value, allowed_rows, scaling, softcap),
+                hold,
+                attention=attention,
+            )
     elif layer.wants_block_compression():
         layer.compress(None, generated=True)
     return out, None

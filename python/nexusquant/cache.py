@@ -544,6 +544,18 @@ class NexusQuantLayer(CacheLayerMixin):
     def wants_prompt_compression(self) -> bool:
         return self.window_len > self.settings.recent_window
 
+    def weights_key_fit(self) -> bool:
+        """Whether the next compression fits a transform coder's basis weighted by attention
+        (``key_attention_share``), which the nexusquant attention then measures even when nothing
+        is evicted."""
+        fine = self.fine
+        return (
+            self.settings.key_attention_share > 0.0
+            and fine is not None
+            and isinstance(fine.keys, TransformCodedKeys)
+            and fine.length == 0
+        )
+
     def wants_block_compression(self) -> bool:
         threshold = self.settings.recent_window + self.settings.block
         if self.is_sliding:
@@ -581,7 +593,13 @@ class NexusQuantLayer(CacheLayerMixin):
             moment[:, j * d : (j + 1) * d, j * d : (j + 1) * d] = xq.transpose(1, 2) @ xq / count[:, None, None]
         self.query_moment = moment
 
-    def compress(self, scores: Optional[torch.Tensor], keep_exact: int = 0, generated: bool = False) -> None:
+    def compress(
+        self,
+        scores: Optional[torch.Tensor],
+        keep_exact: int = 0,
+        generated: bool = False,
+        attention: Optional[torch.Tensor] = None,
+    ) -> None:
         """Compress the window's tokens except the last ``max(recent_window, keep_exact)``.
 
         Parameters
@@ -595,6 +613,9 @@ class NexusQuantLayer(CacheLayerMixin):
         generated : bool
             The tokens are a generated block: with transform-coded fine keys they go to the
             "generated" tier (E8 codes) once the fine tier's basis is fitted.
+        attention : torch.Tensor or None
+            float ``(B, H, W)``: attention the prompt's last queries pay each window token, which
+            weighs the tokens in the transform coder's fit (``key_attention_share``).
         """
         s = self.settings
         w = self.window_len
@@ -690,6 +711,7 @@ class NexusQuantLayer(CacheLayerMixin):
                 None if bool(valid.all()) else valid,
                 key_metric=self.query_moment if tier is self.fine else None,
                 amortize_tokens=prompt_tokens_in_prefill(),
+                key_token_weight=self._key_fit_weight(attention, idx, valid) if tier is self.fine else None,
             )
             if tier is self.fine:
                 self.query_moment = None  # the basis is fitted: the prompt's queries are not kept
@@ -699,6 +721,26 @@ class NexusQuantLayer(CacheLayerMixin):
         self.win_valid = rest_valid.contiguous()
         if self.is_sliding:
             self._prune_outside_window()
+
+    def _key_fit_weight(
+        self, attention: Optional[torch.Tensor], idx: torch.Tensor, valid: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """Token weights ``(B, T)`` for the transform coder's fit of the tokens ``idx`` ``(B, H, T)``
+        (window positions; ``valid`` ``(B, H, T)``): ``key_attention_share`` of each row's weight by
+        the ``attention`` ``(B, H, W)`` the token gets (summed over KV heads: the coder codes them
+        together), the rest even; mean 1 over the real tokens. None where the fit is not weighted:
+        other key codecs, a basis already fitted, no attention given, or a zero share."""
+        if attention is None or not self.weights_key_fit():
+            return None
+        share = self.settings.key_attention_share
+        tokens = idx[:, 0]  # (B, T): transform-coded tiers hold the same tokens in every head
+        real = valid[:, 0].to(torch.float32)
+        attention = attention.float().sum(1).gather(1, tokens) * real
+        count = real.sum(1, keepdim=True).clamp(min=1)
+        total = attention.sum(1, keepdim=True)
+        # A row whose scores are all zero (nothing attended) falls back to even weights.
+        attention = torch.where(total > 0, attention / total.clamp(min=1e-30) * count, real)
+        return share * attention + (1.0 - share) * real
 
     def _check_finite(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, seq: torch.Tensor) -> None:
         """Refuse NaN/infinite keys or values of real tokens (``k``, ``v`` ``(B, H, n, D)``, ``valid``

@@ -81,6 +81,7 @@ FILE_SETTINGS_KEYS = (
     "key_domain",
     "key_codec",
     "key_rate",
+    "key_attention_share",
     "seed",
     "center",
 )

@@ -68,6 +68,14 @@ class CompressionSettings:
         principal components of the keys of all KV heads, bits by reverse water-filling for a budget
         of ``key_rate`` bits per element. With ``"pca"``, tokens are kept or dropped per layer (all
         KV heads alike) and sliding-window layers keep the E8 codec.
+    key_attention_share : float
+        With ``key_codec="pca"``: the share, in [0, 1], of each token's weight in the basis fit and
+        the quantizer steps that comes from the attention the prompt's last ``score_window`` queries
+        pay it (not pooled, whatever the ``scorer``), the rest spread evenly over the tokens. A key
+        error moves the output in proportion to the attention its token gets, so bits go to the
+        tokens that are read; an even share stays because a token nobody read yet may be read
+        later. 0 = every token alike. Needs the nexusquant attention (under SDPA or eager
+        attention there are no queries to measure, and the fit is even).
     key_rate : float
         Bits per key element of the ``"pca"`` coder for the prompt, everything included: codes,
         the basis (int8), its mean, steps and widths, spread over the prompt's compressed tokens
@@ -95,6 +103,7 @@ class CompressionSettings:
     key_domain: str = "post_rope"
     key_codec: str = "e8"
     key_rate: float = 1.5
+    key_attention_share: float = 0.0
     seed: int = 0
     center: bool = True
 
@@ -132,6 +141,12 @@ class CompressionSettings:
             and not isinstance(self.key_rate, bool)
             and 0.0 < self.key_rate <= 8.0,
             f"key_rate must be a number in (0, 8], got {self.key_rate!r}",
+        )
+        check(
+            isinstance(self.key_attention_share, (int, float))
+            and not isinstance(self.key_attention_share, bool)
+            and 0.0 <= self.key_attention_share <= 1.0,
+            f"key_attention_share must be a number in [0, 1], got {self.key_attention_share!r}",
         )
         check(
             isinstance(self.seed, int) and 0 <= self.seed < 2**64,

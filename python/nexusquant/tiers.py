@@ -164,11 +164,14 @@ class TransformCodedKeys:
         valid: Optional[torch.Tensor] = None,
         metric: Optional[torch.Tensor] = None,
         amortize_tokens: int = 0,
+        token_weight: Optional[torch.Tensor] = None,
     ) -> None:
         """Code ``x`` ``(B, H, T, head_dim)``; ``valid`` bool ``(B, T)`` marks the tokens the basis is
         fitted on (padding excluded); ``metric`` ``(B, F, F)`` is the queries' second moment (see
         :func:`~nexusquant.transform.fit_key_transform`), None for plain principal components;
-        ``amortize_tokens``: the prompt's tokens the basis will code (chunked prefill), at least."""
+        ``amortize_tokens``: the prompt's tokens the basis will code (chunked prefill), at least;
+        ``token_weight`` float ``(B, T)``: each token's weight in the fit (zero for padding, mean 1
+        over the real tokens), replacing ``valid`` there."""
         b, h, t, d = x.shape
         # Codes are data, not part of a graph: a forward run without no_grad must not make the
         # basis (an eigendecomposition of the prompt's keys) hold the prefill's autograd graph.
@@ -181,7 +184,7 @@ class TransformCodedKeys:
                     fit_key_transform(
                         flat[i],
                         self.rate,
-                        None if valid is None else valid[i],
+                        token_weight[i] if token_weight is not None else None if valid is None else valid[i],
                         None if metric is None else metric[i],
                         amortize_tokens=amortize_tokens,
                     )
@@ -267,17 +270,19 @@ class Tier:
         valid: Optional[torch.Tensor],
         key_metric: Optional[torch.Tensor] = None,
         amortize_tokens: int = 0,
+        key_token_weight: Optional[torch.Tensor] = None,
     ) -> None:
         """Add tokens: ``k``, ``v`` ``(B, H, T, D)``; ``seq`` int ``(B, H, T)`` or None when positions
         are not tracked; ``valid`` bool ``(B, H, T)`` or None when every new slot is valid;
         ``key_metric`` float ``(B, F, F)``, the queries' second moment for transform-coded keys;
-        ``amortize_tokens``: see :meth:`TransformCodedKeys.append`."""
+        ``amortize_tokens`` and ``key_token_weight`` ``(B, T)``: see
+        :meth:`TransformCodedKeys.append`."""
         t = k.shape[2]
         if t == 0:
             return
         old = self.length
         if isinstance(self.keys, TransformCodedKeys):
-            self.keys.append(k, None if valid is None else valid[:, 0], key_metric, amortize_tokens)
+            self.keys.append(k, None if valid is None else valid[:, 0], key_metric, amortize_tokens, key_token_weight)
         else:
             self.keys.append(k)
         self.values.append(v)
