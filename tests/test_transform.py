@@ -359,7 +359,8 @@ PCA_KNOBS = {"key_codec": "pca", "key_domain": "pre_rope", "key_rate": 1.5}
 
 
 @pytest.mark.gpu
-def test_transform_coded_cache_on_cuda_matches_cpu():
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_transform_coded_cache_on_cuda_matches_cpu(share):
     from tiny_models import make_tiny
 
     import nexusquant as nq
@@ -368,7 +369,8 @@ def test_transform_coded_cache_on_cuda_matches_cpu():
     logits = {}
     for device in ("cpu", "cuda"):
         model = make_tiny("llama").to(device)
-        with torch.no_grad(), nq.nexusquant_evict(model, quality="balanced", **PCA_KNOBS) as s:
+        knobs = dict(PCA_KNOBS, key_attention_share=share)
+        with torch.no_grad(), nq.nexusquant_evict(model, quality="balanced", **knobs) as s:
             cache = nq.NexusQuantCache(model, preset=s.settings)
             model(ids[:, :-8].to(device), **with_cache(model, cache))
             steps = [
