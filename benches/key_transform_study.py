@@ -13,7 +13,8 @@ hold the rate; ``pca-`` gives each layer the rate). Two more key suffixes use th
 prompt's last 32 queries pay each token (averaged over them, summed over heads): ``-aw<floor>``
 weighs the tokens in the fit by it plus ``floor`` times the even weight (``-aw1``: half and half,
 the product's ``key_attention_share=0.5``; ``-aw1p``: the attention pooled over 7 neighbours first,
-as the eviction scorer gives it), ``-a<fraction>``: the most attended tokens keep 4-bit E8 codes.
+as the eviction scorer gives it), ``-a<fraction>``: the most attended tokens keep 4-bit E8 codes;
+``-ph``: one basis per KV head instead of one for all heads side by side.
 Values ``fp``, ``e8-<bits>``, ``pca-<bits per element>[-o]`` (the same transform coder on the
 values of all KV heads side by side; ``-o``: in the metric of the output projection,
 ``sum_j W_o,j^T W_o,j`` over the query heads ``j`` of each KV group, since a value error reaches
@@ -151,6 +152,21 @@ def code_keys(
                 a = a.clamp(max=float(capped[0][3:]) / a.numel())
                 a = a / a.sum()
             token_weight = (a + floor / a.numel()) * a.numel() / (1 + floor)
+        if "ph" in parts[2:]:
+            # ``-ph``: one basis per KV head (``head_dim`` wide) instead of one for the heads side by
+            # side: a decode kernel then rebuilds K x head_dim per token and head, not K x F.
+            dec_parts, nbytes = [], 0
+            for j in range(h):
+                sl = slice(j * d, (j + 1) * d)
+                mj = None if m is None else m[sl, sl]
+                cj = fit_key_transform(flat[:, sl], rate, valid=token_weight, query_moment=mj, lagrange=lagrange)
+                nbytes += cj.nbytes()
+                dec_parts.append(cj.decode().float())
+            dec_flat = torch.cat(dec_parts, 1)
+            dec = dec_flat.reshape(t, h, d).permute(1, 0, 2)[None]
+            if pre:
+                dec = undo_redo(model, dec, cos, sin, inverse=False)
+            return dec, nbytes
         code = fit_key_transform(flat, rate, valid=token_weight, query_moment=m, lagrange=lagrange)
         nbytes = code.nbytes()
         dec_flat = code.decode().float()

@@ -226,3 +226,20 @@ def test_chunked_transform_coder_pays_its_basis_over_the_whole_prompt():
     assert fit_key_transform(x, 2.0, amortize_tokens=1200).bits.shape[0] > fit_key_transform(x, 2.0).bits.shape[0]
     # Chunked and one-shot keep components in the same range (the fits see different keys).
     assert kept[200] >= 0.9 * kept[None]  # 60 and 63 components; 48 when the first chunk paid for the basis
+
+
+@torch.no_grad()
+def test_chunked_prefill_weighs_the_first_chunks_fit_by_attention():
+    """With ``key_attention_share`` the basis (fitted on the first chunk) is weighted by what that
+    chunk's last queries read, as a one-shot prefill's is by the prompt's last queries."""
+    model = make_tiny("llama")
+    ids = _ids(600, seed=9)
+    codes = {}
+    for share in (0.0, 0.5):
+        knobs = dict(quality="balanced", key_codec="pca", key_rate=2.0, recent_window=8, key_attention_share=share)
+        with nq.nexusquant_evict(model, chunk_size=200, **knobs) as session:
+            logits = model(ids, use_cache=True).logits
+        assert torch.isfinite(logits).all()
+        codes[share] = session.cache.layers[0].tiers["fine"].keys.rows[0][0]
+    a, b = codes[0.0], codes[0.5]
+    assert not (a.basis.shape == b.basis.shape and torch.equal(a.basis, b.basis)), "the weights moved the basis"
