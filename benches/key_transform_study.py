@@ -22,9 +22,11 @@ the residual stream through ``W_o``), or E8 codes whose width follows attention:
 ``e8a-<hi>-<lo>-<fraction>`` (per KV head, the most attended ``fraction`` of tokens at ``hi``
 bits, the rest at ``lo``), ``e8w-<mean bits>-<min bits>`` (per token and head, widths from
 ``min`` to 4 by greedy allocation on mean_q p² |v - mean|², the expected squared output error,
-all heads of a layer sharing the budget), ``e8L-<mean bits>`` / ``e8H-<mean bits>`` (one width per
-layer / per layer and head, all layers sharing the budget, on the measured attention-weighted
-error).
+all heads of a layer sharing the budget), ``e8t-<hi>-<lo>-<fraction>`` (as ``e8a``, the same tokens
+in every head), ``e8r-<lo>-<refine>-<fraction>`` (every token at ``lo`` bits, the most attended
+``fraction`` per head also get that code's error E8-coded at ``refine`` bits),
+``e8L-<mean bits>`` / ``e8H-<mean bits>`` (one width per layer / per layer and head, all layers
+sharing the budget, on the measured attention-weighted error).
 
 For each text: the prefix is prefilled once (fp32 model); for each variant the prefix's keys and
 values, except the first 4 (sinks) and the last 16 (window), are replaced by their decoded codes in
@@ -271,6 +273,35 @@ def code_values(spec: str, v: torch.Tensor, attn=None, scores: torch.Tensor | No
             out[0][mask] = decode_tensor(codec, codes, sc, torch.float32)[0, 0] + center[0].expand_as(v[0])[mask]
             nbytes += codes.numel() + sc.numel() * 2
         return out, nbytes
+    if spec.startswith("e8r-"):
+        # ``e8r-<lo>-<refine>-<fraction>``: every token at ``lo`` bits, and per KV head the most
+        # attended ``fraction`` also get the error of that code E8-coded at ``refine`` bits (a
+        # sparse refinement: a decode kernel reads the uniform code as now, plus a short list).
+        _, lo_b, r_b, frac = spec.split("-")
+        assert scores is not None
+        center = v.mean(2, keepdim=True)
+        x = v - center
+        codec = get_codec(v.shape[-1], int(lo_b), 0)
+        codes, sc = encode_tensor(codec, x)
+        base = decode_tensor(codec, codes, sc, torch.float32)
+        nbytes = center.numel() * 2 + codes.numel() + sc.numel() * 2
+        t = v.shape[2]
+        n_hi = int(round(float(frac) * t))
+        if n_hi:
+            top = torch.topk(scores, n_hi, dim=1).indices  # (H, n)
+            res = (x - base)[0].gather(1, top[..., None].expand(-1, -1, v.shape[-1]))
+            rcodec = get_codec(v.shape[-1], int(r_b), 1)
+            rc, rs = encode_tensor(rcodec, res[None])
+            fix = decode_tensor(rcodec, rc, rs, torch.float32)[0]
+            base[0].scatter_add_(1, top[..., None].expand(-1, -1, v.shape[-1]), fix)
+            nbytes += rc.numel() + rs.numel() * 2 + top.numel() * 2  # int16 token index per entry
+        return base + center, nbytes
+    if spec.startswith("e8t-"):
+        # ``e8t-<hi>-<lo>-<fraction>``: as ``e8a`` with the same tokens in every KV head (attention
+        # summed over heads), the way a transform-coded tier holds tokens.
+        _, hi_b, lo_b, frac = spec.split("-")
+        assert scores is not None
+        return code_values(f"e8a-{hi_b}-{lo_b}-{frac}", v, attn, scores.sum(0, keepdim=True).expand_as(scores))
     if spec.startswith("e8a-"):
         # ``e8a-<hi>-<lo>-<fraction>``: per KV head, the ``fraction`` of tokens the last queries
         # attend to most get ``hi``-bit E8 codes, the rest ``lo`` bits.
@@ -409,7 +440,7 @@ def run_variant(model, cache, cont_ids, spec: str, prefix: int, cos, sin, querie
             kspec, k[:, :, lo:hi], model, cos[:, lo:hi], sin[:, lo:hi], q_pre, q_post, lagrange, key_attention
         )
         scores = None
-        if vspec.startswith(("e8a-", "e8w-")) and q_post is not None:
+        if vspec.startswith(("e8a-", "e8w-", "e8t-", "e8r-")) and q_post is not None:
             scores = attention_scores(k, q_post, power=2 if vspec.startswith("e8w-") else 1)[:, lo:hi]
         if unit_bits is not None:
             if vspec.startswith("e8L-"):
