@@ -178,6 +178,17 @@ def _scores(
     return scores
 
 
+def _sink_mask(view: LayerView, b: int, hkv: int, device: torch.device) -> torch.Tensor:
+    """bool ``(B, H_kv, 1, S)``: which of the ``S = view.compressed`` full-precision sinks each
+    batch row holds (all of them where no row is padded), for one decode query."""
+    c = (
+        view.comp_valid[:, :, None, :]
+        if view.comp_valid is not None
+        else torch.ones(1, 1, 1, view.compressed, dtype=torch.bool, device=device)
+    )
+    return c.expand(b, hkv, 1, view.compressed)
+
+
 def _merge(parts):
     """Combine partial softmax states ``(m, l, acc)`` (max, sum of exp, weighted values) into outputs."""
     m_tot = torch.stack([m for m, _, _ in parts]).amax(0)
@@ -203,14 +214,7 @@ def _fused_decode(layer: NexusQuantLayer, view: LayerView, query, key, value, mo
         if model_mask is not None or view.comp_valid is not None:
             # Padded rows: the model's mask over the window and the sinks' validity, as one mask.
             win = _window_mask(view, model_mask, q, sliding, key.device)
-            masks = []
-            if view.compressed:
-                c = (
-                    view.comp_valid[:, :, None, :]
-                    if view.comp_valid is not None
-                    else torch.ones(1, 1, 1, view.compressed, dtype=torch.bool, device=key.device)
-                )
-                masks.append(c.expand(b, hkv, 1, view.compressed))
+            masks = [_sink_mask(view, b, hkv, key.device)] if view.compressed else []
             masks.append(win.expand(b, hkv, 1, view.window))
             fp_mask = torch.cat(masks, dim=-1).reshape(b, hkv, -1).contiguous()
         tiers = [
@@ -286,14 +290,7 @@ def _decode_rebuilt(layer: NexusQuantLayer, view: LayerView, query, key, value, 
     g = hq // hkv
     qg = query.reshape(b, hkv, g, d).float() * scaling
     win = _window_mask(view, model_mask, q, None, key.device)
-    masks = []
-    if view.compressed:
-        c = (
-            view.comp_valid[:, :, None, :]
-            if view.comp_valid is not None
-            else torch.ones(1, 1, 1, view.compressed, dtype=torch.bool, device=key.device)
-        )
-        masks.append(c.expand(b, hkv, 1, view.compressed))
+    masks = [_sink_mask(view, b, hkv, key.device)] if view.compressed else []
     masks.append(win.expand(b, hkv, 1, view.window))
     allowed = torch.cat(masks, dim=-1)  # (B, Hkv, 1, T_fp)
     s = torch.matmul(qg, key.float().transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
@@ -426,12 +423,7 @@ def _decode_pca_fused(layer: NexusQuantLayer, view: LayerView, query, key, value
         masks = []
         keys, values = [], []
         if n_sink:
-            c = (
-                view.comp_valid[:, :, None, :]
-                if view.comp_valid is not None
-                else torch.ones(1, 1, 1, n_sink, dtype=torch.bool, device=key.device)
-            )
-            masks.append(c.expand(b, hkv, 1, n_sink))
+            masks.append(_sink_mask(view, b, hkv, key.device))
             keys.append(key[:, :, :n_sink])
             values.append(value[:, :, :n_sink])
         for t in others:
