@@ -321,7 +321,13 @@ def pca_decode_attention(
 
     bh = b * hkv
     sms = _sm_count(index)
-    splits = max(1, min(_MAX_SPLITS - 1, sms // bh - 1))
+    # At most one coded block per SM: the kernel holds one block per SM (168 KB of shared memory
+    # at K ~ 700, 203 registers), so more run a second wave. The block over the bf16 sinks and
+    # window (the +1 of s_total) is not counted: it reads a few tokens and frees its SM at once.
+    # Leaving it an SM of its own (sms // bh - 1) was 6-8% slower on an H200 at 8 KV heads (fused
+    # row, 32K / 128K tokens: 0.52 / 1.87 ms against 0.47-0.50 / 1.74-1.76 ms); two to four waves
+    # of smaller chunks were no faster (docs/GPU.md, benches/results/pca_keys_bench_occupancy_*).
+    splits = max(1, min(_MAX_SPLITS - 1, sms // bh))
     tile = 16 * aw
     chunk = max(tile, math.ceil(math.ceil(t / splits) / tile) * tile)
     count = math.ceil(t / chunk)
