@@ -104,6 +104,7 @@ KINDS = {
     ),
     "pre-rope": ("qwen2", 1, dict(quality="high", recent_window=8, key_domain="pre_rope")),
     "transform-coded": ("llama", 1, dict(quality="balanced", recent_window=8, key_codec="pca")),
+    "refined-values": ("llama", 2, dict(quality="balanced", recent_window=8, value_refine_share=0.25)),
     "sliding": ("gemma3", 1, dict(quality="max", recent_window=8)),
 }
 

@@ -359,8 +359,16 @@ PCA_KNOBS = {"key_codec": "pca", "key_domain": "pre_rope", "key_rate": 1.5}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("share", [0.0, 0.5])
-def test_transform_coded_cache_on_cuda_matches_cpu(share):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"key_attention_share": 0.5},
+        {"value_refine_share": 0.25},  # refined values: CUDA decode dequantizes them
+        {"value_refine_share": 0.25, "key_codec": "e8", "key_domain": "post_rope"},
+    ],
+)
+def test_transform_coded_cache_on_cuda_matches_cpu(extra):
     from tiny_models import make_tiny
 
     import nexusquant as nq
@@ -369,7 +377,7 @@ def test_transform_coded_cache_on_cuda_matches_cpu(share):
     logits = {}
     for device in ("cpu", "cuda"):
         model = make_tiny("llama").to(device)
-        knobs = dict(PCA_KNOBS, key_attention_share=share)
+        knobs = dict(PCA_KNOBS, **extra)
         with torch.no_grad(), nq.nexusquant_evict(model, quality="balanced", **knobs) as s:
             cache = nq.NexusQuantCache(model, preset=s.settings)
             model(ids[:, :-8].to(device), **with_cache(model, cache))

@@ -405,6 +405,8 @@ def _decode_pca_fused(layer: NexusQuantLayer, view: LayerView, query, key, value
     if len(pca) != 1 or hq // hkv > 8:
         return None
     tier = pca[0]
+    if tier.values.ref_idx is not None:
+        return None  # the kernel reads one E8 code per value: refined values take the rebuild path
     pre_rope = layer.settings.key_domain == "pre_rope"
     rope = seq = None
     if pre_rope:
@@ -562,11 +564,11 @@ def nexusquant_attention(
         layer.observe_queries(query)
         hold = held_for_next_chunk()
         # The transform coder's fit may weigh tokens by the attention the last queries pay them,
-        # not pooled: a neighbour of a read token is not read (pooled weights lost half the gain,
-        # docs/EVAL.md).
+        # and the most read tokens' values may be refined: attention not pooled, since a neighbour
+        # of a read token is not read (pooled weights lost half the gain, docs/EVAL.md).
         attention = (
             query_importance(query[:, :, -rows:], key, allowed_rows, scaling, softcap)[..., -view.window :]
-            if layer.weights_key_fit()
+            if layer.wants_attention()
             else None
         )
         if layer.is_sliding or (s.evict == 0.0 and s.demote == 0.0):

@@ -203,7 +203,17 @@ class NexusQuantLayer(CacheLayerMixin):
         # against 0.15 for 4-bit E8 codes), so sliding layers keep the per-vector E8 code.
         key_rate = s.key_rate if (s.key_codec == "pca" and s.key_bits != 16 and not self.is_sliding) else None
         self.tiers = {
-            "fine": Tier(self.head_dim, s.key_bits, s.value_bits, s.seed, self.dtype, key_rate=key_rate),
+            "fine": Tier(
+                self.head_dim,
+                s.key_bits,
+                s.value_bits,
+                s.seed,
+                self.dtype,
+                key_rate=key_rate,
+                # Refinement follows the prompt's attention; a sliding layer's tokens leave its
+                # window (and its tiers are sliced), so it does not refine.
+                value_refine_bits=s.value_refine_bits if s.value_refine_share > 0 and not self.is_sliding else 0,
+            ),
             "coarse": Tier(self.head_dim, s.coarse_key_bits, s.coarse_value_bits, s.seed, self.dtype),
             "generated": Tier(self.head_dim, s.key_bits, s.value_bits, s.seed, self.dtype),
         }
@@ -320,6 +330,8 @@ class NexusQuantLayer(CacheLayerMixin):
             return False
         if not tiers or any(t.keys.codec is None or t.values.codec is None for t in tiers):
             return False
+        if any(t.values.ref_idx is not None for t in tiers):
+            return False  # the fused kernel reads one E8 code per value: refined values are dequantized
         if self.device.type == "cuda":
             codec = tiers[0].keys.codec
             assert codec is not None  # checked above
@@ -544,6 +556,13 @@ class NexusQuantLayer(CacheLayerMixin):
     def wants_prompt_compression(self) -> bool:
         return self.window_len > self.settings.recent_window
 
+    def wants_attention(self) -> bool:
+        """Whether the next prompt compression uses the attention the prompt's last queries pay
+        each token (:meth:`compress`'s ``attention``): to weigh the transform coder's fit or to
+        choose the values to refine."""
+        fine = self.fine
+        return self.weights_key_fit() or (fine is not None and fine.values.refine_codec is not None)
+
     def weights_key_fit(self) -> bool:
         """Whether the next compression fits a transform coder's basis weighted by attention
         (``key_attention_share``), which the nexusquant attention then measures even when nothing
@@ -712,6 +731,7 @@ class NexusQuantLayer(CacheLayerMixin):
                 key_metric=self.query_moment if tier is self.fine else None,
                 amortize_tokens=prompt_tokens_in_prefill(),
                 key_token_weight=self._key_fit_weight(attention, idx, valid) if tier is self.fine else None,
+                **(self._value_refinement(attention, idx, valid) if tier is self.fine else {}),
             )
             if tier is self.fine:
                 self.query_moment = None  # the basis is fitted: the prompt's queries are not kept
@@ -721,6 +741,19 @@ class NexusQuantLayer(CacheLayerMixin):
         self.win_valid = rest_valid.contiguous()
         if self.is_sliding:
             self._prune_outside_window()
+
+    def _value_refinement(
+        self, attention: Optional[torch.Tensor], idx: torch.Tensor, valid: torch.Tensor
+    ) -> dict[str, Any]:
+        """The fine tier's value refinement for the tokens ``idx`` ``(B, H, T)`` (window positions,
+        ``valid`` ``(B, H, T)``): each head's ``value_refine_share`` of them, the most attended by
+        ``attention`` ``(B, H, W)``. Empty where values are not refined."""
+        fine = self.fine
+        if attention is None or fine is None or fine.values.refine_codec is None:
+            return {}
+        rank = attention.float().gather(2, idx).masked_fill(~valid, float("-inf"))
+        count = int(round(self.settings.value_refine_share * int(valid.sum(2).max().item())))
+        return {"value_refine": rank, "value_refine_count": count}
 
     def _key_fit_weight(
         self, attention: Optional[torch.Tensor], idx: torch.Tensor, valid: torch.Tensor

@@ -38,7 +38,7 @@ from .architecture import attention_modules, model_fingerprint
 from .cache import LAYER_TENSOR_FIELDS, NexusQuantCache, NexusQuantLayer, compression_stats
 from .presets import CompressionSettings
 from .rope import RopeFormula, RopeTable
-from .tiers import TIER_NAMES, TransformCodedKeys
+from .tiers import TIER_NAMES, QuantizedTensor, TransformCodedKeys
 from .transform import KeyTransformCode
 
 __all__ = ["save_cache", "load_cache", "inspect_file", "model_fingerprint"]
@@ -82,6 +82,8 @@ FILE_SETTINGS_KEYS = (
     "key_codec",
     "key_rate",
     "key_attention_share",
+    "value_refine_share",
+    "value_refine_bits",
     "seed",
     "center",
 )
@@ -244,6 +246,10 @@ def _layer_arrays(layer: NexusQuantLayer) -> tuple[dict[str, Any], dict[str, Any
                 )
                 arrays[f"{name}.packed"] = blob
                 arrays[f"{name}.offsets"] = offsets
+        if tier_state.get("v.ref_idx") is not None:
+            meta[tier_name]["value_refined"] = int(tier_state["v.ref_idx"].shape[2])
+            for name in QuantizedTensor._REFINEMENT:
+                arrays[f"{tier_name}.v.{name}"] = _np(tier_state[f"v.{name}"])
         for name in ("seq", "valid"):
             if tier_state[name] is not None:
                 arrays[f"{tier_name}.{name}"] = _np(tier_state[name])
@@ -642,7 +648,8 @@ def _restore_layer(
         elif layer.needs_positions:
             raise _corrupt(f"{where}: {tier_name}.seq is missing (this layer needs token positions)")
         valid = take(f"{tier_name}.valid", (b, h, n), (np.dtype(np.bool_),))
-        tier_state.append((tier, n, parts, seq, valid))
+        refinement = _refinement(tier, _tier_meta(meta, tier_name), f"{tier_name}.v", b, h, n, need, where)
+        tier_state.append((tier, n, parts, seq, valid, refinement))
     unknown = set(arrays) - known
     if unknown:
         raise _corrupt(f"{where} holds arrays this version does not know: {sorted(unknown)}")
@@ -657,12 +664,13 @@ def _restore_layer(
             if a is not None
         }
     )
-    for tier, n, parts, seq, valid in tier_state:
+    for tier, n, parts, seq, valid, refinement in tier_state:
         state: dict[str, Any] = {
             "length": n,
             "seq": None if seq is None else _torch(seq, None, device),
             "valid": None if valid is None else _torch(valid, None, device),
         }
+        state.update((f"v.{name}", _torch(a, None, device)) for name, a in refinement.items())
         for (kind, data), part in zip(parts, ("k", "v")):
             if kind == "raw":
                 state[f"{part}.raw"] = fp(data)
@@ -671,6 +679,25 @@ def _restore_layer(
             else:
                 state[f"{part}.codes"], state[f"{part}.scales"] = data
         tier.load_state_dict(state)
+
+
+def _refinement(tier: Any, tier_meta: dict, prefix: str, b: int, h: int, n: int, need, where: str) -> dict:
+    """A tier's value refinement arrays (``ref_idx``, ``ref_codes``, ``ref_scales``), checked
+    against the settings (their codec's width) and the tier's length; empty where it has none."""
+    count = tier_meta.get("value_refined")
+    if count is None:
+        return {}
+    codec = tier.values.refine_codec
+    if codec is None or not isinstance(count, int) or not 0 < count <= n:
+        raise _corrupt(f"{where}: {prefix} holds a value refinement its settings do not make ({count!r})")
+    idx = need(f"{prefix}.ref_idx", (b, h, count), (np.dtype(np.int16), np.dtype(np.int32)))
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise _corrupt(f"{where}: {prefix}.ref_idx points outside the tier's {n} tokens")
+    return {
+        "ref_idx": idx,
+        "ref_codes": need(f"{prefix}.ref_codes", (b, h, count, codec.code_bytes_per_vector), (np.dtype(np.uint8),)),
+        "ref_scales": need(f"{prefix}.ref_scales", (b, h, count), (np.dtype(np.int16),)),
+    }
 
 
 # What a checksum-valid file with bad contents could still raise below: each becomes a

@@ -76,6 +76,16 @@ class CompressionSettings:
         tokens that are read; an even share stays because a token nobody read yet may be read
         later. 0 = every token alike. Needs the nexusquant attention (under SDPA or eager
         attention there are no queries to measure, and the fit is even).
+    value_refine_share : float
+        Share, in [0, 1], of each prompt's fine-tier tokens per KV head, the most attended by the
+        prompt's last ``score_window`` queries (not pooled), whose value code's error is E8-coded
+        again at ``value_refine_bits`` and added back: a value error moves the output in proportion
+        to the attention its token gets. Each refined vector also holds its index (2 bytes; 4 past
+        32K tokens). 0 = off.
+        Not in sliding-window layers; needs the nexusquant attention (under SDPA or eager attention
+        nothing is refined); CUDA decode then dequantizes the values instead of the fused kernels.
+    value_refine_bits : int
+        Bits per dimension of the refinement (1-4).
     key_rate : float
         Bits per key element of the ``"pca"`` coder for the prompt, everything included: codes,
         the basis (int8), its mean, steps and widths, spread over the prompt's compressed tokens
@@ -104,6 +114,8 @@ class CompressionSettings:
     key_codec: str = "e8"
     key_rate: float = 1.5
     key_attention_share: float = 0.0
+    value_refine_share: float = 0.0
+    value_refine_bits: int = 2
     seed: int = 0
     center: bool = True
 
@@ -147,6 +159,16 @@ class CompressionSettings:
             and not isinstance(self.key_attention_share, bool)
             and 0.0 <= self.key_attention_share <= 1.0,
             f"key_attention_share must be a number in [0, 1], got {self.key_attention_share!r}",
+        )
+        check(
+            isinstance(self.value_refine_share, (int, float))
+            and not isinstance(self.value_refine_share, bool)
+            and 0.0 <= self.value_refine_share <= 1.0,
+            f"value_refine_share must be a number in [0, 1], got {self.value_refine_share!r}",
+        )
+        check(
+            self.value_refine_bits in (1, 2, 3, 4) and not isinstance(self.value_refine_bits, bool),
+            f"value_refine_bits must be one of (1, 2, 3, 4), got {self.value_refine_bits!r}",
         )
         check(
             isinstance(self.seed, int) and 0 <= self.seed < 2**64,

@@ -87,28 +87,53 @@ def decode_tensor(codec: E8Codec, codes: torch.Tensor, scales: torch.Tensor, dty
 
 
 class QuantizedTensor:
-    """Vectors ``(B, H, T, head_dim)`` held as E8 codes and scales, or as is for 16 bits."""
+    """Vectors ``(B, H, T, head_dim)`` held as E8 codes and scales, or as is for 16 bits.
 
-    def __init__(self, head_dim: int, bits: int, seed: int, dtype: torch.dtype):
+    A refinement may sit on top of the E8 codes: for some tokens of each batch row and head, the
+    error of their code, E8-coded again (``refine_bits``, its own rotation), with the token's index
+    (``ref_idx`` ``(B, H, R)``, ``ref_codes``, ``ref_scales``). A value error reaches the output in
+    proportion to the attention its token gets, so the most read tokens are refined
+    (``value_refine_share``); an entry of scale 0 refines nothing (a padded row's spare slots).
+    The index is int16 while the tensor holds fewer than 2^15 tokens, int32 beyond.
+    """
+
+    _REFINEMENT = ("ref_idx", "ref_codes", "ref_scales")
+
+    def __init__(self, head_dim: int, bits: int, seed: int, dtype: torch.dtype, refine_bits: int = 0):
         self.head_dim = head_dim
         self.bits = bits
         self.seed = seed
         self.dtype = dtype
         self.codec: Optional[E8Codec] = None if bits == 16 else get_codec(head_dim, bits, seed)
+        # Another seed: the refinement's rotation is not the one whose error it codes.
+        self.refine_codec: Optional[E8Codec] = (
+            get_codec(head_dim, refine_bits, (seed + 1) % 2**64) if refine_bits and self.codec is not None else None
+        )
         self.codes: Optional[torch.Tensor] = None
         self.scales: Optional[torch.Tensor] = None
         self.raw: Optional[torch.Tensor] = None
+        self.ref_idx: Optional[torch.Tensor] = None  # int16/int32 (B, H, R), token index on this axis
+        self.ref_codes: Optional[torch.Tensor] = None  # uint8 (B, H, R, bytes)
+        self.ref_scales: Optional[torch.Tensor] = None  # int16 (B, H, R)
 
     @property
     def length(self) -> int:
         t = self.raw if self.codec is None else self.scales
         return 0 if t is None else t.shape[2]
 
-    def append(self, x: torch.Tensor) -> None:
-        """Quantize ``x`` ``(B, H, T, head_dim)`` and append it along the token axis."""
+    @property
+    def refined(self) -> int:
+        """Refinement entries per batch row and head."""
+        return 0 if self.ref_idx is None else self.ref_idx.shape[2]
+
+    def append(self, x: torch.Tensor, refine: Optional[torch.Tensor] = None, refine_count: int = 0) -> None:
+        """Quantize ``x`` ``(B, H, T, head_dim)`` and append it along the token axis; with
+        ``refine`` ``(B, H, T)`` (higher = refine first, -inf = never: padding), the code error of
+        the ``refine_count`` highest-ranked tokens of each row and head is coded again."""
         if self.codec is None:
             self.raw = x if self.raw is None else torch.cat([self.raw, x], dim=2)
             return
+        old = self.length
         codes, scales = encode_tensor(self.codec, x)
         if self.codes is None:
             self.codes, self.scales = codes, scales
@@ -116,6 +141,29 @@ class QuantizedTensor:
             assert self.scales is not None  # set with the codes
             self.codes = torch.cat([self.codes, codes], dim=2)
             self.scales = torch.cat([self.scales, scales], dim=2)
+        count = min(int(refine_count), x.shape[2])
+        if refine is None or count <= 0 or self.refine_codec is None:
+            return
+        rank = refine.float()
+        top = torch.topk(rank, count, dim=2).indices  # (B, H, R)
+        real = torch.isfinite(rank.gather(2, top))
+        gather = top[..., None].expand(-1, -1, -1, x.shape[-1])
+        error = (x.float() - decode_tensor(self.codec, codes, scales, torch.float32)).gather(2, gather)
+        error = error * real[..., None].to(error.dtype)  # nothing to refine in a padding slot
+        rc, rs = encode_tensor(self.refine_codec, error)
+        rs = torch.where(real, rs, torch.zeros_like(rs))
+        # int16 indices while the tier is short enough (2 bytes a refined vector instead of 4).
+        wide = old + x.shape[2] > 2**15 or (self.ref_idx is not None and self.ref_idx.dtype == torch.int32)
+        idx = (top + old).to(torch.int32 if wide else torch.int16)
+        if self.ref_idx is not None and self.ref_idx.dtype != idx.dtype:
+            self.ref_idx = self.ref_idx.to(torch.int32)
+        if self.ref_idx is None:
+            self.ref_idx, self.ref_codes, self.ref_scales = idx, rc, rs
+        else:
+            assert self.ref_codes is not None and self.ref_scales is not None
+            self.ref_idx = torch.cat([self.ref_idx, idx], dim=2)
+            self.ref_codes = torch.cat([self.ref_codes, rc], dim=2)
+            self.ref_scales = torch.cat([self.ref_scales, rs], dim=2)
 
     def dequantize(self) -> torch.Tensor:
         """All vectors, ``(B, H, T, head_dim)`` in the model's dtype."""
@@ -123,14 +171,21 @@ class QuantizedTensor:
             assert self.raw is not None
             return self.raw
         assert self.codes is not None and self.scales is not None
-        return decode_tensor(self.codec, self.codes, self.scales, self.dtype)
+        if self.ref_idx is None:
+            return decode_tensor(self.codec, self.codes, self.scales, self.dtype)
+        assert self.refine_codec is not None and self.ref_codes is not None and self.ref_scales is not None
+        out = decode_tensor(self.codec, self.codes, self.scales, torch.float32)
+        fix = decode_tensor(self.refine_codec, self.ref_codes, self.ref_scales, torch.float32)
+        out.scatter_add_(2, self.ref_idx.long()[..., None].expand_as(fix), fix)
+        return out.to(self.dtype)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.raw) if t is not None)
+        held = (self.codes, self.scales, self.raw, self.ref_idx, self.ref_codes, self.ref_scales)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (e.g. an index_select on dim 0) to every held tensor."""
-        for name in ("codes", "scales", "raw"):
+        for name in ("codes", "scales", "raw", *self._REFINEMENT):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
@@ -252,13 +307,14 @@ class Tier:
         seed: int,
         dtype: torch.dtype,
         key_rate: Optional[float] = None,
+        value_refine_bits: int = 0,
     ):
         self.keys: Union[QuantizedTensor, TransformCodedKeys] = (
             QuantizedTensor(head_dim, key_bits, seed, dtype)
             if key_rate is None
             else TransformCodedKeys(head_dim, key_rate, dtype)
         )
-        self.values = QuantizedTensor(head_dim, value_bits, seed, dtype)
+        self.values = QuantizedTensor(head_dim, value_bits, seed, dtype, value_refine_bits)
         self.seq: Optional[torch.Tensor] = None  # int32 (B, H, T)
         self.valid: Optional[torch.Tensor] = None  # bool (B, H, T)
 
@@ -271,12 +327,15 @@ class Tier:
         key_metric: Optional[torch.Tensor] = None,
         amortize_tokens: int = 0,
         key_token_weight: Optional[torch.Tensor] = None,
+        value_refine: Optional[torch.Tensor] = None,
+        value_refine_count: int = 0,
     ) -> None:
         """Add tokens: ``k``, ``v`` ``(B, H, T, D)``; ``seq`` int ``(B, H, T)`` or None when positions
         are not tracked; ``valid`` bool ``(B, H, T)`` or None when every new slot is valid;
         ``key_metric`` float ``(B, F, F)``, the queries' second moment for transform-coded keys;
         ``amortize_tokens`` and ``key_token_weight`` ``(B, T)``: see
-        :meth:`TransformCodedKeys.append`."""
+        :meth:`TransformCodedKeys.append`; ``value_refine`` and ``value_refine_count``: see
+        :meth:`QuantizedTensor.append`."""
         t = k.shape[2]
         if t == 0:
             return
@@ -285,7 +344,7 @@ class Tier:
             self.keys.append(k, None if valid is None else valid[:, 0], key_metric, amortize_tokens, key_token_weight)
         else:
             self.keys.append(k)
-        self.values.append(v)
+        self.values.append(v, value_refine, value_refine_count)
         if seq is not None:
             seq = seq.to(
                 torch.int16
@@ -322,6 +381,9 @@ class Tier:
                 state[f"{part}.raw"] = qt.raw
             else:
                 state[f"{part}.codes"], state[f"{part}.scales"] = qt.codes, qt.scales
+        if self.values.ref_idx is not None:
+            for name in QuantizedTensor._REFINEMENT:
+                state[f"v.{name}"] = getattr(self.values, name)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -333,6 +395,8 @@ class Tier:
                 qt.raw = state[f"{part}.raw"]
             else:
                 qt.codes, qt.scales = state[f"{part}.codes"], state[f"{part}.scales"]
+        for name in QuantizedTensor._REFINEMENT:
+            setattr(self.values, name, state.get(f"v.{name}"))
         self.seq = state["seq"]
         self.valid = state["valid"]
         self._length = int(state["length"])
@@ -352,6 +416,8 @@ class Tier:
     def slice_tokens(self, start: int) -> None:
         """Drop the first ``start`` tokens (they are in sequence order)."""
         cut = lambda t: t[:, :, start:].contiguous()  # noqa: E731
+        if self.values.ref_idx is not None:
+            raise NexusQuantError("internal: refined values are not sliced (sliding-window layers do not refine)")
         if isinstance(self.keys, TransformCodedKeys):
             self.keys.slice_tokens(start)
         self.keys.map_batch(cut)
