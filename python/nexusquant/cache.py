@@ -634,7 +634,8 @@ class NexusQuantLayer(CacheLayerMixin):
             "generated" tier (E8 codes) once the fine tier's basis is fitted.
         attention : torch.Tensor or None
             float ``(B, H, W)``: attention the prompt's last queries pay each window token, which
-            weighs the tokens in the transform coder's fit (``key_attention_share``).
+            weighs the tokens in the transform coder's fit (``key_attention_share``) and picks the
+            values to refine (``value_refine_share``).
         """
         s = self.settings
         w = self.window_len
