@@ -100,8 +100,18 @@ def _tier_meta(layer_meta: dict[str, Any], name: str) -> Any:
     return layer_meta.get(name)
 
 
+# Settings added after files of this format version were first written, with the value such files
+# meant by leaving them out: written only when they differ from it, so a file that does not use a
+# later knob stays readable by the versions before it (and a version-1 file saves back unchanged).
+_LATER_SETTINGS: dict[str, Any] = {"key_attention_share": 0.0, "value_refine_share": 0.0, "value_refine_bits": 2}
+
+
 def _settings_meta(settings: CompressionSettings) -> dict[str, Any]:
-    return {key: getattr(settings, key) for key in FILE_SETTINGS_KEYS}
+    return {
+        key: getattr(settings, key)
+        for key in FILE_SETTINGS_KEYS
+        if key not in _LATER_SETTINGS or getattr(settings, key) != _LATER_SETTINGS[key]
+    }
 
 
 def _settings_from_meta(saved: dict[str, Any]) -> CompressionSettings:
