@@ -149,55 +149,35 @@ def test_decode_attention_long_window():
     assert rel < _TOL[torch.float16]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_generation_on_cuda_matches_cpu(family):
-    model = make_tiny(family)
+def _generate_on_cpu_and_cuda(model, knobs):
+    """Greedy scores of 20 new tokens after a random 150-token prompt (batch 2) on the CPU, then with
+    the model moved to CUDA; returns (cpu scores, cuda scores on the CPU, the CUDA session's cache)."""
     ids = torch.randint(3, 90, (2, 150))
-    knobs = dict(quality=nq.E8_PRESETS["balanced"], recent_window=8, block=16, demote=0.2)  # both E8 tiers
+    gen = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     with nq.nexusquant_evict(model, **knobs), torch.no_grad():
-        cpu = model.generate(
-            ids, max_new_tokens=20, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
-        )
+        cpu = model.generate(ids, **gen)
     model = model.cuda()
     with nq.nexusquant_evict(model, **knobs) as s, torch.no_grad():
-        gpu_out = model.generate(
-            ids.cuda(),
-            max_new_tokens=20,
-            do_sample=False,
-            pad_token_id=0,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-        layer = s.cache.layers[0]
-        assert layer.fine.keys.codes.is_cuda
-        assert layer.last_view.lazy_tiers  # decode read the codes through the kernel
-    a = torch.stack(cpu.scores)
-    b = torch.stack(gpu_out.scores).cpu()
+        gpu_out = model.generate(ids.cuda(), **gen)
+    return torch.stack(cpu.scores), torch.stack(gpu_out.scores).cpu(), s.cache
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_generation_on_cuda_matches_cpu(family):
+    knobs = dict(quality=nq.E8_PRESETS["balanced"], recent_window=8, block=16, demote=0.2)  # both E8 tiers
+    a, b, cache = _generate_on_cpu_and_cuda(make_tiny(family), knobs)
+    layer = cache.layers[0]
+    assert layer.fine.keys.codes.is_cuda
+    assert layer.last_view.lazy_tiers  # decode read the codes through the kernel
     torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("preset", ["high", "max"])
 def test_preset_generation_on_cuda_matches_cpu(preset):
     """The presets (transform-coded keys, E8 values) generate on CUDA what they generate on the CPU."""
-    model = make_tiny("llama")
-    ids = torch.randint(3, 90, (2, 150))
-    knobs = dict(quality=preset, recent_window=8, block=16)
-    with nq.nexusquant_evict(model, **knobs), torch.no_grad():
-        cpu = model.generate(
-            ids, max_new_tokens=20, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
-        )
-    model = model.cuda()
-    with nq.nexusquant_evict(model, **knobs) as s, torch.no_grad():
-        gpu_out = model.generate(
-            ids.cuda(),
-            max_new_tokens=20,
-            do_sample=False,
-            pad_token_id=0,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-        assert s.cache.layers[0].fine.keys.rows[0][0].codes.is_cuda
-    torch.testing.assert_close(torch.stack(gpu_out.scores).cpu(), torch.stack(cpu.scores), atol=5e-3, rtol=5e-3)
+    a, b, cache = _generate_on_cpu_and_cuda(make_tiny("llama"), dict(quality=preset, recent_window=8, block=16))
+    assert cache.layers[0].fine.keys.rows[0][0].codes.is_cuda
+    torch.testing.assert_close(b, a, atol=5e-3, rtol=5e-3)
 
 
 def test_kernels_run_on_the_tensors_device():
