@@ -10,6 +10,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 . .venv/bin/activate
+# No download cache: the registry's torch and its CUDA libraries are several GB, and a cached copy
+# beside the installed one doubles what the install needs on disk (a CI machine ran out of it).
+export PIP_NO_CACHE_DIR=1
 python -m pip install --quiet --upgrade pip
 # The registry's torch is a CUDA build of a few GB; it runs on the CPU too.
 python -m pip install --quiet "maturin>=1.7,<2"
