@@ -1,6 +1,7 @@
 """Choose the presets: nexusquant with candidate knob sets, on text the README's evaluation does not score.
 
-Usage: ``python benches/tune_presets.py [--prefix 1024] [--continuation 128] [--trials 8] [--out DIR] [VARIANT ...]``
+Usage: ``python benches/tune_presets.py [--model smollm2] [--prefix 1024] [--continuation 128] [--trials 8] [--out DIR]
+[VARIANT ...]`` (``--middles-only --chars 40000``: write the held-out middles, for ``nexusquant eval --text``).
 
 Each VARIANT is a knob set as ``nexusquant eval --variant`` takes it (``evict=0.5,demote=0.2``,
 ``max:recent_window=8``). Without any, a built-in grid runs. The texts are the middle of each packaged
@@ -60,6 +61,10 @@ def main() -> int:
     ap.add_argument("--continuation", type=int, default=128)
     ap.add_argument("--trials", type=int, default=8, help="pass-key trials per text")
     ap.add_argument("--texts", default="alice29,lcet10,decode.c", help="packaged texts whose middles are used")
+    ap.add_argument("--model", default="smollm2", help="packaged model (smollm2, gemma3-270m)")
+    ap.add_argument("--chars", type=int, default=20000, help="characters of each middle (40000 for 4096 tokens)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--middles-only", action="store_true", help="write the middles into --out and stop")
     ap.add_argument("--out", default="tune-presets")
     args = ap.parse_args()
 
@@ -69,8 +74,13 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     wanted = set(args.texts.split(","))
-    texts = [p for p in segments(out) if Path(p).name.split(".middle")[0] in wanted]
+    texts = [p for p in segments(out, args.chars) if Path(p).name.split(".middle")[0] in wanted]
+    if args.middles_only:
+        print("\n".join(texts))
+        return 0
     result = run(
+        model=args.model,
+        threads=args.threads,
         texts=texts,
         prefixes=[args.prefix],
         continuation=args.continuation,

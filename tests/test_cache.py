@@ -345,6 +345,57 @@ def test_nbytes_counts_every_tensor_held():
     assert stats["ratio"] > 1.5
 
 
+def test_sliding_and_global_layers_take_their_own_key_bits():
+    """In a model with sliding layers, ``sliding_key_bits`` codes those layers' keys and
+    ``global_key_rate`` the global layers'; a model without sliding layers ignores both."""
+    from nexusquant.tiers import TransformCodedKeys
+
+    ids = _ids(200, seed=5)
+    knobs = dict(quality="balanced", recent_window=8, block=16)
+    model = make_tiny("gemma3")  # two sliding layers, one global
+    _, cache, stats = compressed_logits(
+        model, ids[:, :160], ids[:, 160:190], sliding_key_bits=2, global_key_rate=3.5, **knobs
+    )
+    assert [layer.is_sliding for layer in cache.layers] == [True, True, False]
+    for layer in cache.layers:
+        fine = layer.tiers["fine"]
+        if layer.is_sliding:
+            assert fine.length > 0 and fine.keys.bits == 2 and layer.tiers["generated"].keys.bits == 2
+        else:
+            assert isinstance(fine.keys, TransformCodedKeys) and fine.keys.rate == 3.5
+            assert layer.tiers["generated"].keys.bits == nq.PRESETS["balanced"].key_bits
+    _, _, preset = compressed_logits(model, ids[:, :160], ids[:, 160:190], **knobs)
+    sliding_bytes = lambda st: sum(r["nbytes"] for r in st["layers"] if r["sliding"])  # noqa: E731
+    assert sliding_bytes(stats) < sliding_bytes(preset)  # 2-bit codes against the preset's 4 bits
+
+    # One kind of layer only: a model without sliding layers, and one sliding in every layer.
+    llama = make_tiny("llama")
+    _, cache, _ = compressed_logits(
+        llama, ids[:, :160], ids[:, 160:170], sliding_key_bits=2, global_key_rate=3.5, **knobs
+    )
+    for layer in cache.layers:
+        assert layer.tiers["fine"].keys.rate == nq.PRESETS["balanced"].key_rate
+    mistral = make_tiny("mistral")
+    _, cache, _ = compressed_logits(
+        mistral, ids[:, :160], ids[:, 160:170], sliding_key_bits=2, global_key_rate=3.5, **knobs
+    )
+    assert all(layer.is_sliding for layer in cache.layers)
+    for layer in cache.layers:
+        assert layer.tiers["fine"].keys.bits == nq.PRESETS["balanced"].key_bits
+
+
+def test_explicit_knobs_hold_in_every_kind_of_layer():
+    from nexusquant.presets import resolve_settings
+
+    assert nq.PRESETS["balanced"].sliding_key_bits == 3 and nq.PRESETS["balanced"].global_key_rate == 4.0
+    exact = resolve_settings("balanced", key_bits=16)
+    assert exact.key_bits == 16 and exact.sliding_key_bits is None  # exact keys in sliding layers too
+    rate = resolve_settings("balanced", key_rate=2.5)
+    assert rate.global_key_rate is None and rate.sliding_key_bits == 3
+    both = nq.PRESETS["balanced"].replace(key_rate=2.5, global_key_rate=3.5)
+    assert both.key_rate == 2.5 and both.global_key_rate == 3.5
+
+
 def test_bad_settings_raise_clear_errors():
     model = make_tiny("llama")
     with pytest.raises(nq.NexusQuantError, match="unknown quality preset"):
@@ -363,6 +414,10 @@ def test_bad_settings_raise_clear_errors():
         dict(key_attention_share=1.5),
         dict(key_attention_share=-0.1),
         dict(key_attention_share=True),
+        dict(sliding_key_bits=5),
+        dict(sliding_key_bits=True),
+        dict(global_key_rate=0),
+        dict(global_key_rate="high"),
     ):
         with pytest.raises(nq.NexusQuantError):
             nq.NexusQuantCache(model.config, **bad)

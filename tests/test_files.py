@@ -46,6 +46,7 @@ def _continue(model, cache, cont, knobs):
         ("llama", dict(quality=nq.E8_PRESETS["balanced"], recent_window=8, demote=0.2)),  # both E8 tiers
         ("gemma3", dict(quality=nq.E8_PRESETS["max"], recent_window=8, key_bits=3)),
         ("gemma3", dict(quality="max", recent_window=8)),  # transform-coded keys, a table of positions
+        ("gemma3", dict(quality="balanced", recent_window=8, sliding_key_bits=2, global_key_rate=3.5)),
         ("qwen2", dict(quality="high", recent_window=8, key_domain="pre_rope")),
     ],
 )

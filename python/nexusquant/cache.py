@@ -89,6 +89,11 @@ def _cat(parts: list[Optional[torch.Tensor]], dim: int) -> Optional[torch.Tensor
     return kept[0] if len(kept) == 1 else torch.cat(kept, dim=dim)
 
 
+def is_hybrid(plan: list[Optional[int]]) -> bool:
+    """Whether a model's layer plan (each layer's sliding window, None for global) mixes both kinds."""
+    return any(w is None for w in plan) and any(w is not None for w in plan)
+
+
 class NexusQuantLayer(CacheLayerMixin):
     """One attention layer's compressed cache. See the module docstring for the layout."""
 
@@ -102,11 +107,14 @@ class NexusQuantLayer(CacheLayerMixin):
         sliding_window: Optional[int] = None,
         record_positions: bool = False,
         rope_tables: Optional[dict[int, RopeTable]] = None,
+        in_hybrid_model: bool = False,
     ):
         super().__init__()
         self.settings = settings
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
+        # A layer of a model with both sliding and global layers (sliding_key_bits, global_key_rate).
+        self.in_hybrid_model = in_hybrid_model
         self.record_positions = record_positions
         self.rope_tables = rope_tables if rope_tables is not None else {}
         self.rope_adapter: Optional[RopeAdapter] = None
@@ -201,11 +209,18 @@ class NexusQuantLayer(CacheLayerMixin):
         # compression sees only the last of them: a basis fitted on so few keys codes the tokens that
         # follow badly (measured on a tiny Mistral: 0.77 max logit error at 8 bits per element,
         # against 0.15 for 4-bit E8 codes), so sliding layers keep the per-vector E8 code.
+        key_bits = s.key_bits
         key_rate = s.key_rate if (s.key_codec == "pca" and s.key_bits != 16 and not self.is_sliding) else None
+        if self.in_hybrid_model:
+            # The few global layers are the only ones that read the whole prompt (presets.py).
+            if self.is_sliding and s.sliding_key_bits is not None:
+                key_bits = s.sliding_key_bits
+            if key_rate is not None and s.global_key_rate is not None:
+                key_rate = s.global_key_rate
         self.tiers = {
             "fine": Tier(
                 self.head_dim,
-                s.key_bits,
+                key_bits,
                 s.value_bits,
                 s.seed,
                 self.dtype,
@@ -215,7 +230,7 @@ class NexusQuantLayer(CacheLayerMixin):
                 value_refine_bits=s.value_refine_bits if s.value_refine_share > 0 and not self.is_sliding else 0,
             ),
             "coarse": Tier(self.head_dim, s.coarse_key_bits, s.coarse_value_bits, s.seed, self.dtype),
-            "generated": Tier(self.head_dim, s.key_bits, s.value_bits, s.seed, self.dtype),
+            "generated": Tier(self.head_dim, key_bits, s.value_bits, s.seed, self.dtype),
         }
         assert tuple(self.tiers) == TIER_NAMES
         self.is_initialized = True
@@ -969,7 +984,10 @@ class NexusQuantCache(Cache):
         # ids of the cached tokens (B, N), recorded by nexusquant_evict or restored by load_cache
         self.token_ids: Optional[torch.Tensor] = None
         plan = layer_plan(config)
-        layers = [NexusQuantLayer(self.settings, w, record_positions, self.rope_tables) for w in plan]
+        hybrid = is_hybrid(plan)
+        layers = [
+            NexusQuantLayer(self.settings, w, record_positions, self.rope_tables, in_hybrid_model=hybrid) for w in plan
+        ]
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         for i, layer in enumerate(layers):
             layer.attn_config = weakref.ref(text)

@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 from ._core import NexusQuantError
 from .architecture import SUPPORTED_MODEL_TYPES, attention_modules, check_supported, layer_plan, model_fingerprint
 from .attention import register as register_attention
-from .cache import ATTN_IMPLEMENTATION, NexusQuantLayer, compression_stats, find_cache
+from .cache import ATTN_IMPLEMENTATION, NexusQuantLayer, compression_stats, find_cache, is_hybrid
 from .chunking import check_chunk_size, forward_in_chunks, wants_chunks
 from .compat import cache_kwarg
 from .presets import CompressionSettings, resolve_settings
@@ -139,7 +139,12 @@ class EvictSession:
             cache.token_ids = torch.cat([known, ids.to(known.device)], dim=-1)  # type: ignore[attr-defined]
 
     def _new_layer(self, cache: Cache, idx: int) -> NexusQuantLayer:
-        layer = NexusQuantLayer(self.settings, self.plan[idx], rope_tables=_rope_tables(cache))
+        layer = NexusQuantLayer(
+            self.settings,
+            self.plan[idx],
+            rope_tables=_rope_tables(cache),
+            in_hybrid_model=is_hybrid(self.plan),
+        )
         layer.layer_idx = idx
         return layer
 

@@ -81,6 +81,8 @@ FILE_SETTINGS_KEYS = (
     "key_domain",
     "key_codec",
     "key_rate",
+    "sliding_key_bits",
+    "global_key_rate",
     "key_attention_share",
     "value_refine_share",
     "value_refine_bits",
@@ -103,7 +105,13 @@ def _tier_meta(layer_meta: dict[str, Any], name: str) -> Any:
 # Settings added after files of this format version were first written, with the value such files
 # meant by leaving them out: written only when they differ from it, so a file that does not use a
 # later knob stays readable by the versions before it (and a version-1 file saves back unchanged).
-_LATER_SETTINGS: dict[str, Any] = {"key_attention_share": 0.0, "value_refine_share": 0.0, "value_refine_bits": 2}
+_LATER_SETTINGS: dict[str, Any] = {
+    "sliding_key_bits": None,
+    "global_key_rate": None,
+    "key_attention_share": 0.0,
+    "value_refine_share": 0.0,
+    "value_refine_bits": 2,
+}
 
 
 def _settings_meta(settings: CompressionSettings) -> dict[str, Any]:

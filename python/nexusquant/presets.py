@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from ._core import NexusQuantError
 from .scoring import SCORERS
@@ -91,6 +91,17 @@ class CompressionSettings:
         the basis (int8), its mean, steps and widths, spread over the prompt's compressed tokens
         (so a short prompt affords fewer components). Generated blocks reuse the basis and pay for
         their codes only.
+    sliding_key_bits : int or None
+        In a model with both sliding-window and global layers (Gemma-2/3), bits per dimension of
+        the sliding layers' keys (E8 codes whatever the ``key_codec``; 1-4, or 16). None =
+        ``key_bits``; setting ``key_bits`` explicitly resets a preset's value to None.
+    global_key_rate : float or None
+        With ``key_codec="pca"``, in such a model: the ``key_rate`` of its global (full-attention)
+        layers. None = ``key_rate`` (setting ``key_rate`` explicitly resets a preset's value to
+        None). The few global layers are the only ones that read the whole prompt and hold a small
+        share of the cache, so their keys are worth more bits than a sliding layer's (docs/EVAL.md,
+        "Models with sliding layers"). A model with one kind of layer only (SmolLM2, Llama, or
+        Mistral sliding in every layer) ignores both knobs.
     seed : int
         Seed of the Hadamard rotation's random signs.
     center : bool
@@ -113,6 +124,8 @@ class CompressionSettings:
     key_domain: str = "post_rope"
     key_codec: str = "e8"
     key_rate: float = 1.5
+    sliding_key_bits: Optional[int] = None
+    global_key_rate: Optional[float] = None
     key_attention_share: float = 0.0
     value_refine_share: float = 0.0
     value_refine_bits: int = 2
@@ -153,6 +166,20 @@ class CompressionSettings:
             and not isinstance(self.key_rate, bool)
             and 0.0 < self.key_rate <= 8.0,
             f"key_rate must be a number in (0, 8], got {self.key_rate!r}",
+        )
+        check(
+            self.sliding_key_bits is None
+            or (self.sliding_key_bits in _TIER_BITS and not isinstance(self.sliding_key_bits, bool)),
+            f"sliding_key_bits must be None or one of {_TIER_BITS}, got {self.sliding_key_bits!r}",
+        )
+        check(
+            self.global_key_rate is None
+            or (
+                isinstance(self.global_key_rate, (int, float))
+                and not isinstance(self.global_key_rate, bool)
+                and 0.0 < self.global_key_rate <= 8.0
+            ),
+            f"global_key_rate must be None or a number in (0, 8], got {self.global_key_rate!r}",
         )
         check(
             isinstance(self.key_attention_share, (int, float))
@@ -230,4 +257,9 @@ def resolve_settings(quality: str | CompressionSettings = "balanced", **override
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise NexusQuantError(f"unknown setting(s) {unknown}; known settings: {sorted(known)}")
+    # A knob set explicitly holds in every layer: a preset's bits for one kind of layer follow it
+    # (``key_bits=16`` means exact keys, sliding layers included), unless they are set too.
+    for knob, refinement in (("key_bits", "sliding_key_bits"), ("key_rate", "global_key_rate")):
+        if knob in overrides and refinement not in overrides:
+            overrides[refinement] = None
     return dataclasses.replace(base, **overrides)

@@ -176,6 +176,8 @@ def _knob_value(text: str) -> Any:
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
+    if low == "none":
+        return None
     for conv in (int, float):
         try:
             return conv(text)
