@@ -346,8 +346,8 @@ def test_nbytes_counts_every_tensor_held():
 
 
 def test_sliding_and_global_layers_take_their_own_key_bits():
-    """In a model with sliding layers, ``sliding_key_bits`` codes those layers' keys and
-    ``global_key_rate`` the global layers'; a model without sliding layers ignores both."""
+    """In a model that mixes sliding and global layers, ``sliding_key_bits`` codes the sliding
+    layers' keys and ``global_key_rate`` the global layers'; a model with one kind ignores both."""
     from nexusquant.tiers import TransformCodedKeys
 
     ids = _ids(200, seed=5)

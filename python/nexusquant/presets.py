@@ -221,13 +221,14 @@ class CompressionSettings:
 #   keys took lcet10's middle from -1% to +32% and half the pass keys, so no preset evicts;
 # - values are not low-rank: they keep per-vector E8 codes, 4 / 3 / 2 bits;
 # - E8 codes still serve sliding-window layers and the generated blocks of transform-coded layers,
-#   at 4 bits: on Gemma-3 (15 of 18 layers slide) 3-bit sliding keys cost +2.9% where 4-bit ones
-#   cost +1.9% (4096 tokens, held-out middles).
-# - models with sliding-window layers (Gemma-2/3): their few global layers read the whole prompt
-#   and their bytes are a small share at short prompts, so their keys get more bits (4 / 4 / 3 b/elem)
-#   and the sliding layers' keys fewer (4 / 3 / 3-bit E8): on Gemma-3-270M at 1024 tokens `high`
-#   +3.5% -> +1.4% for 3% of ratio, `max` +14.5% -> +10.9% at a higher ratio; at 4096 on par or
-#   better (docs/EVAL.md, "Models with sliding layers"). SmolLM2 has none: its presets are unchanged.
+#   at 4 bits in `high`: on Gemma-3 (15 of 18 layers slide) `high` with 3-bit sliding keys cost
+#   +2.9% where 4-bit ones cost +1.9% (4096 tokens, held-out middles).
+# - models that mix sliding and global layers (Gemma-2/3): the few global layers read the whole
+#   prompt and hold a small share of the cache at short prompts, so their keys get more bits
+#   (4 / 4 / 3 b/elem) and, in `balanced` and `max`, the sliding layers' keys fewer (3-bit E8): on
+#   Gemma-3-270M at 1024 tokens (held-out middles) `high` +3.5% -> +1.4% for 3% of ratio, `max`
+#   +14.5% -> +10.9% at a higher ratio; at 4096 on the old curve or below it (docs/EVAL.md, "Models
+#   with sliding layers"). SmolLM2 has one kind of layer: its presets are unchanged.
 # The presets before December 2026 (E8 keys after RoPE, eviction for ratio) are E8_PRESETS: the
 # eval runs them beside the presets, and `quality=E8_PRESETS["balanced"]` still selects them.
 _TRANSFORM_CODED = CompressionSettings(
