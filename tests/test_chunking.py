@@ -243,3 +243,99 @@ def test_chunked_prefill_weighs_the_first_chunks_fit_by_attention():
         codes[share] = session.cache.layers[0].tiers["fine"].keys.rows[0][0]
     a, b = codes[0.0], codes[0.5]
     assert not (a.basis.shape == b.basis.shape and torch.equal(a.basis, b.basis)), "the weights moved the basis"
+
+
+@torch.no_grad()
+def test_chunked_prefill_stages_the_prompt_and_codes_it_again(monkeypatch):
+    """``recode_prompt`` (the default): a transform-coded layer holds the chunks at the staging rates
+    while the prompt is read, then codes the whole prompt once at the settings' rates, in one basis
+    fitted on all of it, holding what a one-shot prefill holds; without it, each chunk is coded at
+    the settings' rates in the first chunk's basis."""
+    from nexusquant.cache import STAGING_KEY_RATE, STAGING_VALUE_BITS
+
+    staged = []
+    unstage = NexusQuantLayer._unstage
+
+    def spy(layer, attention):
+        fine = layer.tiers["fine"]
+        staged.append((fine.keys.rate, fine.values.bits, fine.length))
+        return unstage(layer, attention)
+
+    monkeypatch.setattr(NexusQuantLayer, "_unstage", spy)
+    model = make_tiny("llama")
+    ids = _ids(1200, seed=5)
+    knobs = dict(quality="max", recent_window=8)
+    caches = {}
+    for chunk, recode in ((None, True), (200, True), (200, False)):
+        staged.clear()
+        with nq.nexusquant_evict(model, chunk_size=chunk, recode_prompt=recode, **knobs) as session:
+            model(ids, use_cache=True)
+        caches[chunk, recode] = session.cache
+        layers = model.config.num_hidden_layers
+        if chunk is not None and recode:
+            # Every layer staged four chunks but the 4 sinks (the fifth is held exact while the
+            # sixth, the last, runs) at `high`'s rates.
+            assert staged == [(STAGING_KEY_RATE, STAGING_VALUE_BITS, 800 - 4)] * layers
+        else:
+            assert staged == []
+    settings = nq.PRESETS["max"]
+    one_shot = caches[None, True]
+    for key in ((200, True), (200, False)):
+        for layer, ref in zip(caches[key].layers, one_shot.layers):
+            fine = layer.tiers["fine"]
+            assert not layer.staged and layer.query_moment is None
+            assert fine.keys.rate == settings.key_rate and fine.values.bits == settings.value_bits
+            assert fine.length == ref.tiers["fine"].length
+            # Recoded: one code per row, as one forward makes; otherwise one per chunk.
+            assert len(fine.keys.rows[0]) == (1 if key[1] else 5)
+    # The same bytes as one forward over the prompt (the bases differ a little, so the number of
+    # components may too).
+    held = {key: nq.compression_stats(cache)["nbytes"] for key, cache in caches.items()}
+    assert abs(held[200, True] - held[None, True]) <= 0.02 * held[None, True]
+
+
+@torch.no_grad()
+def test_recoded_prompt_is_weighted_by_the_last_queries_over_the_whole_prompt():
+    """With ``key_attention_share`` a recoded prompt's basis is fitted with the attention the last
+    chunk's last queries pay every token, the staged ones included, as one forward's is."""
+    model = make_tiny("llama")
+    ids = _ids(600, seed=9)
+    bases = {}
+    for share in (0.0, 0.5):
+        with nq.nexusquant_evict(model, quality="max", chunk_size=200, recent_window=8, key_attention_share=share) as s:
+            assert torch.isfinite(model(ids, use_cache=True).logits).all()
+        code = s.cache.layers[0].tiers["fine"].keys.rows[0]
+        assert len(code) == 1
+        bases[share] = code[0].basis
+    a, b = bases[0.0], bases[0.5]
+    assert not (a.shape == b.shape and torch.equal(a, b)), "the weights moved the basis"
+
+
+@torch.no_grad()
+def test_prefill_by_hand_under_sdpa_codes_the_staged_prompt_at_the_first_decode_step():
+    """Under SDPA a layer compresses at the start of the next forward: the staged prompt is coded
+    again when the first decode step catches up with the prompt's last chunk."""
+    model = make_tiny("llama")  # SDPA attention
+    ids = _ids(700, seed=3)
+    cache = NexusQuantCache(model, preset="max", recent_window=8)
+    nq.prefill(model, ids, cache, chunk_size=200)
+    layer = cache.layers[0]
+    assert layer.staged and layer.tiers["fine"].keys.rate == 3.0
+    out = model(ids[:, -1:], **with_cache(model, cache), use_cache=True)
+    assert torch.isfinite(out.logits).all()
+    assert not layer.staged and layer.tiers["fine"].keys.rate == 1.5
+    assert layer.tiers["fine"].length == 700 - 4 - 8  # all but the sinks and the recent window
+
+
+def test_recode_prompt_is_checked():
+    model = make_tiny("llama")
+    for bad in (1, "yes", None):
+        with pytest.raises(nq.NexusQuantError, match="recode_prompt"):
+            with nq.nexusquant_evict(model, chunk_size=64, recode_prompt=bad):
+                pass
+        with pytest.raises(nq.NexusQuantError, match="recode_prompt"):
+            nq.prefill(model, _ids(80), NexusQuantCache(model), chunk_size=64, recode_prompt=bad)
+    with pytest.raises(nq.NexusQuantError, match="recode_prompt"):
+        from nexusquant.eval.methods import parse_variant
+
+        parse_variant("max:chunk_size=64,recode_prompt=2")

@@ -567,7 +567,7 @@ def nexusquant_attention(
         # and the most read tokens' values may be refined: attention not pooled, since a neighbour
         # of a read token is not read (pooled weights lost half the gain, docs/EVAL.md).
         attention = (
-            query_importance(query[:, :, -rows:], key, allowed_rows, scaling, softcap)[..., -view.window :]
+            query_importance(query[:, :, -rows:], key, allowed_rows, scaling, softcap).detach()
             if layer.wants_attention()
             else None
         )

@@ -33,7 +33,7 @@ from . import gpu
 from ._core import NexusQuantError
 from .allocation import allocate_tokens
 from .architecture import attention_modules, layer_plan, model_fingerprint
-from .chunking import held_while_prefilling, prompt_tokens_in_prefill
+from .chunking import held_for_next_chunk, held_while_prefilling, prompt_tokens_in_prefill, recode_prompt
 from .presets import CompressionSettings, resolve_settings
 from .rope import RopeAdapter, RopeRecorder, RopeTable, next_forward_id
 from .scoring import key_key_importance, pool_scores
@@ -58,6 +58,24 @@ LAYER_TENSOR_FIELDS = (
 # the merging logic where no GPU is present). Read at each decode step, so a test sets it for
 # itself (monkeypatch.setenv) instead of switching a module global.
 FUSED_REFERENCE_ENV = "NEXUSQUANT_FUSED_REFERENCE_ON_CPU"
+
+
+# The rates a transform-coded layer's chunks are held at while a chunked prefill reads the prompt
+# (``recode_prompt``): `high`'s, whose chunked prefill measured within 0.1 points of one forward.
+STAGING_KEY_RATE = 3.0
+STAGING_VALUE_BITS = 4
+
+
+@dataclass
+class _StagedPrompt:
+    """A staged fine tier's tokens, decoded for the prompt's final code: keys and values
+    ``(B, H, T, D)``, sequence index (or None) and validity ``(B, H, T)``, attention or None."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    seq: Optional[torch.Tensor]
+    valid: torch.Tensor
+    attention: Optional[torch.Tensor]
 
 
 @dataclass
@@ -152,8 +170,13 @@ class NexusQuantLayer(CacheLayerMixin):
         self.k_center: Optional[torch.Tensor] = None
         self.v_center: Optional[torch.Tensor] = None
         self.first_compression_done = False
-        # The prefill queries' second moment (B, F, F) until the transform coder's basis is fitted.
+        # The prefill queries' second moment (B, F, F) until the transform coder's basis is fitted
+        # for good, and how many queries (times their group size) it averages, per batch row (B,).
         self.query_moment: Optional[torch.Tensor] = None
+        self.query_count: Optional[torch.Tensor] = None
+        # The fine tier holds a chunked prefill's chunks at the staging rates (``recode_prompt``):
+        # the whole prompt is coded again at the settings' rates once its last chunk is read.
+        self.staged = False
         self.prompt_tokens = 0
         self.dropped = 0
         self.last_view: Optional[LayerView] = None
@@ -217,23 +240,29 @@ class NexusQuantLayer(CacheLayerMixin):
                 key_bits = s.sliding_key_bits
             if key_rate is not None and s.global_key_rate is not None:
                 key_rate = s.global_key_rate
+        self.fine_rates = (key_bits, key_rate, s.value_bits)
         self.tiers = {
-            "fine": Tier(
-                self.head_dim,
-                key_bits,
-                s.value_bits,
-                s.seed,
-                self.dtype,
-                key_rate=key_rate,
-                # Refinement follows the prompt's attention; a sliding layer's tokens leave its
-                # window (and its tiers are sliced), so it does not refine.
-                value_refine_bits=s.value_refine_bits if s.value_refine_share > 0 and not self.is_sliding else 0,
-            ),
+            "fine": self._fine_tier(key_rate, s.value_bits, refine=True),
             "coarse": Tier(self.head_dim, s.coarse_key_bits, s.coarse_value_bits, s.seed, self.dtype),
             "generated": Tier(self.head_dim, key_bits, s.value_bits, s.seed, self.dtype),
         }
         assert tuple(self.tiers) == TIER_NAMES
         self.is_initialized = True
+
+    def _fine_tier(self, key_rate: Optional[float], value_bits: int, refine: bool) -> Tier:
+        """An empty fine tier with these rates (its key bits are the layer's, ``fine_rates``)."""
+        s = self.settings
+        return Tier(
+            self.head_dim,
+            self.fine_rates[0],
+            value_bits,
+            s.seed,
+            self.dtype,
+            key_rate=key_rate,
+            # Refinement follows the prompt's attention; a sliding layer's tokens leave its
+            # window (and its tiers are sliced), so it does not refine.
+            value_refine_bits=s.value_refine_bits if refine and s.value_refine_share > 0 and not self.is_sliding else 0,
+        )
 
     def adopt_uncompressed(self, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
         """Take over the tokens another cache layer holds, ``(B, H, n, D)``, uncompressed in the
@@ -574,9 +603,15 @@ class NexusQuantLayer(CacheLayerMixin):
     def wants_attention(self) -> bool:
         """Whether the next prompt compression uses the attention the prompt's last queries pay
         each token (:meth:`compress`'s ``attention``): to weigh the transform coder's fit or to
-        choose the values to refine."""
+        choose the values to refine (the fine tier's, or once a staged prompt is coded again)."""
         fine = self.fine
-        return self.weights_key_fit() or (fine is not None and fine.values.refine_codec is not None)
+        return self.weights_key_fit() or (
+            fine is not None
+            and (
+                fine.values.refine_codec is not None
+                or (self.staged and self.settings.value_refine_share > 0 and held_for_next_chunk() == 0)
+            )
+        )
 
     def weights_key_fit(self) -> bool:
         """Whether the next compression fits a transform coder's basis weighted by attention
@@ -585,10 +620,16 @@ class NexusQuantLayer(CacheLayerMixin):
         fine = self.fine
         return (
             self.settings.key_attention_share > 0.0
+            and self.fits_key_basis()
             and fine is not None
-            and isinstance(fine.keys, TransformCodedKeys)
-            and fine.length == 0
+            and (fine.length == 0 or held_for_next_chunk() == 0)  # a staged prompt: its last chunk
         )
+
+    def fits_key_basis(self) -> bool:
+        """Whether the fine tier's transform coder has its basis still to fit: nothing coded yet,
+        or a chunked prefill's chunks held at the staging rates until the prompt is coded again."""
+        fine = self.fine
+        return fine is not None and isinstance(fine.keys, TransformCodedKeys) and (fine.length == 0 or self.staged)
 
     def wants_block_compression(self) -> bool:
         threshold = self.settings.recent_window + self.settings.block
@@ -603,10 +644,11 @@ class NexusQuantLayer(CacheLayerMixin):
 
         Per batch row, a ``(F, F)`` matrix, ``F = kv_heads * head_dim``, block diagonal over KV
         heads (each block sums the query heads of that group), in the keys' domain (RoPE undone
-        for pre-RoPE keys). Padding queries are left out. Only the forward that fits the basis
-        needs it; other forwards are ignored.
+        for pre-RoPE keys). Padding queries are left out. The moment averages every prompt query
+        seen until the basis is fitted (a chunked prefill's chunks, one forward otherwise); once
+        it is, forwards are ignored.
         """
-        if self.fine is None or not isinstance(self.fine.keys, TransformCodedKeys) or self.fine.length > 0:
+        if not self.fits_key_basis():
             return
         b, hq, q, d = query.shape
         h = self.heads
@@ -625,7 +667,13 @@ class NexusQuantLayer(CacheLayerMixin):
         for j in range(h):
             xq = x[:, j * g : (j + 1) * g].reshape(b, g * q, d)
             moment[:, j * d : (j + 1) * d, j * d : (j + 1) * d] = xq.transpose(1, 2) @ xq / count[:, None, None]
-        self.query_moment = moment
+        if self.query_moment is not None and self.query_count is not None:
+            # A chunk of a chunked prefill: the mean over every query so far, as one forward sees them.
+            seen = self.query_count
+            total = seen + count
+            moment = (self.query_moment * seen[:, None, None] + moment * count[:, None, None]) / total[:, None, None]
+            count = total
+        self.query_moment, self.query_count = moment, count
 
     def compress(
         self,
@@ -648,9 +696,18 @@ class NexusQuantLayer(CacheLayerMixin):
             The tokens are a generated block: with transform-coded fine keys they go to the
             "generated" tier (E8 codes) once the fine tier's basis is fitted.
         attention : torch.Tensor or None
-            float ``(B, H, W)``: attention the prompt's last queries pay each window token, which
-            weighs the tokens in the transform coder's fit (``key_attention_share``) and picks the
-            values to refine (``value_refine_share``).
+            float ``(B, H, C + W)``: attention the prompt's last queries pay each token of the
+            forward's keys (the compressed part as the layer's update returned it, then the window),
+            which weighs the tokens in the transform coder's fit (``key_attention_share``) and picks
+            the values to refine (``value_refine_share``). Only the window's part is read, and the
+            fine tier's part when a staged prompt is coded again.
+
+        A chunked prefill with ``recode_prompt`` (``nexusquant.chunking``) codes the chunks of a
+        transform-coded layer at the staging rates (at least ``STAGING_KEY_RATE`` bits per key
+        element and ``STAGING_VALUE_BITS``-bit values) while the prompt is read, so that later
+        chunks build on a fine code of the prefix; the compression that ends the prompt
+        (``keep_exact`` 0) decodes them and codes the whole prompt at the settings' rates, with a
+        basis fitted on all of it, as one forward over the prompt would.
         """
         s = self.settings
         w = self.window_len
@@ -658,6 +715,10 @@ class NexusQuantLayer(CacheLayerMixin):
             # Its window is sized for the model's mask (at most sliding_window - 1 tokens before a
             # forward's own): a sliding layer keeps nothing back.
             keep_exact = 0
+        window_attention = None if attention is None else attention[..., attention.shape[-1] - w :]
+        finishing = self.staged and keep_exact == 0
+        if finishing:
+            generated = False  # a prompt's last tokens, whichever path compresses them
         r = min(max(s.recent_window, keep_exact), w)
         n = w - r
         # Budgets are fractions of the tokens this compression decides on; the recent window
@@ -720,11 +781,21 @@ class NexusQuantLayer(CacheLayerMixin):
         fine = self.tiers["fine"]
         if generated and isinstance(fine.keys, TransformCodedKeys) and fine.length > 0:
             chosen_by_tier = (chosen_by_tier[2], to_coarse, to_fine)
+        staged = None
+        if finishing:
+            staged = self._unstage(None if attention is None else attention[..., : attention.shape[-1] - w])
+        elif keep_exact > 0 and not generated and recode_prompt() and fine.length == 0:
+            self._stage()
         for tier, chosen in zip(self.tiers.values(), chosen_by_tier):
             count = int(chosen.sum(-1).max().item()) if chosen.any() else 0
-            if count == 0:
+            joined = staged if tier is self.fine else None
+            if count == 0 and joined is None:
                 continue
-            idx, valid = _select_heads(chosen, count)  # (B, H, count), ascending sequence order
+            if count > 0:
+                idx, valid = _select_heads(chosen, count)  # (B, H, count), ascending sequence order
+            else:
+                idx = torch.zeros(b, h, 0, dtype=torch.long, device=cand_k.device)
+                valid = torch.zeros(b, h, 0, dtype=torch.bool, device=cand_k.device)
             k = _gather_tokens(cand_k, idx)
             v = _gather_tokens(cand_v, idx)
             seq = cand_seq[idx]
@@ -739,24 +810,70 @@ class NexusQuantLayer(CacheLayerMixin):
                 assert self.v_center is not None  # set together
                 k = k - self.k_center
                 v = v - self.v_center
+            read_by, amortize = window_attention, prompt_tokens_in_prefill()
+            if joined is not None:
+                # The staged prompt first, then the newest tokens: one code of the whole prompt.
+                k = torch.cat([joined.k.to(k.dtype), k], dim=2)
+                v = torch.cat([joined.v.to(v.dtype), v], dim=2)
+                seq = torch.cat([joined.seq.to(seq.dtype), seq], dim=2) if joined.seq is not None else seq
+                if read_by is not None and joined.attention is not None:
+                    t = joined.k.shape[2]
+                    read_by = torch.cat([joined.attention.to(read_by.dtype), read_by], dim=-1)
+                    idx = torch.cat([torch.arange(t, device=idx.device).expand(b, h, t), idx + t], dim=2)
+                else:
+                    read_by = None
+                valid = torch.cat([joined.valid, valid], dim=2)
+                amortize = 0  # every token the basis codes is here, as in one forward
             tier.append(
                 k,
                 v,
                 seq if self.needs_positions else None,
                 None if bool(valid.all()) else valid,
                 key_metric=self.query_moment if tier is self.fine else None,
-                amortize_tokens=prompt_tokens_in_prefill(),
-                key_token_weight=self._key_fit_weight(attention, idx, valid) if tier is self.fine else None,
-                **(self._value_refinement(attention, idx, valid) if tier is self.fine else {}),
+                amortize_tokens=amortize,
+                key_token_weight=self._key_fit_weight(read_by, idx, valid) if tier is self.fine else None,
+                **(self._value_refinement(read_by, idx, valid) if tier is self.fine else {}),
             )
-            if tier is self.fine:
-                self.query_moment = None  # the basis is fitted: the prompt's queries are not kept
+            if tier is self.fine and not self.staged:
+                # The basis is fitted for good: the prompt's queries are not kept.
+                self.query_moment = self.query_count = None
         # Keep the recent window.
         self.win_k = self.win_k[:, :, n:].contiguous()
         self.win_v = self.win_v[:, :, n:].contiguous()
         self.win_valid = rest_valid.contiguous()
         if self.is_sliding:
             self._prune_outside_window()
+
+    def _stage(self) -> None:
+        """Make the empty fine tier of a transform-coded layer a staging tier (a chunked prefill's
+        chunks, ``recode_prompt``), where the settings' rates are below the staging rates."""
+        key_bits, key_rate, value_bits = self.fine_rates
+        if key_rate is None:
+            return
+        stage_rate = max(key_rate, STAGING_KEY_RATE)
+        stage_bits = value_bits if value_bits == 16 else max(value_bits, STAGING_VALUE_BITS)
+        if stage_rate == key_rate and stage_bits == value_bits:
+            return
+        self.tiers["fine"] = self._fine_tier(stage_rate, stage_bits, refine=False)
+        self.staged = True
+
+    def _unstage(self, compressed_attention: Optional[torch.Tensor]) -> _StagedPrompt:
+        """The staged fine tier's tokens decoded (keys centred and, pre-RoPE, unrotated, as they
+        were coded; values centred), and an empty fine tier at the settings' rates in its place.
+        ``compressed_attention`` ``(B, H, C)``: the attention over the compressed part (sinks, then
+        the fine tier's tokens), or None."""
+        fine = self.tiers["fine"]
+        assert isinstance(fine.keys, TransformCodedKeys)
+        k, v = fine.keys.dequantize(), fine.values.dequantize()
+        b, h, t, _ = k.shape
+        valid = fine.valid if fine.valid is not None else torch.ones(b, h, t, dtype=torch.bool, device=k.device)
+        attention = None
+        if compressed_attention is not None:
+            first = self.sink_k.shape[2] if self.sink_k is not None else 0
+            attention = compressed_attention[..., first : first + t]
+        self.tiers["fine"] = self._fine_tier(self.fine_rates[1], self.fine_rates[2], refine=True)
+        self.staged = False
+        return _StagedPrompt(k, v, fine.seq, valid, attention)
 
     def _value_refinement(
         self, attention: Optional[torch.Tensor], idx: torch.Tensor, valid: torch.Tensor

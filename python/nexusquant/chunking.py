@@ -22,9 +22,16 @@ What chunking changes for the compressor (docs/EVAL.md has the measured cost):
   ranked again;
 - budgets: ``evict`` and ``demote`` are fractions of each chunk's tokens, not of the whole prompt,
   so every part of a long prompt keeps the same share;
-- the transform coder (``key_codec="pca"``) fits its basis on the first chunk (with the second
-  chunk's queries as its metric), and later chunks are coded in it; its budget spreads the
-  basis's bytes over the whole prompt, as a one-shot prefill of the same prompt does.
+- the transform coder (``key_codec="pca"``), with ``recode_prompt`` (the default): the chunks are
+  held at the staging rates (`high`'s: 3 bits per key element, 4-bit values, or the settings' own
+  where finer), in a basis fitted on the first chunk, while the prompt is read; when its last chunk
+  has been read, each layer decodes them and codes the whole prompt at the settings' rates, with a
+  basis fitted on all of it and the second moment of every prompt query as its metric, as one
+  forward over the prompt would. Later chunks so build on a fine code of the prefix (a coarse
+  one cost `balanced` and `max` 1-3 points at 4096 tokens, docs/EVAL.md), and the cache holds
+  the staged codes' bytes until the prompt ends (about 1.3x `balanced`'s, 1.7x `max`'s).
+  Without it, every chunk is coded at the settings' rates in the first chunk's basis;
+  its budget spreads the basis's bytes over the whole prompt, as a one-shot prefill does.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from .compat import cache_kwarg
 
 __all__ = [
     "prefill",
+    "recode_prompt",
     "check_chunk_size",
     "forward_in_chunks",
     "held_for_next_chunk",
@@ -48,10 +56,11 @@ __all__ = [
 ]
 
 # While a chunked prefill runs: (chunk size, whether this forward is the last chunk, the prompt's
-# tokens). A layer keeps the newest chunk in full precision until the next chunk has attended to
-# it, so every chunk sees the chunk before it exactly and only older tokens through their codes
+# tokens, whether transform-coded layers stage the chunks and code the prompt again at its end).
+# A layer keeps the newest chunk in full precision until the next chunk has attended to it, so
+# every chunk sees the chunk before it exactly and only older tokens through their codes
 # (measured: docs/EVAL.md).
-_PREFILL: contextvars.ContextVar[Optional[tuple[int, bool, int]]] = contextvars.ContextVar(
+_PREFILL: contextvars.ContextVar[Optional[tuple[int, bool, int, bool]]] = contextvars.ContextVar(
     "nexusquant_chunked_prefill", default=None
 )
 
@@ -69,6 +78,13 @@ def prompt_tokens_in_prefill() -> int:
     basis's bytes over the whole prompt, as a one-shot prefill of that prompt does."""
     state = _PREFILL.get()
     return 0 if state is None else state[2]
+
+
+def recode_prompt() -> bool:
+    """Whether a chunked prefill runs whose transform-coded layers hold the chunks at the staging
+    rates and code the whole prompt again once it is read (``recode_prompt``)."""
+    state = _PREFILL.get()
+    return state is not None and state[3]
 
 
 def held_while_prefilling() -> int:
@@ -97,6 +113,13 @@ def check_chunk_size(chunk_size: Any) -> Optional[int]:
     if value < 1:
         raise NexusQuantError(f"chunk_size must be a positive integer, got {value}")
     return value
+
+
+def check_recode(recode_prompt: Any) -> bool:
+    """``recode_prompt`` as a bool; anything but True or False is refused."""
+    if not isinstance(recode_prompt, bool):
+        raise NexusQuantError(f"recode_prompt must be True or False, got {recode_prompt!r}")
+    return recode_prompt
 
 
 def _prompt_length(kwargs: dict[str, Any]) -> int:
@@ -129,12 +152,14 @@ def forward_in_chunks(
     cache_name: str,
     before_chunk: Optional[Callable[[Optional[torch.Tensor]], None]] = None,
     progress: bool = False,
+    recode: bool = True,
 ) -> Any:
     """Run ``forward(**kwargs)`` (a causal LM's forward over a prompt) as one forward per chunk of
     ``chunk_size`` tokens with the same cache. Returns the last chunk's output, its ``logits``
     those of the positions the caller asked for (``logits_to_keep``: the last k, or 0 for all).
 
-    ``before_chunk(ids)`` runs before each chunk with that chunk's token ids (None for embeddings).
+    ``before_chunk(ids)`` runs before each chunk with that chunk's token ids (None for embeddings);
+    ``recode``: see :func:`prefill`'s ``recode_prompt``.
     """
     refused = [name for name in _REFUSED if kwargs.get(name) is not None and kwargs[name] is not False]
     if refused:
@@ -185,7 +210,7 @@ def forward_in_chunks(
             part["logits_to_keep"] = wanted if wanted > 0 else 1
             if before_chunk is not None:
                 before_chunk(part.get("input_ids"))
-            token = _PREFILL.set((chunk_size, end == total, total))
+            token = _PREFILL.set((chunk_size, end == total, total, recode))
             try:
                 out = forward(**part)
             finally:
@@ -212,6 +237,7 @@ def prefill(
     inputs_embeds: Optional[torch.Tensor] = None,
     logits_to_keep: int = 1,
     progress: bool = False,
+    recode_prompt: bool = True,
     **forward_kwargs: Any,
 ) -> Any:
     """Prefill ``cache`` with a prompt, ``chunk_size`` tokens per forward.
@@ -234,6 +260,10 @@ def prefill(
         long prompt are large: vocabulary x tokens x 4 bytes).
     progress : bool
         Show a progress bar over the prompt's tokens.
+    recode_prompt : bool
+        Transform-coded layers hold the chunks at the staging rates and code the whole prompt at
+        the settings' rates once it is read (the module docstring says what it costs); False: each
+        chunk at the settings' rates in the first chunk's basis (less memory while prefilling).
 
     Returns
     -------
@@ -253,4 +283,4 @@ def prefill(
     kwargs[name] = cache
     if _prompt_length(kwargs) == 0:
         raise NexusQuantError("prefill needs at least one token")
-    return forward_in_chunks(model, kwargs, size, name, progress=progress)
+    return forward_in_chunks(model, kwargs, size, name, progress=progress, recode=check_recode(recode_prompt))

@@ -28,7 +28,7 @@ from ._core import NexusQuantError
 from .architecture import SUPPORTED_MODEL_TYPES, attention_modules, check_supported, layer_plan, model_fingerprint
 from .attention import register as register_attention
 from .cache import ATTN_IMPLEMENTATION, NexusQuantLayer, compression_stats, find_cache, is_hybrid
-from .chunking import check_chunk_size, forward_in_chunks, wants_chunks
+from .chunking import check_chunk_size, check_recode, forward_in_chunks, wants_chunks
 from .compat import cache_kwarg
 from .presets import CompressionSettings, resolve_settings
 from .rope import RopeRecorder, RopeTable, next_forward_id
@@ -51,10 +51,17 @@ def _configs(model: torch.nn.Module) -> list[Any]:
 class EvictSession:
     """State of one ``nexusquant_evict`` block: settings, the model's layer plan, the caches seen."""
 
-    def __init__(self, model: torch.nn.Module, settings: CompressionSettings, chunk_size: Optional[int] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        settings: CompressionSettings,
+        chunk_size: Optional[int] = None,
+        recode_prompt: bool = True,
+    ):
         self.model = model
         self.settings = settings
         self.chunk_size = chunk_size
+        self.recode_prompt = recode_prompt
         self.plan = layer_plan(model.config)
         self.fingerprint = model_fingerprint(model.config)
         self._rope = RopeRecorder(self.plan, model)
@@ -124,7 +131,9 @@ class EvictSession:
             assert chunk_size is not None  # wants_chunks says so
             if kwargs.get(cache_name) is None:
                 kwargs[cache_name] = DynamicCache(config=getattr(self.model, "config", None))
-            return forward_in_chunks(forward, kwargs, chunk_size, cache_name, before_chunk=note_ids)
+            return forward_in_chunks(
+                forward, kwargs, chunk_size, cache_name, before_chunk=note_ids, recode=self.recode_prompt
+            )
 
         return chunked
 
@@ -186,6 +195,7 @@ def nexusquant_evict(
     model: torch.nn.Module,
     quality: Union[str, CompressionSettings] = "balanced",
     chunk_size: Optional[int] = None,
+    recode_prompt: bool = True,
     **knobs: Any,
 ) -> Iterator[EvictSession]:
     """Compress the KV cache of every forward/generate of ``model`` inside the block.
@@ -199,6 +209,10 @@ def nexusquant_evict(
     chunk_size : int or None
         Prefill prompts longer than this many tokens one chunk at a time, each chunk compressed
         before the next (:mod:`nexusquant.chunking` says what that changes); None: one forward.
+    recode_prompt : bool
+        With ``chunk_size``: transform-coded layers hold the chunks at the staging rates and code
+        the whole prompt at the settings' rates once it is read (:func:`nexusquant.prefill`); False:
+        each chunk at the settings' rates in the first chunk's basis (less memory while prefilling).
     **knobs
         Any :class:`~nexusquant.presets.CompressionSettings` field overrides the preset.
 
@@ -209,9 +223,10 @@ def nexusquant_evict(
     """
     settings = resolve_settings(quality, **knobs)
     chunk_size = check_chunk_size(chunk_size)
+    recode_prompt = check_recode(recode_prompt)
     mods = check_supported(model)
     register_attention()  # idempotent; `import nexusquant` has usually done it already
-    session = EvictSession(model, settings, chunk_size)
+    session = EvictSession(model, settings, chunk_size, recode_prompt)
     configs = _configs(model)
     with _lock:
         saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]

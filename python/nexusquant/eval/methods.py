@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from .._core import NexusQuantError
-from ..chunking import check_chunk_size
+from ..chunking import check_chunk_size, check_recode
 from ..evict import nexusquant_evict
 from ..presets import E8_PRESETS, PRESETS, resolve_settings
 from . import peers
@@ -81,6 +81,12 @@ class Method:
         """Prefill chunk size (``chunk_size`` knob: a session option, not a cache setting)."""
         return self.knobs.get("chunk_size")
 
+    @property
+    def recode_prompt(self) -> bool:
+        """Whether a chunked prefill codes the prompt again at its end (``recode_prompt`` knob, a
+        session option; True unless set)."""
+        return bool(self.knobs.get("recode_prompt", True))
+
     def settings(self, evict: Optional[float] = None) -> dict[str, Any]:
         """The nexusquant cache settings this method runs with (nexusquant and eviction kinds)."""
         if self.kind == "nexusquant":
@@ -113,8 +119,10 @@ class Method:
             if self.family == "expected-attention":
                 peers.attach_rotary(model)
             settings = self.settings(evict)
-            with nexusquant_evict(model, chunk_size=self.chunk_size, **settings):
-                shown = settings if self.chunk_size is None else {**settings, "chunk_size": self.chunk_size}
+            with nexusquant_evict(model, chunk_size=self.chunk_size, recode_prompt=self.recode_prompt, **settings):
+                shown = dict(settings)
+                if self.chunk_size is not None:
+                    shown.update(chunk_size=self.chunk_size, recode_prompt=self.recode_prompt)
                 yield MethodRun(self, model, lambda: DynamicCache(config=model.config), shown)
         elif kind == "baseline":
             yield MethodRun(self, model, lambda: DynamicCache(config=model.config), {})
@@ -161,8 +169,13 @@ class MethodRun:
 
 
 def _cache_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
-    """The knobs that are cache settings (all but the session's ``chunk_size``)."""
-    return {k: v for k, v in knobs.items() if k != "chunk_size"}
+    """The knobs that are cache settings (all but the session's ``chunk_size`` and
+    ``recode_prompt``)."""
+    return {k: v for k, v in knobs.items() if k not in _SESSION_KNOBS}
+
+
+# Knobs of the nexusquant_evict session, not of the cache's settings.
+_SESSION_KNOBS = ("chunk_size", "recode_prompt")
 
 
 def evict_for_ratio(prompt_tokens: int, ratio: float) -> float:
@@ -207,6 +220,7 @@ def parse_variant(spec: Union[str, dict]) -> Method:
             knobs[name.strip()] = _knob_value(value.strip())
     resolve_settings(preset, **_cache_knobs(knobs))  # validates
     check_chunk_size(knobs.get("chunk_size"))
+    check_recode(knobs.get("recode_prompt", True))
     shown = ",".join(f"{k}={v}" for k, v in knobs.items())
     return Method(f"nq-{preset}[{shown}]", "nexusquant-variant", preset=preset, knobs=knobs)
 
