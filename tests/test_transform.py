@@ -94,6 +94,32 @@ def test_more_bits_less_error_and_encode_more_matches():
     assert errs == sorted(errs, reverse=True) and errs[-1] < 0.05 * errs[0]
 
 
+def test_blocks_of_tokens_code_as_one_pass_does(monkeypatch):
+    """A long prompt is fitted and coded a block of tokens at a time (bounded working memory):
+    the blocks change float rounding in the fit, not what the code costs or how well it codes."""
+    import nexusquant.transform as transform
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(1000, 8, generator=g) @ torch.randn(8, 64, generator=g)).to(torch.bfloat16)
+    x = x + 0.1 * torch.randn(1000, 64, generator=g).to(torch.bfloat16)
+    valid = torch.rand(1000, generator=g) > 0.1
+    metric = torch.randn(64, 64, generator=g)
+    metric = metric @ metric.T
+    one = fit_key_transform(x, 2.0, valid, query_moment=metric)
+    monkeypatch.setattr(transform, "_ROW_BLOCK", 37)  # 28 blocks, the last one short
+    blocks = fit_key_transform(x, 2.0, valid, query_moment=metric)
+    assert torch.equal(one.bits, blocks.bits) and one.codes.shape == blocks.codes.shape
+    assert torch.equal(one.mean, blocks.mean)
+    err_one = float((one.decode() - x.float())[valid].pow(2).mean())
+    err_blocks = float((blocks.decode() - x.float())[valid].pow(2).mean())
+    assert abs(err_blocks - err_one) < 0.02 * err_one
+    # Decoding and coding more tokens are row by row: blocks change nothing there.
+    decoded = blocks.decode()
+    monkeypatch.setattr(transform, "_ROW_BLOCK", 1 << 20)
+    assert torch.allclose(blocks.decode(), decoded, atol=1e-6)
+    assert torch.equal(blocks.encode_more(x[:300]).codes, blocks.codes[:300])
+
+
 def test_fit_ignores_invalid_tokens():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(800, 32, generator=g)

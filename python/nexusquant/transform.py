@@ -52,6 +52,16 @@ GAUSSIAN_MSE = (1.0, 0.3634, 0.1188, 0.03744, 0.01154, 0.003490, 0.001040, 0.000
 # Multiples of the Gaussian step tried on the data: keys are not Gaussian (heavy tails, a few
 # outlier tokens), and the best clipping range for the prompt at hand is cheap to measure.
 _STEP_SWEEP = (0.6, 0.7, 0.8, 0.9, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0)
+# Tokens per block where the coder works token by token. Float32 copies of a whole long prompt's
+# keys (centred, weighted, coefficients, integers) made most of the peak of re-coding a prompt at
+# the end of a chunked prefill (benches/gpu_bench.py --phase fair, 128K tokens: 4 GB of one
+# layer's 6.4 GB working set); blocks keep one full-length copy, the coefficients.
+_ROW_BLOCK = 16384
+
+
+def _row_blocks(t: int) -> list[slice]:
+    """Slices of ``t`` rows, ``_ROW_BLOCK`` at a time (one slice for a short prompt)."""
+    return [slice(a, min(a + _ROW_BLOCK, t)) for a in range(0, t, _ROW_BLOCK)] or [slice(0, 0)]
 
 
 def _bit_gains(weight: torch.Tensor, max_bits: int) -> torch.Tensor:
@@ -105,20 +115,27 @@ def _reconstruct(q: torch.Tensor, step: torch.Tensor, levels: torch.Tensor) -> t
 
 def _best_steps(c: torch.Tensor, bits: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
     """Per component, the step of the sweep with the smallest squared error on ``c`` ``(T, K)``."""
-    sd = (
-        c.pow(2).mean(0).sqrt().clamp(min=1e-12)
-        if weights is None
-        else ((c.pow(2) * weights[:, None]).sum(0) / weights.sum().clamp(min=1)).sqrt().clamp(min=1e-12)
-    )
+    blocks = _row_blocks(c.shape[0])
+    total = float(c.shape[0]) if weights is None else weights.sum().clamp(min=1)
+
+    def weighted_sum(e: torch.Tensor, rows: slice) -> torch.Tensor:
+        return e.sum(0) if weights is None else (e * weights[rows, None]).sum(0)
+
+    square = torch.zeros(c.shape[1], dtype=c.dtype, device=c.device)
+    for rows in blocks:
+        square += weighted_sum(c[rows].pow(2), rows)
+    sd = (square / total).sqrt().clamp(min=1e-12)
     base = sd * torch.tensor(GAUSSIAN_STEP, dtype=c.dtype, device=c.device)[bits.long()]
     levels = (2**bits).to(torch.int64)
     sweep = torch.tensor(_STEP_SWEEP, dtype=c.dtype, device=c.device)
     cand = base[None, :] * sweep[:, None]  # (S, K)
     err = []
     for s in range(cand.shape[0]):
-        r = _reconstruct(_quantize(c, cand[s], levels), cand[s], levels) - c
-        e = r.pow(2)
-        err.append(e.mean(0) if weights is None else (e * weights[:, None]).sum(0))
+        e = torch.zeros_like(square)
+        for rows in blocks:
+            r = _reconstruct(_quantize(c[rows], cand[s], levels), cand[s], levels) - c[rows]
+            e += weighted_sum(r.pow(2), rows)
+        err.append(e)
     best = torch.stack(err).argmin(0)  # (K,)
     return cand.gather(0, best[None, :])[0]
 
@@ -217,14 +234,30 @@ class KeyTransformCode:
 
     def decode(self) -> torch.Tensor:
         """Keys, float32 ``(T, F)``."""
-        return self.mean.float() + self.coefficients() @ self.synthesis().T
+        synth_t = self.synthesis().T
+        levels = 2 ** self.bits.to(torch.int64)
+        out = torch.empty(self.length, synth_t.shape[1], dtype=torch.float32, device=self.codes.device)
+        for rows in _row_blocks(self.length):  # the integers of a whole prompt are 8 bytes each
+            c = _reconstruct(unpack_fixed(self.codes[rows], self.bits), self.step.float(), levels)
+            out[rows] = self.mean.float() + c @ synth_t
+        return out
 
     def encode_more(self, x: torch.Tensor) -> KeyTransformCode:
         """Codes of more keys ``x`` ``(T, F)`` with this basis, steps and widths (a generated block):
         least-squares coefficients on the held basis (the prompt's metric is not kept)."""
-        c = _analyse(x.float() - self.mean.float(), self.synthesis())
-        q = _quantize(c, self.step.float(), 2 ** self.bits.to(torch.int64))
-        return replace(self, codes=pack_fixed(q.to(torch.int64), self.bits))
+        synth = self.synthesis()
+        c = torch.empty(x.shape[0], synth.shape[1], dtype=torch.float32, device=x.device)
+        for rows in _row_blocks(x.shape[0]):
+            c[rows] = _analyse(x[rows].float() - self.mean.float(), synth)
+        return replace(self, codes=_pack_coefficients(c, self.step.float(), self.bits))
+
+
+def _pack_coefficients(c: torch.Tensor, step: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Coefficients ``c`` ``(T, K)`` quantized with ``step`` and packed at widths ``bits`` (uint8
+    ``(K,)``): uint8 ``(T, code bytes)``, a block of tokens at a time."""
+    levels = 2 ** bits.to(torch.int64)
+    blocks = [pack_fixed(_quantize(c[rows], step, levels).to(torch.int64), bits) for rows in _row_blocks(c.shape[0])]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)
 
 
 def _analyse(xc: torch.Tensor, synth: torch.Tensor) -> torch.Tensor:
@@ -281,14 +314,23 @@ def fit_key_transform(
     KeyTransformCode
     """
     t, f = x.shape
-    xf = x.float()
+    blocks = _row_blocks(t)
     w = None if valid is None else valid.to(torch.float32)
     n = float(t) if w is None else float(w.sum().clamp(min=1).item())
-    mean = (xf.sum(0) if w is None else (xf * w[:, None]).sum(0)) / n
+
+    def weighted(rows: slice, xr: torch.Tensor) -> torch.Tensor:
+        return xr if w is None else xr * w[rows, None]
+
+    mean = torch.zeros(f, dtype=torch.float32, device=x.device)
+    for rows in blocks:
+        mean += weighted(rows, x[rows].float()).sum(0)
+    mean /= n
     mean16 = mean.to(torch.float16)
-    xc = xf - mean16.float()
-    xw = xc if w is None else xc * w[:, None]
-    cov = (xw.T @ xc).double() / n
+    cov = torch.zeros(f, f, dtype=torch.float64, device=x.device)
+    for rows in blocks:
+        xc = x[rows].float() - mean16.float()
+        cov += (weighted(rows, xc).T @ xc).double()
+    cov /= n
     if query_moment is not None:
         m = query_moment.double()
         # A small ridge keeps directions no query looked at from being scaled to infinity.
@@ -320,10 +362,11 @@ def fit_key_transform(
     kbits = bits[keep]
     synth = basis.float() * basis_scale.float()[None, :]
     # Coefficients on the basis the decoder will hold (int8), so encoder and decoder agree.
-    c = _analyse(xc, synth)
+    c = torch.empty(t, synth.shape[1], dtype=torch.float32, device=x.device)
+    for rows in blocks:
+        c[rows] = _analyse(x[rows].float() - mean16.float(), synth)
     step = _best_steps(c, kbits, w).to(torch.float32)
-    q = _quantize(c, step, 2**kbits)
-    codes = pack_fixed(q.to(torch.int64), kbits.to(torch.uint8))
+    codes = _pack_coefficients(c, step, kbits.to(torch.uint8))
     return KeyTransformCode(mean16, basis, basis_scale, step, kbits.to(torch.uint8), codes)
 
 
