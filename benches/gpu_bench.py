@@ -671,6 +671,8 @@ def bench_fair(
 
     knobs = dict(knobs or {})
     label = f"nexusquant {preset}" + (" [" + ",".join(f"{k}={v}" for k, v in knobs.items()) + "]" if knobs else "")
+    # A knob of the chunked prefill, not of the cache's settings.
+    recode = bool(knobs.pop("recode_prompt", True))
 
     _register_folded()
     cuda = torch.cuda.is_available()
@@ -690,6 +692,7 @@ def bench_fair(
         knobs=knobs,
         settings=resolve_settings(preset, **knobs).as_dict(),
         chunk_size=chunk_size,
+        recode_prompt=recode,
         static_slots=slots,
         rows=rows,
     )
@@ -795,7 +798,10 @@ def bench_fair(
         # nexusquant: chunked prefill (memory broken down), then the same decode loop.
         chunks = -(-ctx // chunk_size)
         reset()
-        with nq.nexusquant_evict(model, quality=preset, chunk_size=chunk_size, **knobs), torch.no_grad():
+        with (
+            nq.nexusquant_evict(model, quality=preset, chunk_size=chunk_size, recode_prompt=recode, **knobs),
+            torch.no_grad(),
+        ):
             with _ChunkMemory(chunks) as cm:
                 before = mem()
                 t0 = time.perf_counter()
@@ -1035,7 +1041,7 @@ def fair_tables(f) -> list:
         lines += [
             "",
             f"Peak memory of the nexusquant chunked prefill ({m['chunks']} chunks of {f['chunk_size']}, "
-            f"{m['prefill_s']:.1f} s), batch 1:",
+            f"recode_prompt={f.get('recode_prompt', True)}, {m['prefill_s']:.1f} s), batch 1:",
             "",
             "| part | GB |",
             "|---|---|",

@@ -29,7 +29,8 @@ What chunking changes for the compressor (docs/EVAL.md has the measured cost):
   basis fitted on all of it and the second moment of every prompt query as its metric, as one
   forward over the prompt would. Later chunks so build on a fine code of the prefix (a coarse
   one cost `balanced` and `max` 1-3 points at 4096 tokens, docs/EVAL.md), and the cache holds
-  the staged codes' bytes until the prompt ends (about 1.3x `balanced`'s, 1.7x `max`'s).
+  the staged codes' bytes until the prompt ends (measured before the last of four chunks: 1.36x
+  the codes `balanced` holds without staging, 1.86x `max`'s; ``benches/staged_bytes.py``).
   Without it, every chunk is coded at the settings' rates in the first chunk's basis;
   its budget spreads the basis's bytes over the whole prompt, as a one-shot prefill does.
 """
