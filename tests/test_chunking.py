@@ -292,6 +292,13 @@ def test_chunked_prefill_stages_the_prompt_and_codes_it_again(monkeypatch):
     # components may too).
     held = {key: nq.compression_stats(cache)["nbytes"] for key, cache in caches.items()}
     assert abs(held[200, True] - held[None, True]) <= 0.02 * held[None, True]
+    # Recoded, keys and values are centred on the whole prompt's mean, as one forward centres
+    # them; otherwise on the first chunk's.
+    for layer, plain, ref in zip(caches[200, True].layers, caches[200, False].layers, one_shot.layers):
+        for name in ("k_center", "v_center"):
+            recoded_gap = (getattr(layer, name) - getattr(ref, name)).float().norm()
+            first_chunk_gap = (getattr(plain, name) - getattr(ref, name)).float().norm()
+            assert recoded_gap < 0.25 * first_chunk_gap, name
 
 
 @torch.no_grad()
