@@ -8,7 +8,7 @@ import torch
 from tiny_models import FAMILIES, family_supported, make_tiny
 
 import nexusquant as nq
-from nexusquant.cache import NexusQuantCache, NexusQuantLayer
+from nexusquant.cache import STAGING_KEY_RATE, NexusQuantCache, NexusQuantLayer
 from nexusquant.compat import output_cache, with_cache
 
 ALL = [f for f in FAMILIES if family_supported(f)]
@@ -251,7 +251,7 @@ def test_chunked_prefill_stages_the_prompt_and_codes_it_again(monkeypatch):
     while the prompt is read, then codes the whole prompt once at the settings' rates, in one basis
     fitted on all of it, holding what a one-shot prefill holds; without it, each chunk is coded at
     the settings' rates in the first chunk's basis."""
-    from nexusquant.cache import STAGING_KEY_RATE, STAGING_VALUE_BITS
+    from nexusquant.cache import STAGING_VALUE_BITS
 
     staged = []
     unstage = NexusQuantLayer._unstage
@@ -274,7 +274,7 @@ def test_chunked_prefill_stages_the_prompt_and_codes_it_again(monkeypatch):
         layers = model.config.num_hidden_layers
         if chunk is not None and recode:
             # Every layer staged four chunks but the 4 sinks (the fifth is held exact while the
-            # sixth, the last, runs) at `high`'s rates.
+            # sixth, the last, runs) at the staging rates.
             assert staged == [(STAGING_KEY_RATE, STAGING_VALUE_BITS, 800 - 4)] * layers
         else:
             assert staged == []
@@ -319,6 +319,19 @@ def test_recoded_prompt_is_weighted_by_the_last_queries_over_the_whole_prompt():
 
 
 @torch.no_grad()
+def test_high_is_not_staged():
+    """`high` codes at or above the rates below which chunks are staged: each chunk goes straight
+    to its code, nothing is held at other rates."""
+    model = make_tiny("llama")
+    cache = NexusQuantCache(model, preset="high", recent_window=8)
+    with nq.nexusquant_evict(model):
+        nq.prefill(model, _ids(700, seed=4), cache, chunk_size=200)
+        for layer in cache.layers:
+            assert not layer.staged and layer.tiers["fine"].keys.rate == nq.PRESETS["high"].key_rate
+            assert layer.tiers["fine"].length > 0
+
+
+@torch.no_grad()
 def test_prefill_by_hand_under_sdpa_codes_the_staged_prompt_at_the_first_decode_step():
     """Under SDPA a layer compresses at the start of the next forward: the staged prompt is coded
     again when the first decode step catches up with the prompt's last chunk."""
@@ -327,7 +340,7 @@ def test_prefill_by_hand_under_sdpa_codes_the_staged_prompt_at_the_first_decode_
     cache = NexusQuantCache(model, preset="max", recent_window=8)
     nq.prefill(model, ids, cache, chunk_size=200)
     layer = cache.layers[0]
-    assert layer.staged and layer.tiers["fine"].keys.rate == 3.0
+    assert layer.staged and layer.tiers["fine"].keys.rate == STAGING_KEY_RATE
     out = model(ids[:, -1:], **with_cache(model, cache), use_cache=True)
     assert torch.isfinite(out.logits).all()
     assert not layer.staged and layer.tiers["fine"].keys.rate == 1.5

@@ -60,9 +60,14 @@ LAYER_TENSOR_FIELDS = (
 FUSED_REFERENCE_ENV = "NEXUSQUANT_FUSED_REFERENCE_ON_CPU"
 
 
-# The rates a transform-coded layer's chunks are held at while a chunked prefill reads the prompt
-# (``recode_prompt``): `high`'s, whose chunked prefill measured within 0.1 points of one forward.
-STAGING_KEY_RATE = 3.0
+# A transform-coded layer coded below `high`'s rates (chunked `high` measured within 0.1 points of
+# one forward, so it is not staged) holds a chunked prefill's chunks at the staging rates while the
+# prompt is read (``recode_prompt``). SmolLM2, 4096 tokens in chunks of 1024, `max` chunked against
+# one-shot: staged at 3 b/elem keys and 4-bit values +1.47 points, at 5 b/elem keys +0.69, at 5 and
+# full-precision values -0.31 (but 5.1x the codes `max` holds unstaged, against 2.35x); docs/EVAL.md.
+STAGE_BELOW_KEY_RATE = 3.0
+STAGE_BELOW_VALUE_BITS = 4
+STAGING_KEY_RATE = 5.0
 STAGING_VALUE_BITS = 4
 
 
@@ -706,8 +711,9 @@ class NexusQuantLayer(CacheLayerMixin):
             fine tier's part when a staged prompt is coded again.
 
         A chunked prefill with ``recode_prompt`` (``nexusquant.chunking``) codes the chunks of a
-        transform-coded layer at the staging rates (at least ``STAGING_KEY_RATE`` bits per key
-        element and ``STAGING_VALUE_BITS``-bit values) while the prompt is read, so that later
+        transform-coded layer coded below `high`'s rates at the staging rates (at least
+        ``STAGING_KEY_RATE`` bits per key element and ``STAGING_VALUE_BITS``-bit values) while the
+        prompt is read, so that later
         chunks build on a fine code of the prefix; the compression that ends the prompt
         (``keep_exact`` 0) decodes them and codes the whole prompt at the settings' rates, with a
         basis fitted on all of it, as one forward over the prompt would.
@@ -867,9 +873,10 @@ class NexusQuantLayer(CacheLayerMixin):
 
     def _stage(self) -> None:
         """Make the empty fine tier of a transform-coded layer a staging tier (a chunked prefill's
-        chunks, ``recode_prompt``), where the settings' rates are below the staging rates."""
+        chunks, ``recode_prompt``), where the settings' rates are below `high`'s
+        (``STAGE_BELOW_*``): at the staging rates, or the settings' own where finer."""
         key_bits, key_rate, value_bits = self.fine_rates
-        if key_rate is None:
+        if key_rate is None or (key_rate >= STAGE_BELOW_KEY_RATE and value_bits >= STAGE_BELOW_VALUE_BITS):
             return
         stage_rate = max(key_rate, STAGING_KEY_RATE)
         stage_bits = value_bits if value_bits == 16 else max(value_bits, STAGING_VALUE_BITS)
