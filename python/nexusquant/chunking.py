@@ -22,17 +22,19 @@ What chunking changes for the compressor (docs/EVAL.md has the measured cost):
   ranked again;
 - budgets: ``evict`` and ``demote`` are fractions of each chunk's tokens, not of the whole prompt,
   so every part of a long prompt keeps the same share;
-- the transform coder (``key_codec="pca"``), with ``recode_prompt`` (the default): the chunks are
-  held at the staging rates (`high`'s: 3 bits per key element, 4-bit values, or the settings' own
-  where finer), in a basis fitted on the first chunk, while the prompt is read; when its last chunk
-  has been read, each layer decodes them and codes the whole prompt at the settings' rates, with a
-  basis fitted on all of it and the second moment of every prompt query as its metric, as one
-  forward over the prompt would. Later chunks so build on a fine code of the prefix (a coarse
-  one cost `balanced` and `max` 1-3 points at 4096 tokens, docs/EVAL.md), and the cache holds
-  the staged codes' bytes until the prompt ends (measured before the last of four chunks: 1.36x
-  the codes `balanced` holds without staging, 1.86x `max`'s; ``benches/staged_bytes.py``).
-  Without it, every chunk is coded at the settings' rates in the first chunk's basis;
-  its budget spreads the basis's bytes over the whole prompt, as a one-shot prefill does.
+- the transform coder (``key_codec="pca"``), with ``recode_prompt`` (the default): a layer coded
+  below `high`'s rates holds the chunks at the staging rates (5 bits per key element, 4-bit values)
+  in a basis fitted on the first chunk while the prompt is read; when its last chunk has been read,
+  each layer decodes them and codes the whole prompt at the settings' rates, with a basis fitted
+  on all of it, the second moment of every prompt query as its metric and the prompt's mean as its
+  centre, as one forward over the prompt would. Later chunks so build on a fine code of the
+  prefix, and the cache holds the staged codes' bytes until the prompt ends (measured before the
+  last of four chunks: 1.72x the codes `balanced` holds without staging, 2.35x `max`'s;
+  ``benches/staged_bytes.py``). At 4096 tokens in chunks of 1024 `balanced` measured within 0.2
+  points of one forward, `max` 0.7 (5.5 without it; docs/EVAL.md). `high` is not staged. Without
+  it, or at `high`'s rates, every chunk is coded at the settings' rates in the first chunk's basis
+  (fitted with the next chunk's queries as its metric) and centre; its budget spreads the basis's
+  bytes over the whole prompt, as a one-shot prefill does.
 """
 
 from __future__ import annotations
