@@ -713,8 +713,7 @@ class NexusQuantLayer(CacheLayerMixin):
         A chunked prefill with ``recode_prompt`` (``nexusquant.chunking``) codes the chunks of a
         transform-coded layer coded below `high`'s rates at the staging rates (at least
         ``STAGING_KEY_RATE`` bits per key element and ``STAGING_VALUE_BITS``-bit values) while the
-        prompt is read, so that later
-        chunks build on a fine code of the prefix; the compression that ends the prompt
+        prompt is read, so that later chunks build on a fine code of the prefix; the compression that ends the prompt
         (``keep_exact`` 0) decodes them and codes the whole prompt at the settings' rates, with a
         basis fitted on all of it, as one forward over the prompt would.
         """
@@ -875,13 +874,11 @@ class NexusQuantLayer(CacheLayerMixin):
         """Make the empty fine tier of a transform-coded layer a staging tier (a chunked prefill's
         chunks, ``recode_prompt``), where the settings' rates are below `high`'s
         (``STAGE_BELOW_*``): at the staging rates, or the settings' own where finer."""
-        key_bits, key_rate, value_bits = self.fine_rates
+        _, key_rate, value_bits = self.fine_rates
         if key_rate is None or (key_rate >= STAGE_BELOW_KEY_RATE and value_bits >= STAGE_BELOW_VALUE_BITS):
             return
         stage_rate = max(key_rate, STAGING_KEY_RATE)
         stage_bits = value_bits if value_bits == 16 else max(value_bits, STAGING_VALUE_BITS)
-        if stage_rate == key_rate and stage_bits == value_bits:
-            return
         self.tiers["fine"] = self._fine_tier(stage_rate, stage_bits, refine=False)
         self.staged = True
 

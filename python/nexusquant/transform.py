@@ -227,29 +227,33 @@ class KeyTransformCode:
         """float32 ``(F, K)``: key = mean + synthesis @ coefficients."""
         return self.basis.float() * self.basis_scale.float()[None, :]
 
-    def coefficients(self) -> torch.Tensor:
-        """The quantized coefficients, float32 ``(T, K)``."""
-        q = unpack_fixed(self.codes, self.bits)
+    def coefficients(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The quantized coefficients of the tokens ``rows``, float32 ``(T, K)``."""
+        q = unpack_fixed(self.codes[rows], self.bits)
         return _reconstruct(q, self.step.float(), 2 ** self.bits.to(torch.int64))
 
     def decode(self) -> torch.Tensor:
         """Keys, float32 ``(T, F)``."""
         synth_t = self.synthesis().T
-        levels = 2 ** self.bits.to(torch.int64)
         out = torch.empty(self.length, synth_t.shape[1], dtype=torch.float32, device=self.codes.device)
         for rows in _row_blocks(self.length):  # the integers of a whole prompt are 8 bytes each
-            c = _reconstruct(unpack_fixed(self.codes[rows], self.bits), self.step.float(), levels)
-            out[rows] = self.mean.float() + c @ synth_t
+            out[rows] = self.mean.float() + self.coefficients(rows) @ synth_t
         return out
 
     def encode_more(self, x: torch.Tensor) -> KeyTransformCode:
         """Codes of more keys ``x`` ``(T, F)`` with this basis, steps and widths (a generated block):
         least-squares coefficients on the held basis (the prompt's metric is not kept)."""
-        synth = self.synthesis()
-        c = torch.empty(x.shape[0], synth.shape[1], dtype=torch.float32, device=x.device)
-        for rows in _row_blocks(x.shape[0]):
-            c[rows] = _analyse(x[rows].float() - self.mean.float(), synth)
+        c = _coefficients(x, self.mean, self.synthesis())
         return replace(self, codes=_pack_coefficients(c, self.step.float(), self.bits))
+
+
+def _coefficients(x: torch.Tensor, mean: torch.Tensor, synth: torch.Tensor) -> torch.Tensor:
+    """Least-squares coefficients ``(T, K)`` of keys ``x`` ``(T, F)`` less ``mean`` on the columns
+    of ``synth`` ``(F, K)``, a block of tokens at a time."""
+    c = torch.empty(x.shape[0], synth.shape[1], dtype=torch.float32, device=x.device)
+    for rows in _row_blocks(x.shape[0]):
+        c[rows] = _analyse(x[rows].float() - mean.float(), synth)
+    return c
 
 
 def _pack_coefficients(c: torch.Tensor, step: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -362,9 +366,7 @@ def fit_key_transform(
     kbits = bits[keep]
     synth = basis.float() * basis_scale.float()[None, :]
     # Coefficients on the basis the decoder will hold (int8), so encoder and decoder agree.
-    c = torch.empty(t, synth.shape[1], dtype=torch.float32, device=x.device)
-    for rows in blocks:
-        c[rows] = _analyse(x[rows].float() - mean16.float(), synth)
+    c = _coefficients(x, mean16, synth)
     step = _best_steps(c, kbits, w).to(torch.float32)
     codes = _pack_coefficients(c, step, kbits.to(torch.uint8))
     return KeyTransformCode(mean16, basis, basis_scale, step, kbits.to(torch.uint8), codes)
