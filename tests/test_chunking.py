@@ -188,6 +188,74 @@ def test_chunk_attention_in_row_blocks_is_exact(family, monkeypatch):
     torch.testing.assert_close(got[real], ref[real], atol=2e-5, rtol=1e-5)
 
 
+def test_lower_right_causal_attention_is_the_masked_attention():
+    """A chunk's queries are the last q of T tokens: torch's lower-right causal bias gives what
+    the explicit mask gives, grouped query heads included."""
+    from nexusquant.attention import _causal, _lower_right_causal_attention, _masked_attention
+
+    g = torch.Generator().manual_seed(9)
+    q, t = 7, 30
+    query = torch.randn(2, 6, q, 16, generator=g)  # 6 query heads over 2 KV heads
+    key, value = torch.randn(2, 2, t, 16, generator=g), torch.randn(2, 2, t, 16, generator=g)
+    got = _lower_right_causal_attention(query, key, value, 0.3, 0.0)
+    ref = _masked_attention(query, key, value, _causal(q, t, query.device), 0.3, None, 0.0)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "mistral"])
+@torch.no_grad()
+def test_unpadded_chunks_attend_without_a_mask(family, monkeypatch):
+    """Where the chunk's mask would be plain causality (no padding, nothing evicted, no sliding
+    window, no soft-cap), the chunk attends through the lower-right causal bias, and the logits
+    stay the uncompressed model's; a padded batch keeps the masked path."""
+    import nexusquant.attention as attention
+
+    monkeypatch.setattr(attention, "_MASK_FREE_DEVICES", ("cpu",))
+    taken = []
+    real = attention._lower_right_causal_attention
+
+    def counting(*args):
+        taken.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(attention, "_lower_right_causal_attention", counting)
+    model = make_tiny(family)
+    ids = _ids(120, seed=8, batch=2)
+    ref = model(ids).logits
+    with nq.nexusquant_evict(model, chunk_size=40, **EXACT):
+        got = model(ids, use_cache=True).logits
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    # Gemma-2 soft-caps its logits and Mistral's layers slide: those keep the mask.
+    assert bool(taken) == (family in ("llama", "qwen3"))
+    taken.clear()
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with nq.nexusquant_evict(model, chunk_size=40, **EXACT):
+        model(ids, attention_mask=mask, use_cache=True)
+    assert not taken
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_unpadded_chunks_on_cuda_match_the_masked_path(monkeypatch):
+    """On CUDA (flash or memory-efficient kernels under the causal bias) the chunked prefill's
+    logits and compressed cache match those of the masked path."""
+    import nexusquant.attention as attention
+
+    model = make_tiny("qwen3", dtype=torch.bfloat16).cuda()
+    ids = _ids(300, seed=10).cuda()
+    runs = []
+    for devices in (("cuda",), ()):
+        monkeypatch.setattr(attention, "_MASK_FREE_DEVICES", devices)
+        with nq.nexusquant_evict(model, quality="balanced", chunk_size=64) as session:
+            logits = model(ids, use_cache=True).logits.float()
+        runs.append((logits, nq.compression_stats(session.cache)["nbytes"]))
+    (fast, fast_bytes), (masked, masked_bytes) = runs
+    assert fast_bytes == masked_bytes
+    scale = float(masked.abs().max())
+    torch.testing.assert_close(fast, masked, atol=3e-2 * scale, rtol=0)
+
+
 @torch.no_grad()
 def test_chunks_by_hand_under_sdpa_hold_the_previous_chunk():
     """Under SDPA the cache compresses when the next forward starts (catch_up): during a chunked

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -152,6 +153,46 @@ def _masked_attention(query, key, value, allowed, scaling, softcap, dropout, fir
             logits = logits.masked_fill(~mask, float("-inf"))
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
             out = torch.matmul(probs, value)
+    return out.reshape(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
+
+
+# Devices where a chunk with nothing masked but causality runs without a mask (see
+# _is_plain_chunk). On the CPU SDPA would build the same mask itself, and the CPU measurements
+# (docs/EVAL.md) keep the rounding of the masked call they were made with.
+_MASK_FREE_DEVICES = ("cuda",)
+
+
+def _is_plain_chunk(query: torch.Tensor, view: LayerView, comp, win: torch.Tensor, softcap) -> bool:
+    """Whether the forward's ``q`` queries are the last ``q`` of the layer's tokens and see
+    everything before them and nothing after: every compressed slot valid (``comp`` None: no
+    eviction, padding or sliding window), the window's mask the plain causal one, no soft-cap.
+    That is a chunk of a chunked prefill of an unpadded prompt, the case that needs the memory:
+    its mask over a long prefix is what the masked path holds (4.3 GB at 128K tokens and 8 KV
+    heads; docs/GPU.md)."""
+    if query.device.type not in _MASK_FREE_DEVICES or softcap is not None or comp is not None:
+        return False
+    q, w = query.shape[2], win.shape[-1]
+    return bool(torch.equal(win, _causal(q, w, win.device).expand_as(win)))
+
+
+def _lower_right_causal_attention(query, key, value, scaling, dropout):
+    """Attention of ``query`` ``(B, H_q, q, D)``, the last ``q`` of ``key``'s ``T`` tokens, over
+    every token up to its own: SDPA with torch's lower-right causal bias, which reaches the
+    flash or memory-efficient kernel without a mask in memory (on a device without them torch
+    builds the ``(q, T)`` mask). One call per query head of a KV group, so keys and values are
+    never repeated for GQA. Returns ``(B, q, H_q, D)``."""
+    b, hq, q, d = query.shape
+    hkv, t = key.shape[1], key.shape[2]
+    g = hq // hkv
+    qg = query.reshape(b, hkv, g, q, d)
+    bias = causal_lower_right(q, t)
+    out = torch.stack(
+        [
+            F.scaled_dot_product_attention(qg[:, :, j], key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
+            for j in range(g)
+        ],
+        dim=2,
+    )
     return out.reshape(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
 
 
@@ -537,27 +578,31 @@ def nexusquant_attention(
             w = (win[:, :, start:end] if win.shape[2] == q else win).expand(b, hc, n, view.window)
             return torch.cat([c, w], dim=-1)
 
-        # Many queries over a long compressed prefix (a chunk of a chunked prefill): the mask is
-        # built and used a block of query rows at a time, so it never takes more than
-        # _MASK_ELEMENTS booleans (a chunk of 2048 over 1M tokens and 8 KV heads would need 17 GB).
         t_all = key.shape[2]
-        step = max(1, _MASK_ELEMENTS // max(1, b * hc * t_all))
-        outs = []
-        for start in range(0, q, step):
-            end = min(q, start + step)
-            outs.append(
-                _masked_attention(
-                    query[:, :, start:end],
-                    key,
-                    value,
-                    allowed_for(start, end),
-                    scaling,
-                    softcap,
-                    dropout,
-                    t_all - q + start,
+        if _is_plain_chunk(query, view, comp, win, softcap):
+            out = _lower_right_causal_attention(query, key, value, scaling, dropout)
+        else:
+            # Many queries over a long compressed prefix with a mask of their own (padding, evicted
+            # slots, a sliding window): the mask is built and used a block of query rows at a time,
+            # so it never takes more than _MASK_ELEMENTS booleans (a chunk of 2048 over 1M tokens and
+            # 8 KV heads would need 17 GB).
+            step = max(1, _MASK_ELEMENTS // max(1, b * hc * t_all))
+            outs = []
+            for start in range(0, q, step):
+                end = min(q, start + step)
+                outs.append(
+                    _masked_attention(
+                        query[:, :, start:end],
+                        key,
+                        value,
+                        allowed_for(start, end),
+                        scaling,
+                        softcap,
+                        dropout,
+                        t_all - q + start,
+                    )
                 )
-            )
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         allowed_rows = allowed_for(q - rows, q)
 
     if q > 1 and layer.wants_prompt_compression():
