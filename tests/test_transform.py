@@ -67,6 +67,48 @@ def test_lagrangian_allocation_spends_where_a_bit_buys_more_than_it_costs():
     assert _choose_components_lagrangian(weight, 0.5, side_bits_per_component=100.0)[2] == 0
 
 
+def _choose_components_one_k_at_a_time(weight, bits_per_token, side_per_component, side_fixed):
+    """The definition _choose_components computes for every K at once: allocate_bits on the first
+    K components with what their side information leaves, least Gaussian-model error wins."""
+    mse = torch.tensor(GAUSSIAN_MSE, dtype=torch.float64)
+    w = weight.double().clamp(min=0)
+    f, top = w.shape[0], len(GAUSSIAN_MSE) - 1
+    best, best_err = torch.zeros(f, dtype=torch.int64), float(w.sum())
+    for k in range(1, f + 1):
+        code_bits = int(bits_per_token - k * side_per_component - side_fixed)
+        if code_bits < k:
+            break
+        bits = torch.zeros(f, dtype=torch.int64)
+        bits[:k] = allocate_bits(w[:k], min(code_bits, k * top))
+        if bool((bits[:k] == 0).any()):
+            continue
+        err = float((w * mse[bits]).sum())
+        if err < best_err:
+            best, best_err = bits, err
+    return best
+
+
+@pytest.mark.parametrize("f", [1, 7, 64, 300])
+def test_component_choice_is_the_one_k_at_a_time_definition(f):
+    from nexusquant.transform import _choose_components
+
+    g = torch.Generator().manual_seed(f)
+    # eigenvalue-like spectra: a steep decay, a flat tail, and trailing zeros
+    for weight in (
+        torch.rand(f, generator=g).pow(6).sort(descending=True).values,
+        torch.cat([torch.linspace(5, 1, f - f // 3), torch.zeros(f // 3)]),
+    ):
+        for per_token, side_per, side_fixed in (
+            (2.0 * f, 0.5, 3.0),
+            (0.6 * f, 0.1, 0.0),
+            (9.0 * f, 2.0, 40.0),
+            (3, 5, 0),
+        ):
+            got = _choose_components(weight, per_token, side_per, side_fixed)
+            ref = _choose_components_one_k_at_a_time(weight, per_token, side_per, side_fixed)
+            assert torch.equal(got, ref), (per_token, side_per, side_fixed)
+
+
 def test_low_rank_keys_cost_few_bits():
     g = torch.Generator().manual_seed(0)
     t, f, r = 800, 96, 8
