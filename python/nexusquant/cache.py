@@ -831,6 +831,9 @@ class NexusQuantLayer(CacheLayerMixin):
                 else:
                     read_by = None
                 valid = torch.cat([joined.valid, valid], dim=2)
+                # The decoded prompt is in the joined copies now: not held while they are coded
+                # (0.5 GB of a layer's peak at 128K tokens and 8 KV heads, docs/GPU.md).
+                staged = joined = None
                 amortize = 0  # every token the basis codes is here, as in one forward
                 if self.k_center is not None and all(t.length == 0 for t in self.tiers.values() if t is not tier):
                     k, v = self._recentre(k, v, valid)
