@@ -258,3 +258,27 @@ def test_a_bad_rotary_formula_is_a_corrupt_file(tmp_path):
     model, bad = _file_with_rope_table_edited(tmp_path, edit)
     with pytest.raises(nq.CorruptFileError, match="scaling must be a finite number"):
         nq.load_cache(bad, model)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gptj", "gpt_neox"])
+def test_angles_shared_by_every_head_rotate_as_per_head_angles(family):
+    """Keys whose heads hold the same tokens are rotated with one set of angles broadcast over the
+    heads (no per-head copies of the angles): exactly what the per-head angles give."""
+    from nexusquant.rope import RopeAdapter
+
+    if not family_supported(family):
+        pytest.skip(f"{family} not in this transformers")
+    model = make_tiny(family)
+    attn = next(
+        m for m in model.modules() if hasattr(m, "k_proj") or hasattr(m, "query_key_value") or hasattr(m, "qkv_proj")
+    )
+    adapter = RopeAdapter(attn)
+    g = torch.Generator().manual_seed(3)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    r = (adapter.rotary_dim or d) // (2 if adapter.kind == "gptj" else 1)
+    k = torch.randn(2, 4, 9, d, generator=g)
+    cos, sin = torch.randn(2, 1, 9, r, generator=g), torch.randn(2, 1, 9, r, generator=g)
+    for inverse in (False, True):
+        shared = adapter.rotate(k, cos, sin, inverse=inverse)
+        per_head = adapter.rotate(k, cos.expand(2, 4, 9, r), sin.expand(2, 4, 9, r), inverse=inverse)
+        assert torch.equal(shared, per_head)

@@ -579,6 +579,11 @@ class NexusQuantLayer(CacheLayerMixin):
                 "make the cache with the model, NexusQuantCache(model, ...), which record them, or "
                 "key_domain='post_rope'"
             )
+        if seq.shape[1] > 1 and bool(torch.equal(seq, seq[:, :1].expand_as(seq))):
+            # The same tokens in every head (transform-coded tiers; nothing evicted per head): one
+            # set of angles, broadcast by the rotation. Per head they were 1.8 GB of float32
+            # temporaries at a 128K-token prefix's re-rotation (docs/GPU.md).
+            seq = seq[:, :1]
         return self.rope_tables[self.rope_key].gather(seq)
 
     def _undo_rope(self, k: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:

@@ -79,11 +79,24 @@ class RopeAdapter:
             Keys ``(B, H, T, D)``.
         cos, sin : torch.Tensor
             The model's angles for each key, ``(B, H, T, R)`` (R as the model's rotary module made
-            them: the rotary width, or half of it for GPT-J).
+            them: the rotary width, or half of it for GPT-J), or ``(B, 1, T, R)`` where every head
+            holds the same tokens.
         """
         b, h, t, d = k.shape
         if inverse:
             sin = -sin
+        if cos.shape[1] == 1 and h > 1:
+            # One set of angles for all heads: the model's function broadcasts it over the heads
+            # as it does in the model (angles (B, T, R) against keys (B, H, T, D)).
+            c, s = cos[:, 0].to(k.dtype), sin[:, 0].to(k.dtype)
+            if self.kind == "qk":
+                _, out = self.fn(k[:, :1], k, c, s)  # the query slot takes one head: not used
+                return out
+            x = k.transpose(1, 2)  # (B, T, H, D)
+            r = self.rotary_dim or d
+            rot = self.fn(x[..., :r], s, c)
+            out = torch.cat([rot, x[..., r:]], dim=-1) if r < d else rot
+            return out.transpose(1, 2)
         kf = k.reshape(b * h, 1, t, d)
         c = cos.reshape(b * h, t, cos.shape[-1]).to(k.dtype)
         s = sin.reshape(b * h, t, sin.shape[-1]).to(k.dtype)
