@@ -101,6 +101,12 @@ def main():
     ap.add_argument(
         "--cprofile", type=int, default=0, help="also print this many functions by cumulative time (cProfile)"
     )
+    ap.add_argument(
+        "--torch-profile",
+        type=int,
+        default=0,
+        help="also print this many operators by self CPU time and by self CUDA time (torch.profiler)",
+    )
     args = ap.parse_args()
     model = llama3_8b(args.layers)
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device="cuda")
@@ -119,6 +125,14 @@ def main():
         prefill_seconds(model, ids, **kw)
         prof.disable()
         pstats.Stats(prof).sort_stats("cumulative").print_stats(args.cprofile)
+    if args.torch_profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            prefill_seconds(model, ids, **kw)
+        table = prof.key_averages()
+        print(table.table(sort_by="self_cpu_time_total", row_limit=args.torch_profile))
+        print(table.table(sort_by="self_cuda_time_total", row_limit=args.torch_profile))
     rows = [
         dict(step=label, seconds=round(timers.seconds[label], 3), calls=timers.calls[label])
         for _, _, label in STEPS

@@ -455,3 +455,25 @@ def test_transform_coded_cache_on_cuda_matches_cpu(extra):
         logits[device] = torch.stack(steps).float().cpu()
     # Same codes up to float rounding of the basis fit on another device: the logits stay close.
     assert torch.allclose(logits["cuda"], logits["cpu"], atol=0.05 * float(logits["cpu"].abs().max()))
+
+
+def test_coefficients_from_held_factors_are_the_solve_to_the_bit():
+    """A basis's Gram matrix is factored once (fit) and its factors reused for every later block
+    of keys (encode_more): the coefficients are torch.linalg.solve's, bit for bit, and a code read
+    back from a file (no factors) makes the same ones."""
+    from nexusquant.transform import _coefficients, _gram_lu
+
+    g = torch.Generator().manual_seed(5)
+    synth, x, mean = torch.randn(64, 10, generator=g), torch.randn(300, 64, generator=g), torch.randn(64, generator=g)
+    ref = torch.linalg.solve(synth.T @ synth, synth.T @ (x - mean).T).T
+    assert torch.equal(_coefficients(x, mean, synth), ref)
+    assert torch.equal(_coefficients(x, mean, synth, _gram_lu(synth)), ref)
+
+    keys = torch.randn(200, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    code = fit_key_transform(keys[:150], 3.0)
+    assert code.analysis is not None
+    more = code.encode_more(keys[150:])
+    assert more.analysis is code.analysis
+    read_back = copy.copy(code)
+    read_back.analysis = None
+    assert torch.equal(read_back.encode_more(keys[150:]).codes, more.codes)

@@ -210,10 +210,16 @@ def _restore_transform(
             "bits": bits,
             "codes": take_array(f"{p}.codes", (n, (int(bits.sum()) + 7) // 8), (np.dtype(np.uint8),)),
         }
+        tensor = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device) for name, a in arrs.items()}
         rows.append(
             [
                 KeyTransformCode(
-                    **{name: torch.from_numpy(np.ascontiguousarray(a)).to(device) for name, a in arrs.items()}
+                    mean=tensor["mean"],
+                    basis=tensor["basis"],
+                    basis_scale=tensor["basis_scale"],
+                    step=tensor["step"],
+                    bits=tensor["bits"],
+                    codes=tensor["codes"],
                 )
             ]
         )

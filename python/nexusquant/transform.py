@@ -26,7 +26,7 @@ transform of the query per step; the CPU path here dequantizes one layer at a ti
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -256,6 +256,12 @@ class KeyTransformCode:
     step: torch.Tensor
     bits: torch.Tensor
     codes: torch.Tensor
+    # The LU factors of the basis's Gram matrix, for the least-squares coefficients of every later
+    # block of keys (a chunked prefill codes each chunk in the first chunk's basis: factoring the
+    # Gram matrix again for every chunk was 21% of the GPU's time in a 64K-token prefill,
+    # benches/chunked_prefill_profile.py --torch-profile). Not part of the code: never saved, made
+    # again where missing.
+    analysis: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
 
     _FIELDS = ("mean", "basis", "basis_scale", "step", "bits", "codes")
 
@@ -286,16 +292,36 @@ class KeyTransformCode:
     def encode_more(self, x: torch.Tensor) -> KeyTransformCode:
         """Codes of more keys ``x`` ``(T, F)`` with this basis, steps and widths (a generated block):
         least-squares coefficients on the held basis (the prompt's metric is not kept)."""
-        c = _coefficients(x, self.mean, self.synthesis())
+        synth = self.synthesis()
+        if self.analysis is None and synth.shape[1]:
+            self.analysis = _gram_lu(synth)
+        c = _coefficients(x, self.mean, synth, self.analysis)
         return replace(self, codes=_pack_coefficients(c, self.step.float(), self.bits))
 
 
-def _coefficients(x: torch.Tensor, mean: torch.Tensor, synth: torch.Tensor) -> torch.Tensor:
+def _gram_lu(synth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LU factors and pivots of ``synthᵀ synth`` (``synth`` ``(F, K)``): what ``torch.linalg.solve``
+    factors on every call, so solving with them gives its results to the bit."""
+    lu, pivots, _ = torch.linalg.lu_factor_ex(synth.T @ synth)
+    return lu, pivots
+
+
+def _coefficients(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    synth: torch.Tensor,
+    analysis: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
     """Least-squares coefficients ``(T, K)`` of keys ``x`` ``(T, F)`` less ``mean`` on the columns
-    of ``synth`` ``(F, K)``, a block of tokens at a time."""
+    of ``synth`` ``(F, K)``, a block of tokens at a time; ``analysis``: ``_gram_lu(synth)`` where
+    already made."""
     c = torch.empty(x.shape[0], synth.shape[1], dtype=torch.float32, device=x.device)
+    if synth.shape[1] == 0:
+        return c
+    if analysis is None:
+        analysis = _gram_lu(synth)
     for rows in _row_blocks(x.shape[0]):
-        c[rows] = _analyse(x[rows].float() - mean.float(), synth)
+        c[rows] = _analyse(x[rows].float() - mean.float(), synth, analysis)
     return c
 
 
@@ -307,14 +333,12 @@ def _pack_coefficients(c: torch.Tensor, step: torch.Tensor, bits: torch.Tensor) 
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)
 
 
-def _analyse(xc: torch.Tensor, synth: torch.Tensor) -> torch.Tensor:
-    """Least-squares coefficients of centred keys ``xc`` ``(T, F)`` on the columns of ``synth`` ``(F, K)``."""
-    if synth.shape[1] == 0:
-        return xc.new_zeros(xc.shape[0], 0)
-    gram = synth.T @ synth
-    # solve_ex: the same solve without the error check that waits for the GPU (a full-rank basis,
-    # so the Gram matrix is positive definite).
-    return torch.linalg.solve_ex(gram, synth.T @ xc.T).result.T
+def _analyse(xc: torch.Tensor, synth: torch.Tensor, analysis: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Least-squares coefficients of centred keys ``xc`` ``(T, F)`` on the columns of ``synth``
+    ``(F, K)``, with ``analysis = _gram_lu(synth)`` (a full-rank basis: its Gram matrix is positive
+    definite, so the factors are used without the error check that waits for the GPU)."""
+    lu, pivots = analysis
+    return torch.linalg.lu_solve(lu, pivots, synth.T @ xc.T).T
 
 
 def _int8_columns(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,10 +435,11 @@ def fit_key_transform(
     kbits = bits[keep]
     synth = basis.float() * basis_scale.float()[None, :]
     # Coefficients on the basis the decoder will hold (int8), so encoder and decoder agree.
-    c = _coefficients(x, mean16, synth)
+    analysis = _gram_lu(synth) if synth.shape[1] else None
+    c = _coefficients(x, mean16, synth, analysis)
     step = _best_steps(c, kbits, w).to(torch.float32)
     codes = _pack_coefficients(c, step, kbits.to(torch.uint8))
-    return KeyTransformCode(mean16, basis, basis_scale, step, kbits.to(torch.uint8), codes)
+    return KeyTransformCode(mean16, basis, basis_scale, step, kbits.to(torch.uint8), codes, analysis)
 
 
 def _layout(bits: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
