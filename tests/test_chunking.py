@@ -427,3 +427,29 @@ def test_recode_prompt_is_checked():
         from nexusquant.eval.methods import parse_variant
 
         parse_variant("max:chunk_size=64,recode_prompt=2")
+
+
+@torch.no_grad()
+def test_chunks_coded_in_a_held_basis_let_its_factors_go_when_the_prompt_ends():
+    """Each chunk is coded in the basis fitted on the first with the Gram matrix's LU factors
+    held between chunks (counted in the cache's bytes); once the prompt is coded they are let go."""
+    from nexusquant.tiers import TransformCodedKeys
+
+    model = make_tiny("llama")
+    ids = _ids(200, seed=12)
+    held = []
+    real = TransformCodedKeys.append
+
+    def watching(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        held.append(any(row[0].analysis is not None for row in self.rows))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TransformCodedKeys, "append", watching)
+        with nq.nexusquant_evict(model, quality="high", chunk_size=40) as session:
+            model(ids, use_cache=True)
+    assert any(held)  # between chunks
+    for layer in session.cache.layers:
+        for tier in layer.tiers.values():
+            if isinstance(tier.keys, TransformCodedKeys):
+                assert all(row[0].analysis is None for row in tier.keys.rows)

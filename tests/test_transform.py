@@ -471,9 +471,18 @@ def test_coefficients_from_held_factors_are_the_solve_to_the_bit():
 
     keys = torch.randn(200, 64, generator=g) @ torch.randn(64, 64, generator=g)
     code = fit_key_transform(keys[:150], 3.0)
-    assert code.analysis is not None
-    more = code.encode_more(keys[150:])
-    assert more.analysis is code.analysis
+    assert code.analysis is None
+    bare = code.nbytes()
+    more = code.encode_more(keys[140:170])
+    # the first code of a row holds the factors (and counts them); its appends do not
+    assert code.analysis is not None and more.analysis is None
+    k = code.basis.shape[1]
+    assert code.nbytes() == bare + 4 * k * k + 4 * k
+    held = code.analysis
+    again = code.encode_more(keys[170:])
+    assert code.analysis is held
     read_back = copy.copy(code)
     read_back.analysis = None
-    assert torch.equal(read_back.encode_more(keys[150:]).codes, more.codes)
+    assert torch.equal(read_back.encode_more(keys[170:]).codes, again.codes)
+    # coding the first tokens again in the fitted basis gives the fit's own codes
+    assert torch.equal(more.codes[:10], code.codes[140:150])

@@ -855,6 +855,11 @@ class NexusQuantLayer(CacheLayerMixin):
             if tier is self.fine and not self.staged:
                 # The basis is fitted for good: the prompt's queries are not kept.
                 self.query_moment = self.query_count = None
+        if keep_exact == 0:
+            # Nothing more is coded chunk by chunk into this prompt's basis: its factors go.
+            for tier in self.tiers.values():
+                if isinstance(tier.keys, TransformCodedKeys):
+                    tier.keys.release_analysis()
         # Keep the recent window.
         self.win_k = self.win_k[:, :, n:].contiguous()
         self.win_v = self.win_v[:, :, n:].contiguous()

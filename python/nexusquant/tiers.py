@@ -280,6 +280,12 @@ class TransformCodedKeys:
             if len(row) > 1:
                 self.rows[i] = [replace(row[0], codes=torch.cat([c.codes for c in row], 0))]
 
+    def release_analysis(self) -> None:
+        """Let go of the factors ``encode_more`` keeps for a chunked prefill's next chunk
+        (:attr:`~nexusquant.transform.KeyTransformCode.analysis`): the prompt is coded."""
+        for row in self.rows:
+            row[0].analysis = None
+
     def nbytes(self) -> int:
         # The basis, mean, steps and widths are shared by a row's appends: count them once.
         total = 0

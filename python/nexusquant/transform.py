@@ -259,8 +259,9 @@ class KeyTransformCode:
     # The LU factors of the basis's Gram matrix, for the least-squares coefficients of every later
     # block of keys (a chunked prefill codes each chunk in the first chunk's basis: factoring the
     # Gram matrix again for every chunk was 21% of the GPU's time in a 64K-token prefill,
-    # benches/chunked_prefill_profile.py --torch-profile). Not part of the code: never saved, made
-    # again where missing.
+    # benches/chunked_prefill_profile.py --torch-profile). Made by the first encode_more, held by
+    # the row's first code only, counted in nbytes while held, let go when the prompt is coded
+    # (TransformCodedKeys.release_analysis); never saved.
     analysis: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
 
     _FIELDS = ("mean", "basis", "basis_scale", "step", "bits", "codes")
@@ -270,7 +271,8 @@ class KeyTransformCode:
         return self.codes.shape[0]
 
     def nbytes(self) -> int:
-        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self._FIELDS)
+        held = [getattr(self, n) for n in self._FIELDS] + list(self.analysis or ())
+        return sum(t.numel() * t.element_size() for t in held)
 
     def synthesis(self) -> torch.Tensor:
         """float32 ``(F, K)``: key = mean + synthesis @ coefficients."""
@@ -296,7 +298,7 @@ class KeyTransformCode:
         if self.analysis is None and synth.shape[1]:
             self.analysis = _gram_lu(synth)
         c = _coefficients(x, self.mean, synth, self.analysis)
-        return replace(self, codes=_pack_coefficients(c, self.step.float(), self.bits))
+        return replace(self, codes=_pack_coefficients(c, self.step.float(), self.bits), analysis=None)
 
 
 def _gram_lu(synth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,7 +441,7 @@ def fit_key_transform(
     c = _coefficients(x, mean16, synth, analysis)
     step = _best_steps(c, kbits, w).to(torch.float32)
     codes = _pack_coefficients(c, step, kbits.to(torch.uint8))
-    return KeyTransformCode(mean16, basis, basis_scale, step, kbits.to(torch.uint8), codes, analysis)
+    return KeyTransformCode(mean16, basis, basis_scale, step, kbits.to(torch.uint8), codes)
 
 
 def _layout(bits: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
