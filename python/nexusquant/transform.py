@@ -437,8 +437,7 @@ def fit_key_transform(
     kbits = bits[keep]
     synth = basis.float() * basis_scale.float()[None, :]
     # Coefficients on the basis the decoder will hold (int8), so encoder and decoder agree.
-    analysis = _gram_lu(synth) if synth.shape[1] else None
-    c = _coefficients(x, mean16, synth, analysis)
+    c = _coefficients(x, mean16, synth)
     step = _best_steps(c, kbits, w).to(torch.float32)
     codes = _pack_coefficients(c, step, kbits.to(torch.uint8))
     return KeyTransformCode(mean16, basis, basis_scale, step, kbits.to(torch.uint8), codes)
