@@ -96,7 +96,7 @@ class RopeAdapter:
             r = self.rotary_dim or d
             rot = self.fn(x[..., :r], s, c)
             out = torch.cat([rot, x[..., r:]], dim=-1) if r < d else rot
-            return out.transpose(1, 2)
+            return out.transpose(1, 2).contiguous()
         kf = k.reshape(b * h, 1, t, d)
         c = cos.reshape(b * h, t, cos.shape[-1]).to(k.dtype)
         s = sin.reshape(b * h, t, sin.shape[-1]).to(k.dtype)
