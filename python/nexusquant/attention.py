@@ -162,7 +162,7 @@ def _masked_attention(query, key, value, allowed, scaling, softcap, dropout, fir
 _MASK_FREE_DEVICES = ("cuda",)
 
 
-def _is_plain_chunk(query: torch.Tensor, view: LayerView, comp, win: torch.Tensor, softcap) -> bool:
+def _is_plain_chunk(query: torch.Tensor, comp, win: torch.Tensor, softcap) -> bool:
     """Whether the forward's ``q`` queries are the last ``q`` of the layer's tokens and see
     everything before them and nothing after: every compressed slot valid (``comp`` None: no
     eviction, padding or sliding window), the window's mask the plain causal one, no soft-cap.
@@ -579,7 +579,7 @@ def nexusquant_attention(
             return torch.cat([c, w], dim=-1)
 
         t_all = key.shape[2]
-        if _is_plain_chunk(query, view, comp, win, softcap):
+        if _is_plain_chunk(query, comp, win, softcap):
             out = _lower_right_causal_attention(query, key, value, scaling, dropout)
         else:
             # Many queries over a long compressed prefix with a mask of their own (padding, evicted
