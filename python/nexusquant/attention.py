@@ -109,6 +109,26 @@ def _compressed_mask(view: LayerView, q: int, sliding: Optional[int], device) ->
 _MASK_ELEMENTS = 1 << 28
 
 
+def _attention_per_query_head(query, key, value, attn_mask, scaling, dropout):
+    """SDPA of ``query`` ``(B, H_q, q, D)`` over ``key``/``value`` ``(B, H_kv, T, D)``, one call per
+    query head of a KV group, every call with the same ``attn_mask`` (a ``(B, H_kv, q, T)`` mask or
+    a causal bias): keys, values and the mask are never repeated for the group. Returns
+    ``(B, H_kv, g, q, D)``."""
+    b, hq, q, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    qg = query.reshape(b, hkv, g, q, d)
+    return torch.stack(
+        [
+            F.scaled_dot_product_attention(
+                qg[:, :, j], key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scaling
+            )
+            for j in range(g)
+        ],
+        dim=2,
+    )
+
+
 def _masked_attention(query, key, value, allowed, scaling, softcap, dropout, first_own=None):
     """Attention with a per-KV-head bool mask ``allowed`` ``(B or 1, H_kv or 1, q, T)``.
 
@@ -131,16 +151,7 @@ def _masked_attention(query, key, value, allowed, scaling, softcap, dropout, fir
     if softcap is None and g * mask.numel() > _MASK_ELEMENTS:
         # One call per query head of a group, all sharing the (B, H_kv, q, T) mask: a mask repeated
         # for the group would be a copy g times its size (GBs for a chunk of a long prompt).
-        qg = query.reshape(b, hkv, g, q, d)
-        out = torch.stack(
-            [
-                F.scaled_dot_product_attention(
-                    qg[:, :, j], key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
-                )
-                for j in range(g)
-            ],
-            dim=2,
-        )
+        out = _attention_per_query_head(query, key, value, mask, scaling, dropout)
     else:
         # Small masks (decode: one query per sequence) are repeated for the group and used in one
         # call, as this path always has (same kernel, same rounding as the measurements).
@@ -181,18 +192,8 @@ def _lower_right_causal_attention(query, key, value, scaling, dropout):
     flash or memory-efficient kernel without a mask in memory (on a device without them torch
     builds the ``(q, T)`` mask). One call per query head of a KV group, so keys and values are
     never repeated for GQA. Returns ``(B, q, H_q, D)``."""
-    b, hq, q, d = query.shape
-    hkv, t = key.shape[1], key.shape[2]
-    g = hq // hkv
-    qg = query.reshape(b, hkv, g, q, d)
-    bias = causal_lower_right(q, t)
-    out = torch.stack(
-        [
-            F.scaled_dot_product_attention(qg[:, :, j], key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
-            for j in range(g)
-        ],
-        dim=2,
-    )
+    b, hq, q, _ = query.shape
+    out = _attention_per_query_head(query, key, value, causal_lower_right(q, key.shape[2]), scaling, dropout)
     return out.reshape(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
 
 
