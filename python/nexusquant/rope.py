@@ -88,26 +88,20 @@ class RopeAdapter:
         if cos.shape[1] == 1 and h > 1:
             # One set of angles for all heads: the model's function broadcasts it over the heads
             # as it does in the model (angles (B, T, R) against keys (B, H, T, D)).
-            c, s = cos[:, 0].to(k.dtype), sin[:, 0].to(k.dtype)
-            if self.kind == "qk":
-                _, out = self.fn(k[:, :1], k, c, s)  # the query slot takes one head: not used
-                return out
-            x = k.transpose(1, 2)  # (B, T, H, D)
-            r = self.rotary_dim or d
-            rot = self.fn(x[..., :r], s, c)
-            out = torch.cat([rot, x[..., r:]], dim=-1) if r < d else rot
-            return out.transpose(1, 2).contiguous()
-        kf = k.reshape(b * h, 1, t, d)
-        c = cos.reshape(b * h, t, cos.shape[-1]).to(k.dtype)
-        s = sin.reshape(b * h, t, sin.shape[-1]).to(k.dtype)
+            kf, c, s = k, cos[:, 0], sin[:, 0]
+        else:
+            # Angles per head: every head its own sequence, one head each.
+            kf = k.reshape(b * h, 1, t, d)
+            c, s = cos.reshape(b * h, t, cos.shape[-1]), sin.reshape(b * h, t, sin.shape[-1])
+        c, s = c.to(k.dtype), s.to(k.dtype)
         if self.kind == "qk":
-            _, out = self.fn(kf, kf, c, s)
+            _, out = self.fn(kf[:, :1], kf, c, s)  # the query slot takes one head: not used
             return out.reshape(b, h, t, d)
-        x = kf.transpose(1, 2)  # (B*H, T, 1, D): GPT-J rotates before moving heads forward
+        x = kf.transpose(1, 2)  # (B or B*H, T, H or 1, D): GPT-J rotates before moving heads forward
         r = self.rotary_dim or d
         rot = self.fn(x[..., :r], s, c)
         out = torch.cat([rot, x[..., r:]], dim=-1) if r < d else rot
-        return out.transpose(1, 2).reshape(b, h, t, d)
+        return out.transpose(1, 2).reshape(b, h, t, d).contiguous()
 
 
 def _repeats_half(x: torch.Tensor) -> bool:
