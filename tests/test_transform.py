@@ -458,8 +458,8 @@ def test_transform_coded_cache_on_cuda_matches_cpu(extra):
 
 
 def test_coefficients_from_held_factors_are_the_solve_to_the_bit():
-    """A basis's Gram matrix is factored once (fit) and its factors reused for every later block
-    of keys (encode_more): the coefficients are torch.linalg.solve's, bit for bit, and a code read
+    """A basis's Gram matrix is factored by the first encode_more and its factors reused for every
+    later block of keys: the coefficients are torch.linalg.solve's, bit for bit, and a code read
     back from a file (no factors) makes the same ones."""
     from nexusquant.transform import _coefficients, _gram_lu
 
