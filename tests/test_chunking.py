@@ -453,3 +453,49 @@ def test_chunks_coded_in_a_held_basis_let_its_factors_go_when_the_prompt_ends():
         for tier in layer.tiers.values():
             if isinstance(tier.keys, TransformCodedKeys):
                 assert all(row[0].analysis is None for row in tier.keys.rows)
+
+
+def test_a_chunks_compression_reads_back_from_the_device_twice(monkeypatch):
+    """Every read of a tensor's value on the host (``item``, ``bool``, ``tolist``, ``torch.equal``,
+    ...) waits for a GPU to finish its queue. A chunk's compression makes two in its own
+    bookkeeping (the finiteness check, then one read of the tier decision), whatever the number
+    of tiers: read one at a time they were 17 (3,784 waits in a 64K-token prefill, docs/GPU.md).
+    Counted on the CPU, where the same calls run; the transform coder's fit (its allocation is
+    computed on the host) and the first compression's sinks are not counted."""
+    import traceback
+
+    reads = []
+    compressions = []
+    real_compress = NexusQuantLayer.compress
+
+    def counting_compress(self, *args, **kwargs):
+        compressions.append(len(reads))
+        return real_compress(self, *args, **kwargs)
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(*args, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0]
+            if caller.filename.endswith(("nexusquant/cache.py", "nexusquant/tiers.py")):
+                reads.append((caller.lineno, caller.line))
+            return real(*args, **kwargs)
+
+        return read
+
+    for name in ("item", "__bool__", "__int__", "__float__", "tolist", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    monkeypatch.setattr(NexusQuantLayer, "compress", counting_compress)
+    model = make_tiny("llama")
+    ids = _ids(260, seed=5)
+    with nq.nexusquant_evict(model, quality="balanced", chunk_size=64), torch.no_grad():
+        model(ids, use_cache=True)
+    layers = model.config.num_hidden_layers
+    assert len(compressions) == 5 * layers  # 260 tokens in chunks of 64
+    compressions.append(len(reads))
+    per_call = [b - a for a, b in zip(compressions, compressions[1:])]
+    # Chunk by chunk, layer by layer: the first chunk is held whole (nothing to compress), the
+    # second's compression also picks the sinks, the last joins the staged prompt (one more read).
+    middle, last = per_call[2 * layers : -layers], per_call[-layers:]
+    assert middle and max(middle) <= 2, reads
+    assert max(last) <= 3, reads

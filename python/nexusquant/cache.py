@@ -579,12 +579,20 @@ class NexusQuantLayer(CacheLayerMixin):
                 "make the cache with the model, NexusQuantCache(model, ...), which record them, or "
                 "key_domain='post_rope'"
             )
-        if seq.shape[1] > 1 and bool(torch.equal(seq, seq[:, :1].expand_as(seq))):
+        if seq.shape[1] > 1 and (self._heads_share_tokens() or bool(torch.equal(seq, seq[:, :1].expand_as(seq)))):
             # The same tokens in every head (transform-coded tiers; nothing evicted per head): one
             # set of angles, broadcast by the rotation. Per head they were 1.8 GB of float32
             # temporaries at a 128K-token prefix's re-rotation (docs/GPU.md).
             seq = seq[:, :1]
         return self.rope_tables[self.rope_key].gather(seq)
+
+    def _heads_share_tokens(self) -> bool:
+        """Whether every tier holds the same tokens in every KV head, known without looking: a
+        layer with transform-coded fine keys codes all heads of a token together, so it keeps or
+        drops a token in every head at once (``allocate_tokens``), generated blocks included.
+        (Comparing the heads' positions on a GPU waits for it: 84 of a prefill's 548 waits.)"""
+        fine = self.fine
+        return fine is not None and isinstance(fine.keys, TransformCodedKeys)
 
     def _undo_rope(self, k: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         cos, sin = self._rope_angles(seq)
@@ -782,25 +790,33 @@ class NexusQuantLayer(CacheLayerMixin):
             self.win_valid[:, :segment].sum(1),
             s.evict,
             s.demote,
-            # transform-coded keys code all heads of a token together: the same tokens in every head
-            self.fine is not None and isinstance(self.fine.keys, TransformCodedKeys),
+            self._heads_share_tokens(),
             h,
         )
-        self.prompt_tokens += int(cand_valid.sum().item()) if scores is not None else 0
-        self.dropped += int((cand_valid[:, None, :].expand(b, h, n) & ~to_fine & ~to_coarse).sum().item())
 
         assert tuple(self.tiers) == TIER_NAMES
         chosen_by_tier = (to_fine, to_coarse, torch.zeros_like(to_fine))
         fine = self.tiers["fine"]
         if generated and isinstance(fine.keys, TransformCodedKeys) and fine.length > 0:
             chosen_by_tier = (chosen_by_tier[2], to_coarse, to_fine)
+        # What the host needs of this decision, read back in one go (every read of a GPU tensor
+        # waits for the GPU; read one at a time they were 8 waits of a chunk's compression): each
+        # tier's most and fewest tokens over rows and heads (its slots; all slots real when equal),
+        # the tokens dropped, and the prompt's real tokens where eviction budgets count them.
+        per_head = torch.stack([chosen.sum(-1).flatten() for chosen in chosen_by_tier])  # (3, B * H)
+        dropped = (cand_valid[:, None, :].expand(b, h, n) & ~to_fine & ~to_coarse).sum()
+        real = cand_valid.sum() if scores is not None else torch.zeros_like(dropped)
+        read = torch.cat([per_head.amax(1), per_head.amin(1), dropped.view(1), real.view(1)]).tolist()
+        most, fewest = read[0:3], read[3:6]
+        self.dropped += int(read[6])
+        self.prompt_tokens += int(read[7])
         staged = None
         if finishing:
             staged = self._unstage(None if attention is None else attention[..., : attention.shape[-1] - w])
         elif keep_exact > 0 and not generated and recode_prompt() and fine.length == 0:
             self._stage()
-        for tier, chosen in zip(self.tiers.values(), chosen_by_tier):
-            count = int(chosen.sum(-1).max().item()) if chosen.any() else 0
+        for i, (tier, chosen) in enumerate(zip(self.tiers.values(), chosen_by_tier)):
+            count, all_real = int(most[i]), fewest[i] == most[i]
             joined = staged if tier is self.fine else None
             if count == 0 and joined is None:
                 continue
@@ -836,6 +852,7 @@ class NexusQuantLayer(CacheLayerMixin):
                 else:
                     read_by = None
                 valid = torch.cat([joined.valid, valid], dim=2)
+                all_real = bool(valid.all())
                 # The decoded prompt is in the joined copies now: not held while they are coded
                 # (0.5 GB of a layer's peak at 128K tokens and 8 KV heads, docs/GPU.md).
                 staged = joined = None
@@ -846,7 +863,8 @@ class NexusQuantLayer(CacheLayerMixin):
                 k,
                 v,
                 seq if self.needs_positions else None,
-                None if bool(valid.all()) else valid,
+                None if all_real else valid,
+                seq_bound=self.seen,  # positions count the tokens seen
                 key_metric=self.query_moment if tier is self.fine else None,
                 amortize_tokens=amortize,
                 key_token_weight=self._key_fit_weight(read_by, idx, valid) if tier is self.fine else None,
@@ -951,8 +969,11 @@ class NexusQuantLayer(CacheLayerMixin):
         ``(B, n)``, ``seq`` ``(n,)``), naming the layer, token, batch row and head: the codec would
         only say "vector i"."""
         where = "" if self.layer_idx is None else f"layer {self.layer_idx}: "
-        for part, x in (("key", k), ("value", v)):
-            bad = (~torch.isfinite(x)).any(-1) & valid[:, None, :]
+        bad_by_part = [(~torch.isfinite(x)).any(-1) & valid[:, None, :] for x in (k, v)]
+        # One read of both answers: each read of a GPU tensor waits for the GPU.
+        if not any(torch.stack([bad.any() for bad in bad_by_part]).tolist()):
+            return
+        for part, bad in zip(("key", "value"), bad_by_part):
             if bool(bad.any()):
                 b, h, t = (int(i) for i in bad.nonzero()[0])
                 raise NexusQuantError(

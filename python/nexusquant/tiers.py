@@ -335,9 +335,12 @@ class Tier:
         key_token_weight: Optional[torch.Tensor] = None,
         value_refine: Optional[torch.Tensor] = None,
         value_refine_count: int = 0,
+        seq_bound: Optional[int] = None,
     ) -> None:
         """Add tokens: ``k``, ``v`` ``(B, H, T, D)``; ``seq`` int ``(B, H, T)`` or None when positions
-        are not tracked; ``valid`` bool ``(B, H, T)`` or None when every new slot is valid;
+        are not tracked (``seq_bound``: a number above every position, where the caller knows one
+        without reading ``seq``, which waits for a GPU); ``valid`` bool ``(B, H, T)`` or None when
+        every new slot is valid;
         ``key_metric`` float ``(B, F, F)``, the queries' second moment for transform-coded keys;
         ``amortize_tokens`` and ``key_token_weight`` ``(B, T)``: see
         :meth:`TransformCodedKeys.append`; ``value_refine`` and ``value_refine_count``: see
@@ -352,10 +355,9 @@ class Tier:
             self.keys.append(k)
         self.values.append(v, value_refine, value_refine_count)
         if seq is not None:
+            largest = int(seq.max().item()) if seq_bound is None else seq_bound - 1
             seq = seq.to(
-                torch.int16
-                if int(seq.max().item()) < 2**15 and (self.seq is None or self.seq.dtype == torch.int16)
-                else torch.int32
+                torch.int16 if largest < 2**15 and (self.seq is None or self.seq.dtype == torch.int16) else torch.int32
             )
             if self.seq is not None and self.seq.dtype != seq.dtype:
                 self.seq = self.seq.to(torch.int32)

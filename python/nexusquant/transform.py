@@ -298,7 +298,8 @@ class KeyTransformCode:
         if self.analysis is None and synth.shape[1]:
             self.analysis = _gram_lu(synth)
         c = _coefficients(x, self.mean, synth, self.analysis)
-        return replace(self, codes=_pack_coefficients(c, self.step.float(), self.bits), analysis=None)
+        code_bytes = self.codes.shape[1]  # the widths are this code's: so is the row length
+        return replace(self, codes=_pack_coefficients(c, self.step.float(), self.bits, code_bytes), analysis=None)
 
 
 def _gram_lu(synth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,11 +328,15 @@ def _coefficients(
     return c
 
 
-def _pack_coefficients(c: torch.Tensor, step: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+def _pack_coefficients(c: torch.Tensor, step: torch.Tensor, bits: torch.Tensor, code_bytes: int) -> torch.Tensor:
     """Coefficients ``c`` ``(T, K)`` quantized with ``step`` and packed at widths ``bits`` (uint8
-    ``(K,)``): uint8 ``(T, code bytes)``, a block of tokens at a time."""
+    ``(K,)``, ``code_bytes`` = ceil(sum / 8), known to the caller without reading the widths back
+    from the GPU): uint8 ``(T, code_bytes)``, a block of tokens at a time."""
     levels = 2 ** bits.to(torch.int64)
-    blocks = [pack_fixed(_quantize(c[rows], step, levels).to(torch.int64), bits) for rows in _row_blocks(c.shape[0])]
+    blocks = [
+        pack_fixed(_quantize(c[rows], step, levels).to(torch.int64), bits, code_bytes)
+        for rows in _row_blocks(c.shape[0])
+    ]
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)
 
 
@@ -429,34 +434,37 @@ def fit_key_transform(
     fixed = 16 * f / spread
     # The allocation works on F numbers: on the CPU, whatever device the keys are on.
     if lagrange is None:
-        bits = _choose_components(var.cpu(), bits_per_element * f, per_component, fixed).to(x.device)
+        bits_on_host = _choose_components(var.cpu(), bits_per_element * f, per_component, fixed)
     else:
-        bits = _choose_components_lagrangian(var.cpu(), lagrange, per_component).to(x.device)
+        bits_on_host = _choose_components_lagrangian(var.cpu(), lagrange, per_component)
+    bits = bits_on_host.to(x.device)
     keep = bits > 0
     basis, basis_scale = _int8_columns(synth_all[:, keep].float())
     kbits = bits[keep]
+    code_bytes = (int(bits_on_host.sum()) + 7) // 8
     synth = basis.float() * basis_scale.float()[None, :]
     # Coefficients on the basis the decoder will hold (int8), so encoder and decoder agree.
     c = _coefficients(x, mean16, synth)
     step = _best_steps(c, kbits, w).to(torch.float32)
-    codes = _pack_coefficients(c, step, kbits.to(torch.uint8))
+    codes = _pack_coefficients(c, step, kbits.to(torch.uint8), code_bytes)
     return KeyTransformCode(mean16, basis, basis_scale, step, kbits.to(torch.uint8), codes)
 
 
-def _layout(bits: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Byte index, bit shift and mask of each component's code, and the bytes per token."""
+def _layout(bits: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Byte index, bit shift and mask of each component's code."""
     widths = bits.to(device=device, dtype=torch.int64)
     offsets = torch.cumsum(widths, 0) - widths
-    nbytes = (int(widths.sum().item()) + 7) // 8
-    return offsets // 8, offsets % 8, (1 << widths) - 1, nbytes
+    return offsets // 8, offsets % 8, (1 << widths) - 1
 
 
-def pack_fixed(q: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+def pack_fixed(q: torch.Tensor, bits: torch.Tensor, code_bytes: Optional[int] = None) -> torch.Tensor:
     """Pack integers ``q`` ``(T, K)`` of widths ``bits`` ``(K,)`` (1–8 each) into uint8
     ``(T, ceil(sum / 8))``, LSB-first at fixed offsets: component i starts at bit
-    ``sum(bits[:i])`` of every token's bytes."""
+    ``sum(bits[:i])`` of every token's bytes. ``code_bytes``: that row length where the caller
+    knows it (reading the sum of widths held on a GPU waits for the GPU)."""
     t, k = q.shape
-    byte, shift, mask, nbytes = _layout(bits, q.device)
+    byte, shift, mask = _layout(bits, q.device)
+    nbytes = (int(bits.to(torch.int64).sum()) + 7) // 8 if code_bytes is None else code_bytes
     out = torch.zeros(t, nbytes + 1, dtype=torch.int32, device=q.device)  # one spare byte for spill-over
     if k == 0 or t == 0:
         return out[:, :nbytes].to(torch.uint8)
@@ -470,7 +478,7 @@ def pack_fixed(q: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 def unpack_fixed(codes: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_fixed`: int64 ``(T, K)``."""
     t = codes.shape[0]
-    byte, shift, mask, nbytes = _layout(bits, codes.device)
+    byte, shift, mask = _layout(bits, codes.device)
     if byte.numel() == 0:
         return torch.zeros(t, 0, dtype=torch.int64, device=codes.device)
     c = torch.cat([codes, torch.zeros(t, 1, dtype=codes.dtype, device=codes.device)], 1).to(torch.int32)
