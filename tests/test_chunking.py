@@ -499,3 +499,33 @@ def test_a_chunks_compression_reads_back_from_the_device_twice(monkeypatch):
     middle, last = per_call[2 * layers : -layers], per_call[-layers:]
     assert middle and max(middle) <= 2, reads
     assert max(last) <= 3, reads
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_chunk_attention_on_cuda_takes_the_grouped_heads_in_one_call(monkeypatch):
+    """On CUDA a chunk's lower-right causal attention over grouped KV heads is one flash call
+    (keys and values read once per group), and gives what the explicit mask gives."""
+    import torch.nn.functional as F
+
+    from nexusquant.attention import _causal, _lower_right_causal_attention, _masked_attention
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    q, t = 192, 1000
+    query = torch.randn(2, 32, q, 128, generator=g, device="cuda", dtype=torch.bfloat16)  # 32 over 8
+    key = torch.randn(2, 8, t, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    value = torch.randn(2, 8, t, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("enable_gqa", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    got = _lower_right_causal_attention(query, key, value, 128**-0.5, 0.0)
+    assert calls == [True]
+    ref = _masked_attention(
+        query.float(), key.float(), value.float(), _causal(q, t, query.device), 128**-0.5, None, 0.0
+    )
+    torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
