@@ -505,9 +505,9 @@ def test_a_chunks_compression_reads_back_from_the_device_twice(monkeypatch):
 @torch.no_grad()
 def test_chunk_attention_on_cuda_takes_the_grouped_heads_in_one_call(monkeypatch):
     """On CUDA a chunk's lower-right causal attention over grouped KV heads is one flash call
-    (keys and values read once per group), and gives what the explicit mask gives."""
-    import torch.nn.functional as F
-
+    (keys and values read once per group, not once per query head), and gives what the explicit
+    mask gives."""
+    import nexusquant.attention as attention
     from nexusquant.attention import _causal, _lower_right_causal_attention, _masked_attention
 
     g = torch.Generator(device="cuda").manual_seed(11)
@@ -515,16 +515,12 @@ def test_chunk_attention_on_cuda_takes_the_grouped_heads_in_one_call(monkeypatch
     query = torch.randn(2, 32, q, 128, generator=g, device="cuda", dtype=torch.bfloat16)  # 32 over 8
     key = torch.randn(2, 8, t, 128, generator=g, device="cuda", dtype=torch.bfloat16)
     value = torch.randn(2, 8, t, 128, generator=g, device="cuda", dtype=torch.bfloat16)
-    calls = []
-    real = F.scaled_dot_product_attention
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("enable_gqa", False))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    assert attention._flash_takes_grouped_heads(query, key, value, 0.0)
+    per_head = []
+    real = attention._attention_per_query_head
+    monkeypatch.setattr(attention, "_attention_per_query_head", lambda *a: per_head.append(1) or real(*a))
     got = _lower_right_causal_attention(query, key, value, 128**-0.5, 0.0)
-    assert calls == [True]
+    assert not per_head
     ref = _masked_attention(
         query.float(), key.float(), value.float(), _causal(q, t, query.device), 128**-0.5, None, 0.0
     )
