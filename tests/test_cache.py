@@ -509,3 +509,32 @@ def test_rope_table_records_a_forward_once_and_mirrors_per_device():
     assert t.nbytes() == 2 * (2 * 12 * 8 * 4)  # the table and its copy, cos and sin
     t.record(cos, sin, 0, forward=4)  # a new sequence: the copies go
     assert t.nbytes() == 2 * 10 * 8 * 4
+
+
+@torch.no_grad()
+def test_tiers_hold_positions_once_where_every_head_holds_the_same_tokens():
+    """A layer that keeps or drops a token in every KV head at once (transform-coded keys; or no
+    eviction) holds each token's position once, not once per head, and counts only that; a layer
+    that evicts per head holds them per head. ``Tier.seq`` reads the same either way."""
+    model = make_tiny("llama")
+    ids = torch.randint(3, 90, (2, 120), generator=torch.Generator().manual_seed(21))
+    cases = (
+        ("high", {}, True),
+        (nq.E8_PRESETS["high"], dict(key_domain="pre_rope"), True),  # pre-RoPE keys need positions
+        (nq.E8_PRESETS["balanced"], dict(key_domain="pre_rope"), False),  # evicts per head
+    )
+    for quality, knobs, shared in cases:
+        with nq.nexusquant_evict(model, quality=quality, **knobs) as session:
+            model(ids, use_cache=True)
+        layer = session.cache.layers[0]
+        assert layer.heads_share_tokens() == shared
+        tier = layer.tiers["fine"]
+        held, seq = tier.positions_held, tier.seq
+        assert held is not None and seq is not None
+        assert seq.shape == (2, layer.heads, tier.length)
+        assert held.shape[1] == (1 if shared else layer.heads)
+        if shared:
+            assert torch.equal(seq, held.expand_as(seq))
+        codes = tier.keys.nbytes() + tier.values.nbytes()
+        valid = 0 if tier.valid is None else tier.valid.numel()
+        assert tier.nbytes() == codes + held.numel() * held.element_size() + valid

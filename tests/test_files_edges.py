@@ -238,3 +238,22 @@ def test_token_ids_outside_uint32_are_refused(saved, tmp_path, bad):
     with pytest.raises(nq.NexusQuantError, match="token ids"):
         nq.save_cache(cache, tmp_path / "x.nqkv", token_ids=wrong)
     assert not (tmp_path / "x.nqkv").exists()
+
+
+def test_positions_that_differ_between_heads_of_a_shared_layer_are_refused(tmp_path):
+    """A transform-coded layer holds the same tokens in every KV head; a file whose positions
+    say otherwise is corrupt, not silently read as head 0's."""
+    model = make_tiny("llama")
+    cache = _prefill(model, _ids(90), quality="high")
+    path = tmp_path / "good.nqkv"
+    nq.save_cache(cache, path)
+    nq.load_cache(path, model)  # the file as written loads
+
+    def swap_heads(d):
+        seq = d["fine.seq"].copy()
+        seq[:, 1, [0, 1]] = seq[:, 1, [1, 0]]  # still in range: only the heads disagree
+        d["fine.seq"] = seq
+
+    bad = _rewrite(read_nqkv(str(path)), tmp_path / "bad.nqkv", layer=swap_heads)
+    with pytest.raises(nq.NexusQuantError, match="differs between KV heads"):
+        nq.load_cache(bad, model)

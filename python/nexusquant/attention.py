@@ -402,8 +402,9 @@ def _seq32(layer: NexusQuantLayer, tier) -> torch.Tensor:
     hit = _SEQ32.get(id(layer))
     if hit is None:
         weakref.finalize(layer, _SEQ32.pop, id(layer), None)
-    if hit is None or hit[0] is not tier.seq or hit[1] != tier.seq._version:
-        hit = _SEQ32[id(layer)] = (tier.seq, tier.seq._version, tier.seq[:, 0].to(torch.int32).contiguous())
+    held = tier.positions_held  # ``tier.seq`` may be a new broadcast view at every call
+    if hit is None or hit[0] is not held or hit[1] != held._version:
+        hit = _SEQ32[id(layer)] = (held, held._version, held[:, 0].to(torch.int32).contiguous())
     return hit[2]
 
 

@@ -579,20 +579,23 @@ class NexusQuantLayer(CacheLayerMixin):
                 "make the cache with the model, NexusQuantCache(model, ...), which record them, or "
                 "key_domain='post_rope'"
             )
-        if seq.shape[1] > 1 and (self._heads_share_tokens() or bool(torch.equal(seq, seq[:, :1].expand_as(seq)))):
+        if seq.shape[1] > 1 and (self.heads_share_tokens() or bool(torch.equal(seq, seq[:, :1].expand_as(seq)))):
             # The same tokens in every head (transform-coded tiers; nothing evicted per head): one
             # set of angles, broadcast by the rotation. Per head they were 1.8 GB of float32
             # temporaries at a 128K-token prefix's re-rotation (docs/GPU.md).
             seq = seq[:, :1]
         return self.rope_tables[self.rope_key].gather(seq)
 
-    def _heads_share_tokens(self) -> bool:
+    def heads_share_tokens(self) -> bool:
         """Whether every tier holds the same tokens in every KV head, known without looking: a
         layer with transform-coded fine keys codes all heads of a token together, so it keeps or
-        drops a token in every head at once (``allocate_tokens``), generated blocks included.
-        (Comparing the heads' positions on a GPU waits for it: 84 of a prefill's 548 waits.)"""
+        drops a token in every head at once (``allocate_tokens``), generated blocks included; a
+        layer that neither evicts nor demotes keeps every token in every head. (Comparing the
+        heads' positions on a GPU waits for it: 84 of a prefill's 548 waits.)"""
         fine = self.fine
-        return fine is not None and isinstance(fine.keys, TransformCodedKeys)
+        if fine is not None and isinstance(fine.keys, TransformCodedKeys):
+            return True
+        return self.settings.evict == 0.0 and self.settings.demote == 0.0
 
     def _undo_rope(self, k: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         cos, sin = self._rope_angles(seq)
@@ -790,7 +793,7 @@ class NexusQuantLayer(CacheLayerMixin):
             self.win_valid[:, :segment].sum(1),
             s.evict,
             s.demote,
-            self._heads_share_tokens(),
+            self.heads_share_tokens(),
             h,
         )
 
@@ -865,6 +868,7 @@ class NexusQuantLayer(CacheLayerMixin):
                 seq if self.needs_positions else None,
                 None if all_real else valid,
                 seq_bound=self.seen,  # positions count the tokens seen
+                heads_share_tokens=self.heads_share_tokens(),
                 key_metric=self.query_moment if tier is self.fine else None,
                 amortize_tokens=amortize,
                 key_token_weight=self._key_fit_weight(read_by, idx, valid) if tier is self.fine else None,

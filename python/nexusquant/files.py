@@ -643,6 +643,7 @@ def _restore_layer(
     probe = torch.empty(b, h, 0, d, dtype=dtype, device=device)
     layer.lazy_initialization(probe, probe)
     tier_state = []
+    shared_heads = layer.heads_share_tokens()
     for tier_name, n in tier_lengths.items():
         tier = layer.tiers[tier_name]
         if n == 0:
@@ -669,6 +670,8 @@ def _restore_layer(
         seq = take(f"{tier_name}.seq", (b, h, n), (np.dtype(np.int16), np.dtype(np.int32)))
         if seq is not None:
             _positions(seq, seen, where, f"{tier_name}.seq")
+            if shared_heads and not bool((seq == seq[:, :1]).all()):
+                raise _corrupt(f"{where}: {tier_name}.seq differs between KV heads, which hold the same tokens here")
         elif layer.needs_positions:
             raise _corrupt(f"{where}: {tier_name}.seq is missing (this layer needs token positions)")
         valid = take(f"{tier_name}.valid", (b, h, n), (np.dtype(np.bool_),))
@@ -689,9 +692,16 @@ def _restore_layer(
         }
     )
     for tier, n, parts, seq, valid, refinement in tier_state:
+        seq_t: Optional[torch.Tensor] = None
+        if seq is not None and shared_heads:
+            # The file holds positions per head; the layer holds them once (a broadcast view
+            # is what Tier keeps one row of), as it did when the cache was saved.
+            seq_t = _torch(np.ascontiguousarray(seq[:, :1]), None, device).expand(seq.shape)
+        elif seq is not None:
+            seq_t = _torch(seq, None, device)
         state: dict[str, Any] = {
             "length": n,
-            "seq": None if seq is None else _torch(seq, None, device),
+            "seq": seq_t,
             "valid": None if valid is None else _torch(valid, None, device),
         }
         state.update((f"v.{name}", _torch(a, None, device)) for name, a in refinement.items())

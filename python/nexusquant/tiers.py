@@ -321,8 +321,35 @@ class Tier:
             else TransformCodedKeys(head_dim, key_rate, dtype)
         )
         self.values = QuantizedTensor(head_dim, value_bits, seed, dtype, value_refine_bits)
-        self.seq: Optional[torch.Tensor] = None  # int32 (B, H, T)
+        # int16/int32 (B, 1, T) where every KV head holds the same tokens (a transform-coded layer
+        # keeps or drops a token in all heads at once), else (B, H, T): the positions are counted
+        # in the cache's bytes, and held once per head they were 4-6% of them (docs/EVAL.md).
+        self._seq: Optional[torch.Tensor] = None
+        self._heads = 0
         self.valid: Optional[torch.Tensor] = None  # bool (B, H, T)
+
+    @property
+    def seq(self) -> Optional[torch.Tensor]:
+        """int16/int32 ``(B, H, T)``: each slot's sequence index (a broadcast view where the heads
+        share their tokens), or None where positions are not tracked."""
+        held = self._seq
+        if held is None or held.shape[1] == self._heads:
+            return held
+        return held.expand(-1, self._heads, -1)
+
+    @seq.setter
+    def seq(self, seq: Optional[torch.Tensor]) -> None:
+        if seq is not None:
+            self._heads = seq.shape[1]
+            if seq.shape[1] > 1 and seq.stride(1) == 0:  # a broadcast view (another tier's ``seq``)
+                seq = seq[:, :1].clone()
+        self._seq = seq
+
+    @property
+    def positions_held(self) -> Optional[torch.Tensor]:
+        """The tensor the positions are held in: ``(B, 1, T)`` where the heads share their tokens,
+        else ``(B, H, T)``; it changes (object or ``_version``) only when the tier does."""
+        return self._seq
 
     def append(
         self,
@@ -336,11 +363,13 @@ class Tier:
         value_refine: Optional[torch.Tensor] = None,
         value_refine_count: int = 0,
         seq_bound: Optional[int] = None,
+        heads_share_tokens: bool = False,
     ) -> None:
         """Add tokens: ``k``, ``v`` ``(B, H, T, D)``; ``seq`` int ``(B, H, T)`` or None when positions
         are not tracked (``seq_bound``: a number above every position, where the caller knows one
-        without reading ``seq``, which waits for a GPU); ``valid`` bool ``(B, H, T)`` or None when
-        every new slot is valid;
+        without reading ``seq``, which waits for a GPU; ``heads_share_tokens``: every head holds
+        the same tokens, so their positions are held once); ``valid`` bool ``(B, H, T)`` or None
+        when every new slot is valid;
         ``key_metric`` float ``(B, F, F)``, the queries' second moment for transform-coded keys;
         ``amortize_tokens`` and ``key_token_weight`` ``(B, T)``: see
         :meth:`TransformCodedKeys.append`; ``value_refine`` and ``value_refine_count``: see
@@ -356,12 +385,17 @@ class Tier:
         self.values.append(v, value_refine, value_refine_count)
         if seq is not None:
             largest = int(seq.max().item()) if seq_bound is None else seq_bound - 1
-            seq = seq.to(
-                torch.int16 if largest < 2**15 and (self.seq is None or self.seq.dtype == torch.int16) else torch.int32
-            )
-            if self.seq is not None and self.seq.dtype != seq.dtype:
-                self.seq = self.seq.to(torch.int32)
-            self.seq = seq if self.seq is None else torch.cat([self.seq, seq], dim=2)
+            held = self._seq
+            dtype = torch.int16 if largest < 2**15 and (held is None or held.dtype == torch.int16) else torch.int32
+            # A copy either way: a slice of the caller's tensor would keep all of it alive.
+            seq = seq[:, :1].to(dtype, copy=True) if heads_share_tokens else seq.to(dtype)
+            if held is not None:
+                if held.dtype != dtype:
+                    held = held.to(torch.int32)
+                if held.shape[1] != seq.shape[1]:  # one side per head: hold both per head
+                    held, seq = held.expand(-1, k.shape[1], -1), seq.expand(-1, k.shape[1], -1)
+                seq = torch.cat([held, seq], dim=2)
+            self._seq, self._heads = seq, k.shape[1]
         if valid is not None or self.valid is not None:
             b, h = k.shape[0], k.shape[1]
             if valid is None:
@@ -405,19 +439,19 @@ class Tier:
                 qt.codes, qt.scales = state[f"{part}.codes"], state[f"{part}.scales"]
         for name in QuantizedTensor._REFINEMENT:
             setattr(self.values, name, state.get(f"v.{name}"))
-        self.seq = state["seq"]
+        self.seq = state["seq"]  # a broadcast view over the heads is held as one row
         self.valid = state["valid"]
         self._length = int(state["length"])
 
     def nbytes(self) -> int:
-        extra = sum(t.numel() * t.element_size() for t in (self.seq, self.valid) if t is not None)
+        extra = sum(t.numel() * t.element_size() for t in (self._seq, self.valid) if t is not None)
         return self.keys.nbytes() + self.values.nbytes() + extra
 
     def map_batch(self, fn) -> None:
         self.keys.map_batch(fn)
         self.values.map_batch(fn)
-        if self.seq is not None:
-            self.seq = fn(self.seq)
+        if self._seq is not None:
+            self._seq = fn(self._seq)
         if self.valid is not None:
             self.valid = fn(self.valid)
 
@@ -430,8 +464,8 @@ class Tier:
             self.keys.slice_tokens(start)
         self.keys.map_batch(cut)
         self.values.map_batch(cut)
-        if self.seq is not None:
-            self.seq = cut(self.seq)
+        if self._seq is not None:
+            self._seq = cut(self._seq)
         if self.valid is not None:
             self.valid = cut(self.valid)
         self._length = self.length - start
