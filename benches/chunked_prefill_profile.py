@@ -15,17 +15,15 @@ Writes DIR/chunked_prefill_profile.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import llama3_8b  # noqa: E402
+from gpu_bench import llama3_8b, run_header, write_results  # noqa: E402
 
 import nexusquant as nq  # noqa: E402
 import nexusquant.attention as attention  # noqa: E402
@@ -140,10 +138,7 @@ def main():
     ]
     rest = timed - sum(r["seconds"] for r in rows)
     result = dict(
-        device=torch.cuda.get_device_name(0),
-        date=str(date.today()),
-        torch=torch.__version__,
-        command="python benches/chunked_prefill_profile.py " + " ".join(sys.argv[1:]),
+        **run_header("chunked_prefill_profile.py"),
         tokens=args.tokens,
         layers=args.layers,
         preset=args.preset,
@@ -169,11 +164,7 @@ def main():
         lines.append(f"| {r['step']} | {r['seconds']:.2f} | {r['calls']} | {r['seconds'] / timed:.0%} |")
     lines.append(f"| the rest (projections, MLP, norms, Python) | {rest:.2f} | | {rest / timed:.0%} |")
     md = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "chunked_prefill_profile.json").write_text(json.dumps(result, indent=2))
-    (out / "chunked_prefill_profile.md").write_text(md)
-    print(md)
+    write_results(args.out, "chunked_prefill_profile", result, md)
 
 
 if __name__ == "__main__":

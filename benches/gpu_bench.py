@@ -217,6 +217,25 @@ def _copy_view(view):
     return copy.copy(view)
 
 
+def run_header(script: str) -> dict:
+    """Where and how a bench ran: the device, the day, torch, and the command line."""
+    return dict(
+        device=torch.cuda.get_device_name(0),
+        date=str(date.today()),
+        torch=torch.__version__,
+        command=f"python benches/{script} " + " ".join(sys.argv[1:]),
+    )
+
+
+def write_results(out_dir, stem: str, result: dict, md: str) -> None:
+    """``out_dir/stem.json`` (the measurements) and ``out_dir/stem.md`` (the table), then print the table."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+
+
 def llama3_8b(layers=32):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -18,18 +18,16 @@ Writes DIR/host_syncs.{json,md}. Needs CUDA.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 import warnings
 from collections import Counter
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import _step, llama3_8b  # noqa: E402
+from gpu_bench import _step, llama3_8b, run_header, write_results  # noqa: E402
 
 import nexusquant as nq  # noqa: E402
 from nexusquant.compat import output_cache  # noqa: E402
@@ -101,10 +99,7 @@ def main():
                 tok, _ = _step(model, cache, tok, pos + 1 + i)
     chunks = -(-args.tokens // args.chunk_size)
     result = dict(
-        device=torch.cuda.get_device_name(0),
-        date=str(date.today()),
-        torch=torch.__version__,
-        command="python benches/host_syncs.py " + " ".join(sys.argv[1:]),
+        **run_header("host_syncs.py"),
         tokens=args.tokens,
         layers=args.layers,
         chunks=chunks,
@@ -129,11 +124,7 @@ def main():
         lines += [f"| {site} | {n} |" for site, n in counts.most_common()]
         lines.append("")
     md = "\n".join(lines)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "host_syncs.json").write_text(json.dumps(result, indent=2))
-    (out / "host_syncs.md").write_text(md)
-    print(md)
+    write_results(args.out, "host_syncs", result, md)
 
 
 if __name__ == "__main__":
