@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import sys
 from pathlib import Path
 
 import torch
@@ -41,6 +41,9 @@ from nexusquant.gpu import pca_attention
 from nexusquant.gpu.transform import transform_coeffs
 from nexusquant.tiers import QuantizedTensor
 from nexusquant.transform import fit_key_transform
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import write_results  # noqa: E402
 
 
 def median_ms(fn, reps: int) -> float:
@@ -234,11 +237,7 @@ def main() -> None:
     if sweep:
         md += ["", "| tokens | fused ms | rebuild path ms |", "|---|---|---|"]
         md += [f"| {r['tokens']} | {r['fused_ms']:.3f} | {r['rebuild_path_ms']:.3f} |" for r in sweep]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pca_keys_bench.json").write_text(json.dumps(result, indent=2))
-    (out / "pca_keys_bench.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(args.out, "pca_keys_bench", result, "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from .cache import LAYER_TENSOR_FIELDS, NexusQuantCache, NexusQuantLayer, compre
 from .presets import CompressionSettings
 from .rope import RopeFormula, RopeTable
 from .tiers import TIER_NAMES, QuantizedTensor, TransformCodedKeys
-from .transform import KeyTransformCode
+from .transform import KeyTransformCode, code_bytes
 
 __all__ = ["save_cache", "load_cache", "inspect_file", "model_fingerprint"]
 
@@ -208,7 +208,9 @@ def _restore_transform(
             "basis_scale": take_array(f"{p}.basis_scale", (k,), (np.dtype(np.float16),)),
             "step": step,
             "bits": bits,
-            "codes": take_array(f"{p}.codes", (n, (int(bits.sum()) + 7) // 8), (np.dtype(np.uint8),)),
+            "codes": take_array(
+                f"{p}.codes", (n, code_bytes(torch.from_numpy(bits.astype(np.int64)))), (np.dtype(np.uint8),)
+            ),
         }
         tensor = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device) for name, a in arrs.items()}
         rows.append(

@@ -35,6 +35,7 @@ __all__ = [
     "KeyTransformCode",
     "fit_key_transform",
     "allocate_bits",
+    "code_bytes",
     "pack_fixed",
     "unpack_fixed",
     "GAUSSIAN_STEP",
@@ -298,8 +299,8 @@ class KeyTransformCode:
         if self.analysis is None and synth.shape[1]:
             self.analysis = _gram_lu(synth)
         c = _coefficients(x, self.mean, synth, self.analysis)
-        code_bytes = self.codes.shape[1]  # the widths are this code's: so is the row length
-        return replace(self, codes=_pack_coefficients(c, self.step.float(), self.bits, code_bytes), analysis=None)
+        row_bytes = self.codes.shape[1]  # the widths are this code's: so is the row length
+        return replace(self, codes=_pack_coefficients(c, self.step.float(), self.bits, row_bytes), analysis=None)
 
 
 def _gram_lu(synth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,13 +329,13 @@ def _coefficients(
     return c
 
 
-def _pack_coefficients(c: torch.Tensor, step: torch.Tensor, bits: torch.Tensor, code_bytes: int) -> torch.Tensor:
+def _pack_coefficients(c: torch.Tensor, step: torch.Tensor, bits: torch.Tensor, row_bytes: int) -> torch.Tensor:
     """Coefficients ``c`` ``(T, K)`` quantized with ``step`` and packed at widths ``bits`` (uint8
-    ``(K,)``, ``code_bytes`` = ceil(sum / 8), known to the caller without reading the widths back
-    from the GPU): uint8 ``(T, code_bytes)``, a block of tokens at a time."""
+    ``(K,)``, ``row_bytes`` = :func:`code_bytes` of them, known to the caller without reading the
+    widths back from the GPU): uint8 ``(T, row_bytes)``, a block of tokens at a time."""
     levels = 2 ** bits.to(torch.int64)
     blocks = [
-        pack_fixed(_quantize(c[rows], step, levels).to(torch.int64), bits, code_bytes)
+        pack_fixed(_quantize(c[rows], step, levels).to(torch.int64), bits, row_bytes)
         for rows in _row_blocks(c.shape[0])
     ]
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)
@@ -441,13 +442,18 @@ def fit_key_transform(
     keep = bits > 0
     basis, basis_scale = _int8_columns(synth_all[:, keep].float())
     kbits = bits[keep]
-    code_bytes = (int(bits_on_host.sum()) + 7) // 8
     synth = basis.float() * basis_scale.float()[None, :]
     # Coefficients on the basis the decoder will hold (int8), so encoder and decoder agree.
     c = _coefficients(x, mean16, synth)
     step = _best_steps(c, kbits, w).to(torch.float32)
-    codes = _pack_coefficients(c, step, kbits.to(torch.uint8), code_bytes)
+    codes = _pack_coefficients(c, step, kbits.to(torch.uint8), code_bytes(bits_on_host))
     return KeyTransformCode(mean16, basis, basis_scale, step, kbits.to(torch.uint8), codes)
+
+
+def code_bytes(bits: torch.Tensor) -> int:
+    """Bytes per token of codes packed at widths ``bits`` ``(K,)``: ceil(sum / 8). Read from a
+    GPU tensor, the sum waits for the GPU: pass widths held on the host where there are some."""
+    return (int(bits.to(torch.int64).sum()) + 7) // 8
 
 
 def _layout(bits: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -457,14 +463,14 @@ def _layout(bits: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, tor
     return offsets // 8, offsets % 8, (1 << widths) - 1
 
 
-def pack_fixed(q: torch.Tensor, bits: torch.Tensor, code_bytes: Optional[int] = None) -> torch.Tensor:
+def pack_fixed(q: torch.Tensor, bits: torch.Tensor, row_bytes: Optional[int] = None) -> torch.Tensor:
     """Pack integers ``q`` ``(T, K)`` of widths ``bits`` ``(K,)`` (1–8 each) into uint8
     ``(T, ceil(sum / 8))``, LSB-first at fixed offsets: component i starts at bit
-    ``sum(bits[:i])`` of every token's bytes. ``code_bytes``: that row length where the caller
-    knows it (reading the sum of widths held on a GPU waits for the GPU)."""
+    ``sum(bits[:i])`` of every token's bytes. ``row_bytes``: that row length where the caller
+    knows it (:func:`code_bytes` of widths held on a GPU waits for the GPU)."""
     t, k = q.shape
     byte, shift, mask = _layout(bits, q.device)
-    nbytes = (int(bits.to(torch.int64).sum()) + 7) // 8 if code_bytes is None else code_bytes
+    nbytes = code_bytes(bits) if row_bytes is None else row_bytes
     out = torch.zeros(t, nbytes + 1, dtype=torch.int32, device=q.device)  # one spare byte for spill-over
     if k == 0 or t == 0:
         return out[:, :nbytes].to(torch.uint8)
