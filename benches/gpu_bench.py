@@ -256,6 +256,43 @@ def llama3_8b(layers=32):
     return model.eval()
 
 
+def _e2e_once(model, mode, ids, new_tokens):
+    """One prefill of ``ids`` and ``new_tokens`` greedy tokens through ``model.generate`` in ``mode``
+    (``"bf16 DynamicCache"`` or ``"nexusquant <preset>[ chunks <n>]"``), timed on the host."""
+    from nexusquant.compat import output_cache, with_cache
+
+    words = mode.split()
+    chunks = int(words[3]) if len(words) > 3 else None
+    plain = mode.startswith("bf16")
+    cm = _null() if plain else nq.nexusquant_evict(model, quality=words[1], chunk_size=chunks)
+    with cm as session, torch.no_grad():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+        prefill_s = time.perf_counter() - t0
+        cache = output_cache(out)
+        nxt = out.logits[:, -1:].argmax(-1)
+        seq = torch.cat([ids, nxt], 1)
+        del out
+        t0 = time.perf_counter()
+        gen = model.generate(
+            seq,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **with_cache(model, cache),
+        )
+        torch.cuda.synchronize()
+        decode_s = time.perf_counter() - t0
+        if session is not None:
+            kv_bytes = session.stats()["nbytes"]
+        else:
+            kv_bytes = sum(l.keys.numel() * 2 + l.values.numel() * 2 for l in cache.layers)
+    return dict(prefill_s=prefill_s, decode_s=decode_s, generated=gen.shape[1] - seq.shape[1], kv_bytes=kv_bytes)
+
+
 def bench_end_to_end(
     results,
     contexts=(32768, 131072),
@@ -265,9 +302,8 @@ def bench_end_to_end(
     presets=("balanced",),
     chunk_size=None,
     chunked_only=False,
+    warmup_tokens=4096,
 ):
-    from nexusquant.compat import output_cache, with_cache
-
     model = llama3_8b(layers)
     weights = torch.cuda.memory_allocated()
     rows = []
@@ -278,6 +314,7 @@ def bench_end_to_end(
         device_memory_GB=total / 1e9,
         layers=layers,
         new_tokens=new_tokens,
+        warmup_tokens=warmup_tokens,
         longest_context_extrapolated={},
     )
     modes = ("bf16 DynamicCache", *(f"nexusquant {p}" for p in presets))
@@ -287,50 +324,30 @@ def bench_end_to_end(
         modes = chunked if chunked_only else modes + chunked
     e2e["settings"] = {p: resolve_settings(p).as_dict() for p in presets}
     e2e["chunk_size"] = chunk_size
+    warmed = set()
     for ctx in contexts:
         ids = torch.randint(0, 128000, (1, ctx), device="cuda")
         for mode in modes:
-            out = cache = gen = None
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            out = None
             try:
-                words = mode.split()
-                chunks = int(words[3]) if len(words) > 3 else None
-                plain = mode.startswith("bf16")
-                cm = _null() if plain else nq.nexusquant_evict(model, quality=words[1], chunk_size=chunks)
-                with cm as session, torch.no_grad():
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    out = model(ids, use_cache=True, logits_to_keep=1)
-                    torch.cuda.synchronize()
-                    prefill_s = time.perf_counter() - t0
-                    cache = output_cache(out)
-                    nxt = out.logits[:, -1:].argmax(-1)
-                    seq = torch.cat([ids, nxt], 1)
-                    t0 = time.perf_counter()
-                    gen = model.generate(
-                        seq,
-                        max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens,
-                        do_sample=False,
-                        pad_token_id=0,
-                        **with_cache(model, cache),
-                    )
-                    torch.cuda.synchronize()
-                    decode_s = time.perf_counter() - t0
-                    if session is not None:
-                        kv_bytes = session.stats()["nbytes"]
-                    else:
-                        kv_bytes = sum(l.keys.numel() * 2 + l.values.numel() * 2 for l in cache.layers)
+                if warmup_tokens and mode not in warmed:
+                    # A short untimed run of the same mode first: the first call of each kernel
+                    # compiles it (NVRTC) and plans it, which is not what a user waits for per token.
+                    warm_ids = torch.randint(0, 128000, (1, min(warmup_tokens, ctx)), device="cuda")
+                    _e2e_once(model, mode, warm_ids, 4)
+                    warmed.add(mode)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                out = _e2e_once(model, mode, ids, new_tokens)
                 peak = torch.cuda.max_memory_allocated()
                 rows.append(
                     dict(
                         context=ctx,
                         mode=mode,
                         peak_GB=peak / 1e9,
-                        kv_GB=kv_bytes / 1e9,
-                        prefill_s=prefill_s,
-                        decode_tokens_per_s=(gen.shape[1] - seq.shape[1]) / decode_s,
+                        kv_GB=out["kv_bytes"] / 1e9,
+                        prefill_s=out["prefill_s"],
+                        decode_tokens_per_s=out["generated"] / out["decode_s"],
                     )
                 )
             except Exception as e:  # record and go on: one failing row must not lose the others
@@ -339,7 +356,7 @@ def bench_end_to_end(
                 traceback.print_exc()
                 rows.append(dict(context=ctx, mode=mode, error=f"{type(e).__name__}: {e}"))
             print(rows[-1], flush=True)
-            del out, cache, gen
+            del out
             if save is not None:
                 save()
     for mode in modes:
@@ -980,7 +997,12 @@ def tables(results) -> str:
         e = results["end_to_end"]
         lines += [
             f"Llama-3-8B-shaped ({e.get('layers', 32)} layers), random bf16 weights ({e['weights_GB']:.1f} GB), "
-            f"device memory {e['device_memory_GB']:.0f} GB, {e.get('new_tokens', 128)} new tokens, batch 1.",
+            f"device memory {e['device_memory_GB']:.0f} GB, {e.get('new_tokens', 128)} new tokens, batch 1"
+            + (
+                f"; each mode warmed up once untimed on {e['warmup_tokens']} tokens."
+                if e.get("warmup_tokens")
+                else "; no warm-up (the first row of each mode includes compiling its kernels)."
+            ),
             "",
             "| context | cache | peak GB | KV GB | prefill s | decode tok/s |",
             "|---|---|---|---|---|---|",
@@ -1098,6 +1120,13 @@ def main():
     ap.add_argument("--fair-context", type=int, default=131072, help="fair: context tokens")
     ap.add_argument("--fair-batches", default="1,8", help="fair: batch sizes (1 after a real prefill)")
     ap.add_argument("--fair-batch-layers", type=int, default=24, help="fair: decoder layers for batches above 1")
+    ap.add_argument(
+        "--e2e-warmup-tokens",
+        type=int,
+        default=4096,
+        help="e2e: each mode first runs once untimed on a prompt of this many tokens (kernels compiled "
+        "outside the timing); 0 = none",
+    )
     ap.add_argument("--warmup", type=int, default=4, help="fair: untimed decode steps before the timed ones")
     ap.add_argument("--tiny", action="store_true", help="fair: a small Llama, for a logic check on the CPU")
     ap.add_argument(
@@ -1143,6 +1172,7 @@ def main():
             tuple(args.presets.split(",")),
             args.chunk_size,
             args.chunked_only,
+            args.e2e_warmup_tokens,
         )
     if args.phase == "fair":
         bench_fair(
