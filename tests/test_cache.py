@@ -12,6 +12,7 @@ from transformers import DynamicCache
 import nexusquant as nq
 from nexusquant.cache import NexusQuantLayer
 from nexusquant.compat import output_cache, with_cache
+from nexusquant.presets import resolve_settings
 
 ALL = [f for f in FAMILIES if family_supported(f)]
 # Families whose layers all use full attention: a pruned DynamicCache reproduces them exactly.
@@ -343,6 +344,33 @@ def test_nbytes_counts_every_tensor_held():
     # Compressing really shrinks: codes hold far fewer bytes than fp32/fp16 tokens would (less so
     # at 160 tokens than at real lengths: the transform coder's basis is paid for 512 tokens).
     assert stats["ratio"] > 1.5
+
+
+def test_generated_blocks_keep_their_own_value_width(tmp_path):
+    """``generated_value_bits`` codes the values of generated blocks (their own tier where keys are
+    transform-coded) at another width than the prompt's; files keep it; setting ``value_bits``
+    explicitly resets a preset's value of it."""
+    ids = _ids(200, seed=7)
+    model = make_tiny("llama")
+    knobs = dict(quality="balanced", recent_window=4, block=8, value_bits=2)
+    got, cache, stats = compressed_logits(model, ids[:, :160], ids[:, 160:190], generated_value_bits=4, **knobs)
+    _, _, plain = compressed_logits(model, ids[:, :160], ids[:, 160:190], **knobs)
+    for layer in cache.layers:
+        assert layer.fine.values.bits == 2
+        assert layer.tiers["generated"].length > 0 and layer.tiers["generated"].values.bits == 4
+    assert stats["nbytes"] > plain["nbytes"], "4-bit codes of the generated values cost more bytes"
+    path = tmp_path / "g.nqkv"
+    nq.save_cache(cache, path, token_ids=ids[:, :190])
+    back = nq.load_cache(path, model)
+    assert back.layers[0].settings.generated_value_bits == 4
+    for a, b in zip(cache.layers, back.layers):
+        gen_a, gen_b = a.tiers["generated"].values, b.tiers["generated"].values
+        assert gen_b.bits == 4 and torch.equal(gen_a.dequantize(), gen_b.dequantize())
+    with_width = resolve_settings("balanced", generated_value_bits=4)
+    assert with_width.replace(value_bits=16).generated_value_bits is None
+    assert with_width.replace(value_bits=16, generated_value_bits=3).generated_value_bits == 3
+    with pytest.raises(nq.NexusQuantError, match="generated_value_bits"):
+        resolve_settings("balanced", generated_value_bits=5)
 
 
 def test_sliding_and_global_layers_take_their_own_key_bits():

@@ -249,7 +249,13 @@ class NexusQuantLayer(CacheLayerMixin):
         self.tiers = {
             "fine": self._fine_tier(key_rate, s.value_bits, refine=True),
             "coarse": Tier(self.head_dim, s.coarse_key_bits, s.coarse_value_bits, s.seed, self.dtype),
-            "generated": Tier(self.head_dim, key_bits, s.value_bits, s.seed, self.dtype),
+            "generated": Tier(
+                self.head_dim,
+                key_bits,
+                s.value_bits if s.generated_value_bits is None else s.generated_value_bits,
+                s.seed,
+                self.dtype,
+            ),
         }
         assert tuple(self.tiers) == TIER_NAMES
         self.is_initialized = True

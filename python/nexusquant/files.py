@@ -86,6 +86,7 @@ FILE_SETTINGS_KEYS = (
     "key_attention_share",
     "value_refine_share",
     "value_refine_bits",
+    "generated_value_bits",
     "seed",
     "center",
 )
@@ -111,6 +112,7 @@ _LATER_SETTINGS: dict[str, Any] = {
     "key_attention_share": 0.0,
     "value_refine_share": 0.0,
     "value_refine_bits": 2,
+    "generated_value_bits": None,
 }
 
 

@@ -86,6 +86,14 @@ class CompressionSettings:
         nothing is refined); CUDA decode then dequantizes the values instead of the fused kernels.
     value_refine_bits : int
         Bits per dimension of the refinement (1-4).
+    generated_value_bits : int or None
+        Bits per dimension of the values of generated blocks where they have a tier of their own
+        (layers with transform-coded keys: their blocks get E8 codes, not the prompt's basis);
+        1–4, or 16. None = ``value_bits``. Generated tokens are what the next tokens read most,
+        and refinement (``value_refine_share``) does not reach them: a preset that lowers
+        ``value_bits`` and refines the prompt's most-read values can keep the generated ones at
+        the old width. Layers with E8 keys code generated blocks in the fine tier, at
+        ``value_bits``.
     key_rate : float
         Bits per key element of the ``"pca"`` coder for the prompt, everything included: codes,
         the basis (int8), its mean, steps and widths, spread over the prompt's compressed tokens
@@ -129,6 +137,7 @@ class CompressionSettings:
     key_attention_share: float = 0.0
     value_refine_share: float = 0.0
     value_refine_bits: int = 2
+    generated_value_bits: Optional[int] = None
     seed: int = 0
     center: bool = True
 
@@ -196,6 +205,11 @@ class CompressionSettings:
         check(
             self.value_refine_bits in (1, 2, 3, 4) and not isinstance(self.value_refine_bits, bool),
             f"value_refine_bits must be one of (1, 2, 3, 4), got {self.value_refine_bits!r}",
+        )
+        check(
+            self.generated_value_bits is None
+            or (self.generated_value_bits in _TIER_BITS and not isinstance(self.generated_value_bits, bool)),
+            f"generated_value_bits must be None or one of {_TIER_BITS}, got {self.generated_value_bits!r}",
         )
         check(
             isinstance(self.seed, int) and 0 <= self.seed < 2**64,
@@ -278,7 +292,11 @@ def resolve_settings(quality: str | CompressionSettings = "balanced", **override
         raise NexusQuantError(f"unknown setting(s) {unknown}; known settings: {sorted(known)}")
     # A knob set explicitly holds in every layer: a preset's bits for one kind of layer follow it
     # (``key_bits=16`` means exact keys, sliding layers included), unless they are set too.
-    for knob, refinement in (("key_bits", "sliding_key_bits"), ("key_rate", "global_key_rate")):
+    for knob, refinement in (
+        ("key_bits", "sliding_key_bits"),
+        ("key_rate", "global_key_rate"),
+        ("value_bits", "generated_value_bits"),
+    ):
         if knob in overrides and refinement not in overrides:
             overrides[refinement] = None
     return dataclasses.replace(base, **overrides)
