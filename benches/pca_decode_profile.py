@@ -9,6 +9,7 @@ writes ``pca_decode_profile.txt`` there.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -23,15 +24,15 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--knobs", default="key_codec=pca,key_domain=pre_rope,key_rate=3.5,value_bits=4")
+    ap.add_argument("--quality", default="high", help="the preset the knobs apply to")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
-    knobs = {}
-    for kv in args.knobs.split(","):
-        k, v = kv.split("=")
-        knobs[k] = float(v) if k in ("key_rate",) else (int(v) if v.isdigit() else v)
+    from nexusquant.eval.methods import parse_variant
+
+    knobs = parse_variant(args.knobs).knobs if args.knobs else {}
     model = llama3_8b(8)
     ids = torch.randint(0, 128000, (1, args.context), device="cuda")
-    with nq.nexusquant_evict(model, quality="high", chunk_size=2048, **knobs), torch.no_grad():
+    with nq.nexusquant_evict(model, quality=args.quality, chunk_size=2048, **knobs), torch.no_grad():
         out = model(ids, use_cache=True, logits_to_keep=1)
         cache = output_cache(out)
         tok = out.logits[:, -1:].argmax(-1)
@@ -40,13 +41,21 @@ def main() -> None:
             tok, _ = _step(model, cache, tok, pos)
             pos = pos + 1
         torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            tok, _ = _step(model, cache, tok, pos)
+            pos = pos + 1
+        torch.cuda.synchronize()
+        per_step = (time.perf_counter() - start) / args.steps * 1e3
+        timing = f"{args.quality} {knobs}: {per_step:.2f} ms per decode step (mean of {args.steps}, unprofiled)\n"
+        print(timing, flush=True)
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts) as prof:
             for _ in range(args.steps):
                 tok, _ = _step(model, cache, tok, pos)
                 pos = pos + 1
             torch.cuda.synchronize()
-    text = (
+    text = timing + (
         prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
         + "\n"
         + prof.key_averages(group_by_stack_n=0).table(sort_by="cpu_time_total", row_limit=30)
