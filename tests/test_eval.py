@@ -18,6 +18,7 @@ from tiny_models import VOCAB, make_tiny
 from nexusquant import NexusQuantError
 from nexusquant.eval import evaluate, expand_methods, format_table, peers, plot_results, write_json
 from nexusquant.eval.harness import corpus_texts
+from nexusquant.eval.report import summary_rows
 from nexusquant.eval.retrieval import DEPTHS, make_trials
 from nexusquant.scoring import SCORERS, ScoreInputs
 
@@ -118,6 +119,12 @@ def test_json_table_plot(tiny_result, tmp_path):
     assert back["results"][0]["method"] == "uncompressed"
     table = format_table(tiny_result)
     assert "snapkv@max" in table and "ratio@end" in table
+    # How far the preset is from its bar and from the published figure, from its mean row.
+    (row,) = [s for s in summary_rows(tiny_result) if s["method"] == "nexusquant-max"]
+    assert row["preset"] == "max"
+    line = next(l for l in table.splitlines() if l.startswith("max "))
+    assert f"{row['ratio']:.2f}x at" in line and "bar 20x at <= +8.00%: ratio" in line and "published 33x" in line
+    assert f"{20 / row['ratio']:.2f}x short" in line
     png = tmp_path / "eval.png"
     plot_results(tiny_result, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,6 +15,37 @@ def _pct(x: float) -> str:
     return f"{x:+.2f}%"
 
 
+# What each preset is held to (issue 11: at least this real ratio at most this mean perplexity
+# increase over the texts) and the published figures it aims at; the table prints how far each
+# preset's row is from both, so a run says where the product stands without a calculator.
+PRESET_BARS = {"high": (8.0, 1.0), "balanced": (12.0, 3.0), "max": (20.0, 8.0)}
+PUBLISHED_FIGURES = {"high": (10.0, 0.4), "balanced": (17.0, 1.3), "max": (33.0, 2.6)}
+
+
+def _distance(ratio: float, dppl: float, target: tuple[float, float]) -> str:
+    want, most = target
+    got_ratio = "reached" if ratio >= want else f"{want / ratio:.2f}x short"
+    got_ppl = "within" if dppl <= most else f"{dppl - most:.2f} points over"
+    return f"{want:g}x at <= {_pct(most)}: ratio {got_ratio}, perplexity {got_ppl}"
+
+
+def distance_lines(result: dict[str, Any]) -> list[str]:
+    """Per prefix, each preset's mean row against its bar and the published figure."""
+    lines: list[str] = []
+    rows = [s for s in summary_rows(result) if s["family"] == "nexusquant" and s.get("preset") in PRESET_BARS]
+    for prefix in sorted({s["prefix"] for s in rows}):
+        lines += ["", f"[distance to the targets] prefix {prefix} (means over the texts)"]
+        for s in rows:
+            if s["prefix"] != prefix:
+                continue
+            preset, ratio, dppl = s["preset"], s["ratio"], s["ppl_delta_pct"]
+            lines.append(
+                f"{preset:<9} {ratio:.2f}x at {_pct(dppl)}; bar {_distance(ratio, dppl, PRESET_BARS[preset])}; "
+                f"published {_distance(ratio, dppl, PUBLISHED_FIGURES[preset])}"
+            )
+    return lines
+
+
 def _acc(r: dict[str, Any]) -> str:
     ret = r["retrieval"]
     if not ret["trials"]:
@@ -38,6 +69,7 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "prefix": prefix,
                 "method": method,
                 "family": rs[0]["family"],
+                "preset": rs[0].get("preset"),
                 "label": rs[0]["label"],
                 "kind": rs[0]["kind"],
                 "texts": len(rs),
@@ -94,6 +126,7 @@ def format_table(result: dict[str, Any]) -> str:
                     f"{s['method']:<28} {s['ratio']:>7.2f} {s['ratio_end']:>9.2f} {s['bits_per_element']:>6.2f} "
                     f"{_pct(s['ppl_delta_pct']):>10} {acc:>9}"
                 )
+    lines += distance_lines(result)
     return "\n".join(lines)
 
 
