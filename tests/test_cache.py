@@ -353,7 +353,7 @@ def test_generated_blocks_keep_their_own_value_width(tmp_path):
     ids = _ids(200, seed=7)
     model = make_tiny("llama")
     knobs = dict(quality="balanced", recent_window=4, block=8, value_bits=2)
-    got, cache, stats = compressed_logits(model, ids[:, :160], ids[:, 160:190], generated_value_bits=4, **knobs)
+    _, cache, stats = compressed_logits(model, ids[:, :160], ids[:, 160:190], generated_value_bits=4, **knobs)
     _, _, plain = compressed_logits(model, ids[:, :160], ids[:, 160:190], **knobs)
     for layer in cache.layers:
         assert layer.fine.values.bits == 2
